@@ -1,0 +1,36 @@
+"""``python -m runtime``: serve a model repository standalone, like tritonserver."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from .server import ServerOptions, run
+
+
+def parse_args(argv=None) -> ServerOptions:
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    parser.add_argument("--model-repository", required=True, help="folder of <model>/config.pbtxt")
+    parser.add_argument("--model", action="append", dest="models",
+                        help="load only this model (repeatable); default: every model in the repository")
+    parser.add_argument("--listen", default=ServerOptions.listen, help="HOST:PORT (port 0 picks a free one)")
+    parser.add_argument("--max-message-bytes", type=int, default=ServerOptions.max_message_bytes)
+    parser.add_argument("--grace-period", type=float, default=ServerOptions.grace_period_s,
+                        help="seconds in-flight requests get to finish on SIGTERM")
+    parser.add_argument("--strict", action="store_true", help="exit if any model fails to load")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return ServerOptions(
+        repository=args.model_repository, models=args.models, listen=args.listen,
+        max_message_bytes=args.max_message_bytes, grace_period_s=args.grace_period, strict=args.strict,
+    )
+
+
+def main(argv=None) -> None:
+    asyncio.run(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Dynamic batching: one queue, one drain task, a future per request.
+
+Guarantees:
+- A batch never holds more than ``max_batch_size`` items (the sum of the
+  requests' batch sizes) and never mixes requests with different input sets.
+- A batch is formed only when an instance is free, so under load the queue
+  grows while instances work and the next batch is larger (adaptive
+  batching); when idle, a request waits at most ``max_queue_delay`` for
+  company, and not at all once the preferred (largest) size is reached.
+- With batching off, every request executes alone (the same queue, one
+  request per batch), bounded by the number of instances.
+- The queue is bounded: past ``max_queue_size`` waiting requests a submit
+  fails with RESOURCE_EXHAUSTED. A request whose queue deadline passes fails
+  with DEADLINE_EXCEEDED without running; one whose caller went away is
+  dropped.
+- An exception in a batch fails exactly the requests of that batch, each
+  with INTERNAL and the exception's message; the batcher keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from protos.errors import DeadlineExceeded, Internal, MeshError, ResourceExhausted, Unavailable
+
+from .instance_pool import InstancePool
+from .request import InferRequest
+from .statistics import ModelStatisticsRecorder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    enabled: bool
+    max_batch_size: int  # 0: the model takes no batch axis
+    preferred_size: int  # dispatch at once when a batch reaches this many items
+    max_queue_delay_s: float
+    max_queue_size: int  # 0: unbounded
+
+
+@dataclass
+class _Pending:
+    request: InferRequest
+    future: asyncio.Future
+
+
+class Batcher:
+    """Queues requests of one model version and runs them in batches on its instances."""
+
+    def __init__(self, model: str, pool: InstancePool, policy: BatchingPolicy,
+                 stats: ModelStatisticsRecorder):
+        self._model = model
+        self._pool = pool
+        self._policy = policy
+        self._stats = stats
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._running: set[asyncio.Task] = set()
+        self._closed = False
+        self._task = asyncio.get_running_loop().create_task(self._drain(), name=f"batcher-{model}")
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def submit(self, request: InferRequest) -> asyncio.Future:
+        """Queue ``request``; the future resolves to its outputs or to a MeshError."""
+        if self._closed:
+            raise Unavailable(f"model '{self._model}' is unloading and takes no new requests")
+        limit = self._policy.max_queue_size
+        if limit and len(self._queue) >= limit:
+            raise ResourceExhausted(
+                f"queue of model '{self._model}' is full ({limit} requests waiting); retry later"
+            )
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(request, future))
+        self._arrived.set()
+        return future
+
+    async def _wait_for_arrival(self, timeout: float | None) -> None:
+        self._arrived.clear()
+        if timeout is None:
+            await self._arrived.wait()
+            return
+        if timeout > 0:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._arrived.wait()
+            except TimeoutError:
+                pass
+
+    def _pop_live(self) -> _Pending | None:
+        """The oldest queued request still worth running; expired ones fail here."""
+        while self._queue:
+            pending = self._queue[0]
+            if pending.future.done():  # the caller went away
+                self._queue.popleft()
+                continue
+            deadline = pending.request.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self._queue.popleft()
+                pending.future.set_exception(DeadlineExceeded(
+                    f"request {pending.request.id!r} timed out in the queue of model '{self._model}'"
+                ))
+                continue
+            return pending
+        return None
+
+    async def _next_batch(self) -> list[_Pending]:
+        while self._pop_live() is None:
+            await self._wait_for_arrival(None)
+        policy = self._policy
+        first = self._queue.popleft()
+        batch, size = [first], first.request.batch_size
+        if not policy.enabled:
+            return batch
+        keys = first.request.inputs.keys()
+        flush_at = time.monotonic() + policy.max_queue_delay_s
+        while size < policy.preferred_size:
+            candidate = self._pop_live()
+            if candidate is None:
+                remaining = flush_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                await self._wait_for_arrival(remaining)
+                continue
+            if size + candidate.request.batch_size > policy.max_batch_size \
+                    or candidate.request.inputs.keys() != keys:
+                break
+            batch.append(self._queue.popleft())
+            size += candidate.request.batch_size
+        return batch
+
+    async def _drain(self) -> None:
+        while True:
+            instance = await self._pool.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._pool.release(instance)
+                raise
+            task = asyncio.create_task(self._execute(instance, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, instance, batch: list[_Pending]) -> None:
+        started = time.perf_counter_ns()
+        for pending in batch:
+            self._stats.record_queue(started - pending.request.arrival_ns)
+        sizes = [pending.request.batch_size for pending in batch]
+        total = sum(sizes)
+        try:
+            inputs = _concatenate([pending.request.inputs for pending in batch])
+            input_done = time.perf_counter_ns()
+            outputs = await instance.execute(inputs)
+            infer_done = time.perf_counter_ns()
+            results = self._split(outputs, sizes, total)
+            output_done = time.perf_counter_ns()
+        except MeshError as err:
+            self._fail(batch, err)
+        except Exception as err:  # the predictor's own failure: fail this batch only
+            log.warning("model '%s' failed a batch of %d: %r", self._model, total, err)
+            self._fail(batch, Internal(f"model '{self._model}' failed: {type(err).__name__}: {err}"))
+        else:
+            self._stats.record_batch(len(batch), total, input_done - started,
+                                     infer_done - input_done, output_done - infer_done)
+            for pending, result in zip(batch, results):
+                if not pending.future.done():
+                    pending.future.set_result(result)
+        finally:
+            self._pool.release(instance)
+
+    def _split(self, outputs: dict[str, np.ndarray], sizes: list[int], total: int) -> list[dict]:
+        if self._policy.max_batch_size == 0:
+            return [outputs]
+        for name, array in outputs.items():
+            if array.ndim == 0 or array.shape[0] != total:
+                raise Internal(
+                    f"model '{self._model}' returned output '{name}' with shape {list(array.shape)}; "
+                    f"its first axis must be the batch size {total}"
+                )
+        if len(sizes) == 1:
+            return [outputs]
+        bounds = np.cumsum(sizes)[:-1]
+        parts = {name: np.split(array, bounds) for name, array in outputs.items()}
+        return [{name: parts[name][i] for name in outputs} for i in range(len(sizes))]
+
+    @staticmethod
+    def _fail(batch: list[_Pending], error: MeshError) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    async def close(self) -> None:
+        """Stop taking requests, let queued and running ones finish, then stop."""
+        self._closed = True
+        while self._queue or self._running:
+            if self._running:
+                await asyncio.wait(set(self._running))
+            else:
+                await asyncio.sleep(0.001)  # the drain task is forming the last batch
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+
+def _concatenate(inputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(inputs) == 1:
+        return inputs[0]
+    return {name: np.concatenate([item[name] for item in inputs]) for name in inputs[0]}

@@ -1,0 +1,185 @@
+"""One served version of a model: its instances, its batcher, its statistics.
+
+``ServedModel`` is the transport-free data plane of a model: it takes a
+validated ``InferRequest`` and returns numpy outputs (``infer``) or an async
+iterator of them (``stream``). Decoupled models stream and never batch;
+every other model goes through the batcher, with batching on or off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import pathlib
+import time
+from typing import AsyncIterator
+
+import numpy as np
+
+from protos.errors import FailedPrecondition, Internal, MeshError
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import model_config_pb2 as mc
+
+from . import config as config_rules
+from .backends import LoadContext, load_instances
+from .batcher import Batcher, BatchingPolicy
+from .devices import instance_devices
+from .instance_pool import InstancePool
+from .request import InferRequest, ModelSignature
+from .statistics import ModelStatisticsRecorder
+from .tensor_spec import TensorSpec
+
+
+def batching_policy(config: mc.ModelConfig) -> BatchingPolicy:
+    batching = config.dynamic_batching
+    enabled = config.HasField("dynamic_batching")
+    preferred = max(batching.preferred_batch_size, default=config.max_batch_size)
+    return BatchingPolicy(
+        enabled=enabled,
+        max_batch_size=config.max_batch_size,
+        preferred_size=preferred if enabled else 1,
+        max_queue_delay_s=batching.max_queue_delay_microseconds / 1e6,
+        max_queue_size=batching.default_queue_policy.max_queue_size,
+    )
+
+
+def _read_labels(model_dir: pathlib.Path, config: mc.ModelConfig) -> dict[str, list[str]]:
+    labels = {}
+    for output in config.output:
+        if output.label_filename:
+            path = model_dir / output.label_filename
+            if not path.exists():
+                raise config_rules.ConfigError(
+                    f"{model_dir / config_rules.CONFIG_FILE}: output '{output.name}' names "
+                    f"label_filename '{output.label_filename}', which does not exist"
+                )
+            labels[output.name] = path.read_text().splitlines()
+    return labels
+
+
+class ServedModel:
+    """A loaded model version. Create with ``await ServedModel.load(...)``."""
+
+    def __init__(self, config: mc.ModelConfig, version: str, instances: list,
+                 executor: concurrent.futures.ThreadPoolExecutor, labels: dict[str, list[str]]):
+        self.config = config
+        self.name = config.name
+        self.version = version
+        self.decoupled = config_rules.is_decoupled(config)
+        self.labels = labels
+        self.signature = ModelSignature(
+            name=config.name,
+            inputs={t.name: TensorSpec.from_config(t) for t in config.input},
+            outputs={t.name: TensorSpec.from_config(t) for t in config.output},
+            max_batch_size=config.max_batch_size,
+            default_timeout_us=config.dynamic_batching.default_queue_policy.default_timeout_microseconds,
+        )
+        self.stats = ModelStatisticsRecorder(config.name, version)
+        self._executor = executor
+        self._pool = InstancePool(instances)
+        self._streams = 0
+        self._batcher = None if self.decoupled else Batcher(
+            config.name, self._pool, batching_policy(config), self.stats
+        )
+
+    @classmethod
+    async def load(cls, model_dir: pathlib.Path, config: mc.ModelConfig, version: str) -> "ServedModel":
+        """Load one version; raises with the backend's message if it cannot."""
+        config = mc.ModelConfig.FromString(config.SerializeToString())  # each version owns its config
+        count = config_rules.instance_count(config)
+        executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=count, thread_name_prefix=f"model-{config.name}"
+        )
+        try:
+            devices = instance_devices(config, count)
+            context = LoadContext(config, version, model_dir / version, executor, devices[0])
+            instances = await load_instances(context, count)
+            config_rules.validate(config, model_dir / config_rules.CONFIG_FILE)  # again, once completed
+            if not config.input or not config.output:
+                raise config_rules.ConfigError(
+                    f"{model_dir / config_rules.CONFIG_FILE}: model '{config.name}' declares no "
+                    f"{'inputs' if not config.input else 'outputs'}"
+                )
+            streams = any(getattr(instance, "streams", False) for instance in instances)
+            if streams and not config_rules.is_decoupled(config):
+                raise config_rules.ConfigError(
+                    f"{model_dir / config_rules.CONFIG_FILE}: predict is a generator, so the model streams; "
+                    f"set model_transaction_policy {{ decoupled: true }}"
+                )
+            return cls(config, version, instances, executor, _read_labels(model_dir, config))
+        except BaseException:
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise
+
+    @property
+    def in_flight(self) -> int:
+        return self._pool.busy + (self._batcher.queued if self._batcher else 0)
+
+    async def infer(self, request: InferRequest) -> dict[str, np.ndarray]:
+        """Run one request through the batcher; raises MeshError on failure."""
+        if self.decoupled:
+            raise FailedPrecondition(
+                f"model '{self.name}' is decoupled (it streams responses); call ModelStreamInfer"
+            )
+        try:
+            outputs = await self._batcher.submit(request)
+        except MeshError:
+            self.stats.record_request(False, time.perf_counter_ns() - request.arrival_ns)
+            raise
+        self._check_outputs(outputs, request)
+        self.stats.record_request(True, time.perf_counter_ns() - request.arrival_ns)
+        return outputs
+
+    def _check_outputs(self, outputs: dict[str, np.ndarray], request: InferRequest) -> None:
+        wanted = request.requested_outputs or self.signature.outputs
+        missing = [name for name in wanted if name not in outputs]
+        if missing:
+            raise Internal(f"model '{self.name}' returned no output {', '.join(map(repr, missing))}")
+
+    async def stream(self, request: InferRequest) -> AsyncIterator[dict[str, np.ndarray]]:
+        """Responses of one request in order; a non-decoupled model yields exactly one."""
+        if not self.decoupled:
+            yield await self.infer(request)
+            return
+        instance = await self._pool.acquire()
+        started = time.perf_counter_ns()
+        self.stats.record_queue(started - request.arrival_ns)
+        ok = False
+        self._streams += 1
+        try:
+            async for outputs in instance.stream(request.inputs):
+                yield outputs
+            ok = True
+        except MeshError:
+            raise
+        except Exception as err:
+            raise Internal(f"model '{self.name}' failed: {type(err).__name__}: {err}") from err
+        finally:
+            self._streams -= 1
+            self._pool.release(instance)
+            done = time.perf_counter_ns()
+            if ok:
+                self.stats.record_batch(1, request.batch_size, 0, done - started, 0)
+            self.stats.record_request(ok, done - request.arrival_ns)
+
+    def metadata(self, versions: list[str]) -> pb.ModelMetadataResponse:
+        config = self.config
+        response = pb.ModelMetadataResponse(
+            name=self.name, versions=versions, platform=config.platform or config.backend
+        )
+        for specs, target in ((self.signature.inputs, response.inputs),
+                              (self.signature.outputs, response.outputs)):
+            for spec in specs.values():
+                target.add(name=spec.name, datatype=spec.datatype,
+                           shape=spec.wire_shape(config.max_batch_size))
+        return response
+
+    async def close(self) -> None:
+        """Drain: queued and running requests finish, then instances close."""
+        if self._batcher:
+            await self._batcher.close()
+        while self._streams:
+            await asyncio.sleep(0.01)
+        for instance in self._pool.instances:
+            await instance.close()
+        self._executor.shutdown(wait=False)

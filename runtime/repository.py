@@ -1,0 +1,150 @@
+"""The model repository: which models exist on disk, which are loaded, and why not.
+
+Layout: ``<root>/<model>/config.pbtxt`` and numbered version folders. A
+model that fails to load is kept in the index as UNAVAILABLE with the
+reason, and every other model keeps serving. Loading a model that is
+already loaded loads the new copy first and swaps it in, so requests never
+see a gap; the old copy drains before it is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+from dataclasses import dataclass, field
+
+from protos.errors import InvalidArgument, NotFound, Unavailable
+
+from . import config as config_rules
+from .model import ServedModel
+
+log = logging.getLogger(__name__)
+
+READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    state: str = UNAVAILABLE
+    reason: str = "not loaded"
+    versions: dict[str, ServedModel] = field(default_factory=dict)  # ascending by version
+
+
+class ModelRepository:
+    """Loads and serves the models of one repository folder."""
+
+    def __init__(self, root: pathlib.Path, models: list[str] | None = None):
+        self.root = pathlib.Path(root).resolve()
+        if not self.root.is_dir():
+            raise NotFound(f"model repository {self.root} is not a directory")
+        self._allowed = set(models) if models else None
+        self._entries: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def available(self) -> list[str]:
+        """Model folders on disk (restricted to ``--model`` names when given)."""
+        names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return [n for n in names if self._allowed is None or n in self._allowed]
+
+    async def load_all(self) -> None:
+        for name in self.available():
+            try:
+                await self.load(name)
+            except Exception:  # reported in the index; the others still load
+                pass
+        if self._allowed:
+            for name in sorted(self._allowed - set(self.available())):
+                self._entries[name] = ModelEntry(name, reason=f"no folder {self.root / name}")
+
+    def _model_dir(self, name: str) -> pathlib.Path:
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise InvalidArgument(f"invalid model name {name!r}")
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            raise NotFound(f"model '{name}' is not in the repository {self.root}")
+        return model_dir
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) every selected version of ``name``; raises with the reason on failure."""
+        model_dir = self._model_dir(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            entry = self._entries.setdefault(name, ModelEntry(name))
+            previous = dict(entry.versions)
+            entry.state, entry.reason = LOADING, ""
+            loaded: dict[str, ServedModel] = {}
+            try:
+                config = config_rules.load_model_config(model_dir)
+                available = config_rules.version_folders(model_dir)
+                versions = config_rules.selected_versions(config, available)
+                if not versions:
+                    raise config_rules.ConfigError(
+                        f"{model_dir}: no version folder matches the version policy (found {available})"
+                    )
+                for version in versions:
+                    loaded[str(version)] = await ServedModel.load(model_dir, config, str(version))
+            except Exception as err:
+                for model in loaded.values():
+                    await model.close()
+                entry.state = READY if previous else UNAVAILABLE
+                entry.reason = f"{type(err).__name__}: {err}" if not previous else \
+                    f"reload failed, still serving the previous copy: {err}"
+                log.error("model '%s' failed to load: %s", name, err)
+                raise Unavailable(f"model '{name}' failed to load: {err}") from err
+            entry.versions, entry.state, entry.reason = loaded, READY, ""
+            log.info("model '%s' ready (versions %s)", name, ", ".join(loaded))
+        for model in previous.values():
+            await model.close()
+
+    async def unload(self, name: str) -> None:
+        entry = self._entries.get(name)
+        if entry is None or not entry.versions:
+            raise NotFound(f"model '{name}' is not loaded")
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            versions, entry.versions = entry.versions, {}
+            entry.state, entry.reason = UNLOADING, ""
+            for model in versions.values():
+                await model.close()
+            entry.state, entry.reason = UNAVAILABLE, "unloaded"
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        """The ready model version (the latest when ``version`` is empty)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            raise NotFound(f"unknown model '{name}'")
+        if not entry.versions:
+            raise Unavailable(f"model '{name}' is not ready: {entry.reason or entry.state}")
+        if not version:
+            return entry.versions[max(entry.versions, key=int)]
+        model = entry.versions.get(version)
+        if model is None:
+            raise NotFound(
+                f"model '{name}' has no ready version '{version}'; ready: {', '.join(entry.versions)}"
+            )
+        return model
+
+    def versions(self, name: str) -> list[str]:
+        entry = self._entries.get(name)
+        return list(entry.versions) if entry else []
+
+    def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) for every model on disk or tried."""
+        rows = []
+        for name in sorted(set(self.available()) | set(self._entries)):
+            entry = self._entries.get(name, ModelEntry(name))
+            if entry.versions:
+                rows.extend((name, version, entry.state, entry.reason) for version in entry.versions)
+            else:
+                rows.append((name, "", entry.state, entry.reason))
+        return rows
+
+    def ready_models(self) -> list[ServedModel]:
+        return [model for entry in self._entries.values() for model in entry.versions.values()]
+
+    async def close(self) -> None:
+        for entry in self._entries.values():
+            versions, entry.versions = entry.versions, {}
+            for model in versions.values():
+                await model.close()
+            entry.state, entry.reason = UNAVAILABLE, "server shutting down"

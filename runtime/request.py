@@ -1,0 +1,176 @@
+"""Turning a ModelInferRequest into validated numpy inputs, and outputs into a response.
+
+Guarantees: ``decode_request`` either returns inputs that match the model's
+declared names, datatypes and shapes exactly (batch axis included), or raises
+``InvalidArgument`` naming the tensor and the problem. Unknown request
+parameters are tolerated. ``encode_response`` always answers in
+``raw_output_contents``, as Triton does, filtered to the requested outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protos import tensors
+from protos.errors import InvalidArgument
+from protos.inference import grpc_service_pb2 as pb
+
+from .tensor_spec import TensorSpec
+
+# Reserved request parameter names (KServe v2 / Triton).
+TIMEOUT_PARAMETER = "timeout"  # microseconds a request may wait in the queue
+CLASSIFICATION_PARAMETER = "classification"  # on a requested output: top-k labels
+FINAL_RESPONSE_PARAMETER = "triton_final_response"
+EMPTY_FINAL_PARAMETER = "triton_enable_empty_final_response"
+
+
+@dataclass
+class InferRequest:
+    """One validated request, ready for the batcher."""
+
+    id: str
+    inputs: dict[str, np.ndarray]
+    batch_size: int
+    requested_outputs: dict[str, int] | None  # output name -> classification top-k (0 = tensor)
+    parameters: dict[str, object]
+    deadline: float | None = None  # time.monotonic() after which it may not start
+    arrival_ns: int = field(default_factory=time.perf_counter_ns)
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What a request is checked against: the model's declared tensors and batching."""
+
+    name: str
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    max_batch_size: int
+    default_timeout_us: int = 0
+
+
+def parameter_value(parameter: pb.InferParameter):
+    choice = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, choice) if choice else None
+
+
+def decode_request(request: pb.ModelInferRequest, signature: ModelSignature) -> InferRequest:
+    """Validate and decode ``request`` against ``signature``; see the module guarantee."""
+    model = signature.name
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents entries; "
+            f"they must be one per input, in order"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    batch_size = None
+    for index, tensor in enumerate(request.inputs):
+        spec = signature.inputs.get(tensor.name)
+        if spec is None:
+            raise InvalidArgument(
+                f"unexpected input '{tensor.name}' for model '{model}'; "
+                f"it takes {', '.join(sorted(signature.inputs))}"
+            )
+        if tensor.name in inputs:
+            raise InvalidArgument(f"input '{tensor.name}' appears twice in the request")
+        if tensor.datatype != spec.datatype:
+            raise InvalidArgument(
+                f"input '{tensor.name}' has datatype {tensor.datatype or '(none)'} but model '{model}' "
+                f"expects {spec.datatype}"
+            )
+        shape = list(tensor.shape)
+        spec.check_shape(model, shape, signature.max_batch_size)
+        try:
+            if raw:
+                if tensor.HasField("contents"):
+                    raise ValueError("has typed contents as well as raw_input_contents; send one or the other")
+                array = tensors.from_raw(tensor.datatype, shape, raw[index])
+            else:
+                array = tensors.from_contents(tensor.datatype, shape, tensor.contents)
+        except ValueError as err:
+            raise InvalidArgument(f"input '{tensor.name}': {err}") from None
+        if signature.max_batch_size > 0:
+            if batch_size is None:
+                batch_size = shape[0]
+            elif shape[0] != batch_size:
+                raise InvalidArgument(
+                    f"input '{tensor.name}' has batch size {shape[0]} but other inputs have {batch_size}"
+                )
+        inputs[tensor.name] = array
+    for name, spec in signature.inputs.items():
+        if name not in inputs and not spec.optional:
+            raise InvalidArgument(f"missing input '{name}' for model '{model}'")
+
+    requested = None
+    if request.outputs:
+        requested = {}
+        for output in request.outputs:
+            if output.name not in signature.outputs:
+                raise InvalidArgument(
+                    f"unknown output '{output.name}' requested from model '{model}'; "
+                    f"it has {', '.join(sorted(signature.outputs))}"
+                )
+            top_k = output.parameters.get(CLASSIFICATION_PARAMETER)
+            requested[output.name] = int(parameter_value(top_k)) if top_k is not None else 0
+
+    parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
+    timeout_us = parameters.get(TIMEOUT_PARAMETER) or signature.default_timeout_us
+    if not isinstance(timeout_us, (int, float)) or isinstance(timeout_us, bool) or timeout_us < 0:
+        raise InvalidArgument(f"parameter 'timeout' must be a non-negative number of microseconds")
+    deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+    return InferRequest(
+        id=request.id,
+        inputs=inputs,
+        batch_size=batch_size or 1,
+        requested_outputs=requested,
+        parameters=parameters,
+        deadline=deadline,
+    )
+
+
+def classify(array: np.ndarray, top_k: int, labels: list[str] | None, batched: bool) -> np.ndarray:
+    """Triton's classification extension: the top-k "score:index[:label]" strings per item."""
+    rows = array.reshape(array.shape[0], -1) if batched else array.reshape(1, -1)
+    k = min(top_k, rows.shape[1])
+    result = np.empty((rows.shape[0], k), dtype=np.object_)
+    for row_index, row in enumerate(rows):
+        order = np.argsort(-row.astype(np.float64), kind="stable")[:k]
+        for column, index in enumerate(order):
+            label = f":{labels[index]}" if labels and index < len(labels) else ""
+            result[row_index, column] = f"{float(row[index]):f}:{index}{label}".encode()
+    return result if batched else result.reshape(k)
+
+
+def encode_response(
+    model: str,
+    version: str,
+    request_id: str,
+    outputs: dict[str, np.ndarray],
+    signature: ModelSignature,
+    requested: dict[str, int] | None,
+    labels: dict[str, list[str]] | None = None,
+    parameters: dict[str, pb.InferParameter] | None = None,
+) -> pb.ModelInferResponse:
+    """Build a response carrying ``outputs`` (filtered to ``requested``) as raw contents."""
+    response = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
+    if parameters:
+        for key, value in parameters.items():
+            response.parameters[key].CopyFrom(value)
+    names = requested if requested is not None else outputs
+    for name in names:
+        if name not in outputs:
+            continue  # a streaming response may carry a subset of outputs
+        array = outputs[name]
+        spec = signature.outputs.get(name)
+        datatype = spec.datatype if spec else tensors.datatype_of(array)
+        top_k = requested.get(name, 0) if requested else 0
+        if top_k:
+            array = classify(array, top_k, (labels or {}).get(name), signature.max_batch_size > 0)
+            datatype = "BYTES"
+        tensor = response.outputs.add(name=name, datatype=datatype)
+        tensor.shape.extend(array.shape)
+        response.raw_output_contents.append(tensors.to_raw(array, datatype))
+    return response

@@ -1,0 +1,102 @@
+"""Assembling and running a runtime server: gRPC, health, signals, drain.
+
+Lifecycle guarantees:
+- The server listens (live) while models load; ServerReady and the health
+  service say SERVING only once loading is done.
+- SIGTERM or SIGINT drains: health goes NOT_SERVING and ServerReady false,
+  the server stops taking new RPCs, in-flight and queued requests finish
+  (up to the grace period), models close, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+from .repository import ModelRepository
+from .servicer import InferenceServicer
+from .status_interceptor import StatusInterceptor
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+@dataclass
+class ServerOptions:
+    repository: str
+    models: list[str] | None = None
+    listen: str = "127.0.0.1:8001"
+    # Triton accepts messages up to 2 GiB; 256 MiB fits large image batches and
+    # still refuses a runaway client with RESOURCE_EXHAUSTED before it costs memory.
+    max_message_bytes: int = 256 * 1024 * 1024
+    # Long enough for a GPU batch in flight to finish; systemd's stop timeout must exceed it.
+    grace_period_s: float = 30.0
+    strict: bool = False
+
+
+class RuntimeServer:
+    """A runtime replica: one repository served over gRPC."""
+
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.repository = ModelRepository(options.repository, options.models)
+        self.servicer = InferenceServicer(self.repository)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        limit = options.max_message_bytes
+        self.server = grpc.aio.server(
+            interceptors=[StatusInterceptor()],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(options.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {options.listen}")
+        self.address = f"{options.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            result = self.health.set(service, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.repository.load_all()
+        failed = [(name, reason) for name, _, state, reason in self.repository.index() if state != "READY"]
+        for name, reason in failed:
+            log.warning("model '%s' is not available: %s", name, reason)
+        if failed and self.options.strict:
+            raise SystemExit(f"--strict: {len(failed)} model(s) failed to load")
+        self.servicer.ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def drain(self) -> None:
+        log.info("draining: no new requests; waiting for in-flight ones")
+        self.servicer.ready = False
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.options.grace_period_s)
+        await self.repository.close()
+
+
+async def run(options: ServerOptions) -> None:
+    server = RuntimeServer(options)
+    await server.start()
+    print(f"meshserve runtime listening on {server.address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.drain()
+    log.info("stopped")

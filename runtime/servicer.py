@@ -1,0 +1,200 @@
+"""``inference.GRPCInferenceService``: a thin layer over the repository and its models.
+
+Handlers decode, call the data plane, encode. Errors are raised as the
+project's error types and turned into statuses by ``StatusInterceptor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import metadata
+
+from protos.errors import InvalidArgument, MeshError, NotFound, Unimplemented
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+from .repository import READY, ModelRepository
+from .request import EMPTY_FINAL_PARAMETER, FINAL_RESPONSE_PARAMETER, decode_request, encode_response
+
+SERVER_NAME = "meshserve"
+# Only what this runtime really implements (Triton's load generator reads this).
+EXTENSIONS = ["classification", "model_repository", "model_configuration", "schedule_policy",
+              "statistics", "parameters"]
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("meshserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _final_flag(value: bool) -> dict[str, pb.InferParameter]:
+    return {FINAL_RESPONSE_PARAMETER: pb.InferParameter(bool_param=value)}
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository):
+        self.repository = repository
+        self.ready = False  # false while loading and while draining
+        self._version = _server_version()
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.ready)
+
+    async def ModelReady(self, request, context):
+        try:
+            self.repository.get(request.name, request.version)
+        except MeshError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.ready)
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):
+        model = self.repository.get(request.name, request.version)
+        return model.metadata(self.repository.versions(request.name))
+
+    async def ModelConfig(self, request, context):
+        model = self.repository.get(request.name, request.version)
+        return pb.ModelConfigResponse(config=model.config)
+
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            models = [self.repository.get(request.name, request.version)]
+        elif request.version:
+            raise InvalidArgument("a version was given without a model name")
+        else:
+            models = self.repository.ready_models()
+        return pb.ModelStatisticsResponse(model_stats=[model.stats.to_proto() for model in models])
+
+    async def ModelInfer(self, request, context):
+        model = self.repository.get(request.model_name, request.model_version)
+        infer_request = decode_request(request, model.signature)
+        outputs = await model.infer(infer_request)
+        return encode_response(model.name, model.version, request.id, outputs, model.signature,
+                               infer_request.requested_outputs, model.labels)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Requests on one stream run concurrently; each one's responses keep their order.
+
+        Every response carries ``triton_final_response``. With
+        ``triton_enable_empty_final_response`` responses go out as soon as
+        they are produced and an empty final response closes the request;
+        without it the last response itself is marked final (held back until
+        the next one exists). A failing request answers ``error_message``
+        and the stream goes on.
+        """
+        responses: asyncio.Queue = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                await self._stream_one(request, responses)
+            except MeshError as err:
+                await responses.put(pb.ModelStreamInferResponse(
+                    error_message=err.message,
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
+                ))
+
+        async def read_requests() -> None:
+            async for request in request_iterator:
+                task = asyncio.create_task(answer(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            while running:
+                await asyncio.wait(set(running))
+            await responses.put(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _stream_one(self, request: pb.ModelInferRequest, responses: asyncio.Queue) -> None:
+        model = self.repository.get(request.model_name, request.model_version)
+        infer_request = decode_request(request, model.signature)
+        empty_final = bool(infer_request.parameters.get(EMPTY_FINAL_PARAMETER)) and model.decoupled
+
+        def response(outputs, final: bool) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=encode_response(
+                model.name, model.version, request.id, outputs, model.signature,
+                infer_request.requested_outputs, model.labels, _final_flag(final)))
+
+        held = None
+        async for outputs in model.stream(infer_request):
+            if empty_final:
+                await responses.put(response(outputs, False))
+                continue
+            if held is not None:
+                await responses.put(response(held, False))
+            held = outputs
+        if empty_final or held is None:
+            await responses.put(response({}, True))
+        else:
+            await responses.put(response(held, True))
+
+    async def RepositoryIndex(self, request, context):
+        if request.repository_name:
+            raise NotFound(f"unknown repository '{request.repository_name}'; this server has one, unnamed")
+        response = pb.RepositoryIndexResponse()
+        for name, version, state, reason in self.repository.index():
+            if request.ready and state != READY:
+                continue
+            response.models.add(name=name, version=version, state=state, reason=reason)
+        return response
+
+    def _check_repository_request(self, request) -> None:
+        if request.repository_name:
+            raise NotFound(f"unknown repository '{request.repository_name}'; this server has one, unnamed")
+        if request.parameters:
+            raise InvalidArgument(
+                f"repository parameters ({', '.join(sorted(request.parameters))}) are not supported; "
+                f"change the files in the repository instead"
+            )
+
+    async def RepositoryModelLoad(self, request, context):
+        self._check_repository_request(request)
+        await self.repository.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        self._check_repository_request(request)
+        await self.repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _unimplemented(self, what: str):
+        raise Unimplemented(f"{what} is not implemented by meshserve's runtime yet")
+
+    async def SystemSharedMemoryStatus(self, request, context):
+        await self._unimplemented("system shared memory")
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await self._unimplemented("system shared memory")
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        await self._unimplemented("system shared memory")
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        await self._unimplemented("CUDA shared memory")
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await self._unimplemented("CUDA shared memory")
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        await self._unimplemented("CUDA shared memory")
+
+    async def TraceSetting(self, request, context):
+        await self._unimplemented("TraceSetting")
+
+    async def LogSettings(self, request, context):
+        await self._unimplemented("LogSettings")
