@@ -1,0 +1,20 @@
+"""Channel options shared by both clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+# gRPC's default 4 MiB receive limit is smaller than many tensors; -1 lifts
+# the client's own limits and leaves the size policy to the server.
+DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+)
+
+
+def channel_options(extra: Iterable[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
+    """The defaults overlaid with the caller's options (the caller's value wins)."""
+    merged = dict(DEFAULT_CHANNEL_OPTIONS)
+    merged.update(dict(extra or ()))
+    return list(merged.items())
