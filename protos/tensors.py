@@ -77,11 +77,20 @@ def element_count(shape) -> int:
     return count
 
 
+def element_bytes(item) -> bytes:
+    """One BYTES element: bytes as they are, str as UTF-8; anything else is refused."""
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    raise ValueError(f"a BYTES element must be bytes or str, not {type(item).__name__} ({item!r:.40})")
+
+
 def encode_bytes(array: np.ndarray) -> bytes:
     """Serialize a BYTES tensor: each element as length-prefixed bytes, row-major."""
     parts = []
     for item in array.ravel(order="C"):
-        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        data = element_bytes(item)
         parts.append(_LENGTH.pack(len(data)))
         parts.append(data)
     return b"".join(parts)
@@ -165,8 +174,6 @@ def fill_contents(contents, array: np.ndarray, datatype: str) -> None:
         raise ValueError(f"{datatype} has no typed contents field; use raw contents")
     flat = array.ravel(order="C")
     if datatype == "BYTES":
-        getattr(contents, field).extend(
-            item.encode("utf-8") if isinstance(item, str) else bytes(item) for item in flat
-        )
+        getattr(contents, field).extend(element_bytes(item) for item in flat)
     else:
         getattr(contents, field).extend(flat.tolist())

@@ -87,7 +87,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         they are produced and an empty final response closes the request;
         without it the last response itself is marked final (held back until
         the next one exists). A failing request answers ``error_message``
-        and the stream goes on.
+        as "STATUS_CODE: message" (a stream has no per-request status) and
+        the stream goes on.
         """
         responses: asyncio.Queue = asyncio.Queue()
         running: set[asyncio.Task] = set()
@@ -97,7 +98,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await self._stream_one(request, responses)
             except MeshError as err:
                 await responses.put(pb.ModelStreamInferResponse(
-                    error_message=err.message,
+                    error_message=f"{err.code.name}: {err.message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
                 ))
 

@@ -706,12 +706,6 @@ def test_runtime_stream_to_unknown_model_fails_the_stream(client):
         list(client.stream("no_such_model", textgen_inputs()))
 
 
-@pytest.mark.xfail(
-    reason="runtime/servicer.py sends a stream error's message without its status code "
-    "(error_message='unknown model ...'), so the client can only say Internal",
-    raises=Internal,
-    strict=False,
-)
 def test_runtime_stream_to_unknown_model_raises_not_found(client):
     with pytest.raises(NotFound, match="no_such_model"):
         list(client.stream("no_such_model", textgen_inputs()))
