@@ -62,6 +62,7 @@ class Batcher:
         self._stats = stats
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
+        self._progress = asyncio.Event()  # set whenever the queue shrinks or a batch ends
         self._running: set[asyncio.Task] = set()
         self._closed = False
         self._task = asyncio.get_running_loop().create_task(self._drain(), name=f"batcher-{model}")
@@ -106,10 +107,12 @@ class Batcher:
             pending = self._queue[0]
             if pending.future.done():  # the caller went away
                 self._queue.popleft()
+                self._progress.set()
                 continue
             deadline = pending.request.deadline
             if deadline is not None and time.monotonic() > deadline:
                 self._queue.popleft()
+                self._progress.set()
                 pending.future.set_exception(DeadlineExceeded(
                     f"request {pending.request.id!r} timed out in the queue of model '{self._model}'"
                 ))
@@ -152,7 +155,12 @@ class Batcher:
                 raise
             task = asyncio.create_task(self._execute(instance, batch))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._finished)
+            self._progress.set()
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._progress.set()
 
     async def _execute(self, instance, batch: list[_Pending]) -> None:
         started = time.perf_counter_ns()
@@ -206,10 +214,8 @@ class Batcher:
         """Stop taking requests, let queued and running ones finish, then stop."""
         self._closed = True
         while self._queue or self._running:
-            if self._running:
-                await asyncio.wait(set(self._running))
-            else:
-                await asyncio.sleep(0.001)  # the drain task is forming the last batch
+            self._progress.clear()
+            await self._progress.wait()
         self._task.cancel()
         try:
             await self._task

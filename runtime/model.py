@@ -78,6 +78,8 @@ class ServedModel:
         self._executor = executor
         self._pool = InstancePool(instances)
         self._streams = 0
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
         self._batcher = None if self.decoupled else Batcher(
             config.name, self._pool, batching_policy(config), self.stats
         )
@@ -146,6 +148,7 @@ class ServedModel:
         self.stats.record_queue(started - request.arrival_ns)
         ok = False
         self._streams += 1
+        self._no_streams.clear()
         try:
             async for outputs in instance.stream(request.inputs):
                 yield outputs
@@ -156,6 +159,8 @@ class ServedModel:
             raise Internal(f"model '{self.name}' failed: {type(err).__name__}: {err}") from err
         finally:
             self._streams -= 1
+            if not self._streams:
+                self._no_streams.set()
             self._pool.release(instance)
             done = time.perf_counter_ns()
             if ok:
@@ -178,8 +183,7 @@ class ServedModel:
         """Drain: queued and running requests finish, then instances close."""
         if self._batcher:
             await self._batcher.close()
-        while self._streams:
-            await asyncio.sleep(0.01)
+        await self._no_streams.wait()
         for instance in self._pool.instances:
             await instance.close()
         self._executor.shutdown(wait=False)
