@@ -5,8 +5,11 @@ Guarantees:
   requests' batch sizes) and never mixes requests with different input sets.
 - A batch is formed only when an instance is free, so under load the queue
   grows while instances work and the next batch is larger (adaptive
-  batching); when idle, a request waits at most ``max_queue_delay`` for
-  company, and not at all once the preferred (largest) size is reached.
+  batching). A request waits at most ``max_queue_delay`` for company, and
+  only while requests arrive faster than that (an average gap between
+  arrivals shorter than the delay): a lone client never pays the delay for
+  company that cannot come. It does not wait once the preferred (largest)
+  size is reached.
 - With batching off, every request executes alone (the same queue, one
   request per batch), bounded by the number of instances.
 - The queue is bounded: past ``max_queue_size`` waiting requests a submit
@@ -34,6 +37,10 @@ from .request import InferRequest
 from .statistics import ModelStatisticsRecorder
 
 log = logging.getLogger(__name__)
+
+# Weight of the newest gap in the moving average of inter-arrival times: about
+# the last ten arrivals count, so the batcher adapts within a few requests.
+_GAP_SMOOTHING = 0.2
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,8 @@ class Batcher:
         self._progress = asyncio.Event()  # set whenever the queue shrinks or a batch ends
         self._running: set[asyncio.Task] = set()
         self._closed = False
+        self._last_arrival = 0.0
+        self._arrival_gap_s = float("inf")  # moving average of the time between arrivals
         self._task = asyncio.get_running_loop().create_task(self._drain(), name=f"batcher-{model}")
 
     @property
@@ -84,6 +93,10 @@ class Batcher:
             raise ResourceExhausted(
                 f"queue of model '{self._model}' is full ({limit} requests waiting); retry later"
             )
+        now = time.monotonic()
+        gap, self._last_arrival = now - self._last_arrival, now
+        self._arrival_gap_s = gap if self._arrival_gap_s == float("inf") else \
+            _GAP_SMOOTHING * gap + (1 - _GAP_SMOOTHING) * self._arrival_gap_s
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(request, future))
         self._arrived.set()
@@ -134,7 +147,7 @@ class Batcher:
             candidate = self._pop_live()
             if candidate is None:
                 remaining = flush_at - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self._arrival_gap_s > policy.max_queue_delay_s:
                     break
                 await self._wait_for_arrival(remaining)
                 continue
