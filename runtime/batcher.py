@@ -62,7 +62,8 @@ class Batcher:
     """Queues requests of one model version and runs them in batches on its instances."""
 
     def __init__(self, model: str, pool: InstancePool, policy: BatchingPolicy,
-                 stats: ModelStatisticsRecorder):
+                 stats: ModelStatisticsRecorder, clock=time.monotonic):
+        self._clock = clock  # measures arrival gaps and queue deadlines
         self._model = model
         self._pool = pool
         self._policy = policy
@@ -93,8 +94,10 @@ class Batcher:
             raise ResourceExhausted(
                 f"queue of model '{self._model}' is full ({limit} requests waiting); retry later"
             )
-        now = time.monotonic()
-        gap, self._last_arrival = now - self._last_arrival, now
+        now = self._clock()
+        # A long idle spell counts as two delays, so a few quick arrivals restore waiting.
+        gap = min(now - self._last_arrival, 2 * self._policy.max_queue_delay_s)
+        self._last_arrival = now
         self._arrival_gap_s = gap if self._arrival_gap_s == float("inf") else \
             _GAP_SMOOTHING * gap + (1 - _GAP_SMOOTHING) * self._arrival_gap_s
         future = asyncio.get_running_loop().create_future()
@@ -123,7 +126,7 @@ class Batcher:
                 self._progress.set()
                 continue
             deadline = pending.request.deadline
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and self._clock() > deadline:
                 self._queue.popleft()
                 self._progress.set()
                 pending.future.set_exception(DeadlineExceeded(
@@ -142,11 +145,11 @@ class Batcher:
         if not policy.enabled:
             return batch
         keys = first.request.inputs.keys()
-        flush_at = time.monotonic() + policy.max_queue_delay_s
+        flush_at = self._clock() + policy.max_queue_delay_s
         while size < policy.preferred_size:
             candidate = self._pop_live()
             if candidate is None:
-                remaining = flush_at - time.monotonic()
+                remaining = flush_at - self._clock()
                 if remaining <= 0 or self._arrival_gap_s > policy.max_queue_delay_s:
                     break
                 await self._wait_for_arrival(remaining)
