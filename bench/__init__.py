@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side measurements that print ratios (see bench/README.md)."""
