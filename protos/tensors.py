@@ -164,7 +164,15 @@ def from_contents(datatype: str, shape, contents) -> np.ndarray:
         array = np.empty(count, dtype=np.object_)
         array[:] = list(values)
         return array.reshape(shape)
-    return np.asarray(values, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
+    dtype = NUMPY_DTYPES[datatype]
+    if dtype.kind in "iu" and count:
+        # int_contents/uint_contents are 32-bit: narrower types must not wrap silently.
+        limits = np.iinfo(dtype)
+        low, high = min(values), max(values)
+        if low < limits.min or high > limits.max:
+            bad = low if low < limits.min else high
+            raise ValueError(f"value {bad} is out of range for {datatype} ({limits.min}..{limits.max})")
+    return np.asarray(values, dtype=dtype).reshape(shape)
 
 
 def fill_contents(contents, array: np.ndarray, datatype: str) -> None:

@@ -18,13 +18,16 @@ def parse_args(argv=None) -> ServerOptions:
     parser.add_argument("--max-message-bytes", type=int, default=ServerOptions.max_message_bytes)
     parser.add_argument("--grace-period", type=float, default=ServerOptions.grace_period_s,
                         help="seconds in-flight requests get to finish on SIGTERM")
+    parser.add_argument("--drain-delay", type=float, default=ServerOptions.drain_delay_s,
+                        help="seconds to keep serving while reporting NOT_SERVING before stopping")
     parser.add_argument("--strict", action="store_true", help="exit if any model fails to load")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return ServerOptions(
         repository=args.model_repository, models=args.models, listen=args.listen,
-        max_message_bytes=args.max_message_bytes, grace_period_s=args.grace_period, strict=args.strict,
+        max_message_bytes=args.max_message_bytes, grace_period_s=args.grace_period,
+        drain_delay_s=args.drain_delay, strict=args.strict,
     )
 
 

@@ -91,6 +91,8 @@ class Batcher:
             raise Unavailable(f"model '{self._model}' is unloading and takes no new requests")
         limit = self._policy.max_queue_size
         if limit and len(self._queue) >= limit:
+            self._drop_dead()
+        if limit and len(self._queue) >= limit:
             raise ResourceExhausted(
                 f"queue of model '{self._model}' is full ({limit} requests waiting); retry later"
             )
@@ -117,21 +119,33 @@ class Batcher:
             except TimeoutError:
                 pass
 
+    def _is_dead(self, pending: _Pending, now: float) -> bool:
+        """True (and the request failed if it timed out) when it is not worth running any more."""
+        if pending.future.done():  # the caller went away
+            return True
+        deadline = pending.request.deadline
+        if deadline is not None and now > deadline:
+            pending.future.set_exception(DeadlineExceeded(
+                f"request {pending.request.id!r} timed out in the queue of model '{self._model}'"
+            ))
+            return True
+        return False
+
+    def _drop_dead(self) -> None:
+        """Free the queue slots of abandoned and timed-out requests (only needed when full)."""
+        now = self._clock()
+        live = collections.deque(p for p in self._queue if not self._is_dead(p, now))
+        if len(live) != len(self._queue):
+            self._queue = live
+            self._progress.set()
+
     def _pop_live(self) -> _Pending | None:
         """The oldest queued request still worth running; expired ones fail here."""
         while self._queue:
             pending = self._queue[0]
-            if pending.future.done():  # the caller went away
+            if self._is_dead(pending, self._clock()):
                 self._queue.popleft()
                 self._progress.set()
-                continue
-            deadline = pending.request.deadline
-            if deadline is not None and self._clock() > deadline:
-                self._queue.popleft()
-                self._progress.set()
-                pending.future.set_exception(DeadlineExceeded(
-                    f"request {pending.request.id!r} timed out in the queue of model '{self._model}'"
-                ))
                 continue
             return pending
         return None

@@ -11,6 +11,7 @@ does not, so it needs a config.
 from __future__ import annotations
 
 import pathlib
+import re
 
 from google.protobuf import text_format
 
@@ -37,6 +38,9 @@ _UNSUPPORTED_FIELDS = {
 }
 
 
+_UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)"')
+
+
 class ConfigError(InvalidArgument):
     """A model configuration that cannot be served; the message names file and field."""
 
@@ -51,8 +55,9 @@ def parse_config_file(path: pathlib.Path) -> mc.ModelConfig:
         return text_format.Parse(path.read_text(), mc.ModelConfig())
     except text_format.ParseError as err:
         text = str(err)
-        if "has no field named" in text:
-            field = text.rsplit("named", 1)[-1].strip().strip('"').rstrip(".")
+        unknown = _UNKNOWN_FIELD.search(text)
+        if unknown:
+            field = unknown.group(1)
             raise ConfigError(f"{path}: field '{field}' is not supported by meshserve ({text})") from None
         raise ConfigError(f"{path}: cannot parse: {text}") from None
 

@@ -3,9 +3,13 @@
 Lifecycle guarantees:
 - The server listens (live) while models load; ServerReady and the health
   service say SERVING only once loading is done.
-- SIGTERM or SIGINT drains: health goes NOT_SERVING and ServerReady false,
-  the server stops taking new RPCs, in-flight and queued requests finish
-  (up to the grace period), models close, then the process exits 0.
+- SIGTERM or SIGINT drains: health goes NOT_SERVING and ServerReady false
+  while requests are still served for ``drain_delay_s`` (so health checkers
+  and load balancers route away first), then the server stops taking new
+  RPCs, in-flight and queued requests finish (up to the grace period),
+  models close, and the process exits 0.
+- With ``strict``, a model that fails to load stops the server cleanly and
+  the process exits 1.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class ServerOptions:
     max_message_bytes: int = 256 * 1024 * 1024
     # Long enough for a GPU batch in flight to finish; systemd's stop timeout must exceed it.
     grace_period_s: float = 30.0
+    # 0 by default: a standalone replica has nobody to tell. Behind a load balancer
+    # set it to a little more than the balancer's health-check interval.
+    drain_delay_s: float = 0.0
     strict: bool = False
 
 
@@ -77,7 +84,10 @@ class RuntimeServer:
         for name, reason in failed:
             log.warning("model '%s' is not available: %s", name, reason)
         if failed and self.options.strict:
-            raise SystemExit(f"--strict: {len(failed)} model(s) failed to load")
+            await self.server.stop(0)
+            await self.repository.close()
+            raise SystemExit(f"--strict: {len(failed)} model(s) failed to load: "
+                             + "; ".join(f"{name}: {reason}" for name, reason in failed))
         self.servicer.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -85,6 +95,8 @@ class RuntimeServer:
         log.info("draining: no new requests; waiting for in-flight ones")
         self.servicer.ready = False
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.options.drain_delay_s > 0:
+            await asyncio.sleep(self.options.drain_delay_s)  # a deliberate pause: still serving
         await self.server.stop(self.options.grace_period_s)
         await self.repository.close()
 

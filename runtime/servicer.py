@@ -132,13 +132,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 infer_request.requested_outputs, model.labels, _final_flag(final)))
 
         held = None
-        async for outputs in model.stream(infer_request):
-            if empty_final:
-                await responses.put(response(outputs, False))
-                continue
-            if held is not None:
+        try:
+            async for outputs in model.stream(infer_request):
+                if empty_final:
+                    await responses.put(response(outputs, False))
+                    continue
+                if held is not None:
+                    await responses.put(response(held, False))
+                held = outputs
+        except MeshError:
+            if held is not None:  # produced before the failure: the client gets it, then the error
                 await responses.put(response(held, False))
-            held = outputs
+            raise
         if empty_final or held is None:
             await responses.put(response({}, True))
         else:

@@ -9,6 +9,7 @@ serving.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import grpc
@@ -48,6 +49,13 @@ def _wrap_streaming(behavior, method: str):
     return wrapped
 
 
+def _wrap_responses(behavior, method: str):
+    """Streaming responses come from an async generator, or from a coroutine that calls context.write."""
+    if inspect.isasyncgenfunction(behavior):
+        return _wrap_streaming(behavior, method)
+    return _wrap_unary(behavior, method)
+
+
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -61,5 +69,5 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method), **codec)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_streaming(handler.unary_stream, method), **codec)
-        return grpc.stream_stream_rpc_method_handler(_wrap_streaming(handler.stream_stream, method), **codec)
+            return grpc.unary_stream_rpc_method_handler(_wrap_responses(handler.unary_stream, method), **codec)
+        return grpc.stream_stream_rpc_method_handler(_wrap_responses(handler.stream_stream, method), **codec)

@@ -191,13 +191,6 @@ def test_statistics_durations_are_nanoseconds(stub):
     assert [b.batch_size for b in after.batch_stats] == [1]  # no batch axis: one item per execution
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime bug (batcher.Batcher.submit): max_queue_size counts queue entries whose callers "
-    "already went away (client deadline/cancel) or whose queue timeout passed; they leave the "
-    "deque only when the drain task pops them, so with 'slow' busy and its 2 queue slots held by "
-    "2 requests whose 200 ms client deadline expired, a new request is refused "
-    "RESOURCE_EXHAUSTED 'queue ... is full (2 requests waiting)' though nothing waits "
-    "(by the same code, requests whose queue timeout passed hold slots too)"))
 def test_abandoned_requests_do_not_hold_queue_slots(stub):
     started = model_stats(stub, "slow").inference_stats.queue.count
     blocker = stub.ModelInfer.future(_delay("slow", 1500), timeout=RPC_TIMEOUT_S)

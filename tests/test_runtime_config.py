@@ -95,10 +95,6 @@ def test_explicit_load_of_a_refused_model_fails_with_the_reason(stub):
     assert stub.ModelInfer(_good_request(), timeout=RPC_TIMEOUT_S).outputs  # the good one still serves
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime bug (config.parse_config_file): the field name is cut out of protobuf's parse error "
-    "with strip('\"').rstrip('.'), which leaves a stray quote: the reason says "
-    "field 'not_a_field\"' instead of field 'not_a_field'"))
 def test_unknown_field_is_named_exactly(stub):
     assert "field 'not_a_field' is not supported" in _index(stub)["unknown_field"].reason
 
@@ -115,11 +111,6 @@ def test_strict_mode_exits_when_a_model_is_refused():
     assert "listening on" not in output
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime bug (server.RuntimeServer.start / run): on --strict failure SystemExit is raised "
-    "after server.start() and the gRPC server is never stopped, so at exit grpc's Server.__del__ "
-    "prints 'Exception ignored ... RuntimeError: Event loop is closed' with a traceback and "
-    "\"RuntimeWarning: coroutine 'AioServer.shutdown' was never awaited\""))
 def test_strict_mode_exit_is_clean():
     completed = subprocess.run(
         [sys.executable, "-m", "runtime", "--model-repository", str(BAD_CONFIGS),

@@ -276,11 +276,6 @@ def test_predictor_failing_mid_stream_with_empty_final_keeps_every_tick_then_err
     assert [_final(r) for r in fine] == [False, True]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime bug (servicer._stream_one): without triton_enable_empty_final_response the last "
-    "produced response is held back to be marked final; when the predictor then raises, the "
-    "held response is dropped, so a stream that yielded 3 ticks before failing delivers only "
-    "2 ticks and the error_message"))
 def test_predictor_failing_mid_stream_keeps_every_tick_then_errors(ticker_stub):
     responses = _stream(ticker_stub, [_failing_ticks(5, 3, "fail")])
     ticks = [decode_outputs(r.infer_response)["TICK"].tolist() for r in responses if not r.error_message]
