@@ -9,7 +9,7 @@ import logging
 from .server import ServerOptions, run
 
 
-def parse_args(argv=None) -> ServerOptions:
+def parse_args(argv=None) -> tuple[str, ServerOptions]:
     parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
     parser.add_argument("--model-repository", required=True, help="folder of <model>/config.pbtxt")
     parser.add_argument("--model", action="append", dest="models",
@@ -21,10 +21,12 @@ def parse_args(argv=None) -> ServerOptions:
     parser.add_argument("--drain-delay", type=float, default=ServerOptions.drain_delay_s,
                         help="seconds to keep serving while reporting NOT_SERVING before stopping")
     parser.add_argument("--strict", action="store_true", help="exit if any model fails to load")
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="uvloop serves ~10%% more requests per second (bench/replica.py)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return ServerOptions(
+    return args.event_loop, ServerOptions(
         repository=args.model_repository, models=args.models, listen=args.listen,
         max_message_bytes=args.max_message_bytes, grace_period_s=args.grace_period,
         drain_delay_s=args.drain_delay, strict=args.strict,
@@ -32,7 +34,13 @@ def parse_args(argv=None) -> ServerOptions:
 
 
 def main(argv=None) -> None:
-    asyncio.run(run(parse_args(argv)))
+    event_loop, options = parse_args(argv)
+    if event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(run(options))
+    else:
+        asyncio.run(run(options))
 
 
 if __name__ == "__main__":

@@ -223,3 +223,11 @@ def test_drain_delay_reports_not_serving_while_still_serving(start_runtime):
     channel.close()
     process.proc.kill()  # the delay itself is not under test
     process.proc.wait(EXIT_TIMEOUT_S)
+
+
+def test_the_plain_asyncio_event_loop_serves_and_drains(start_runtime):
+    process = start_runtime("--model-repository", EXAMPLES, "--model", "add_sub", "--event-loop", "asyncio")
+    channel, stub = open_stub(process.address)
+    check_add_sub(stub, batch=3)
+    channel.close()
+    assert process.stop() == 0
