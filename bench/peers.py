@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.cli import add_cell_arguments, settle_cell_arguments
 from bench import workloads
 from bench.loadgen import CheckFailed, LoadResult, measure
 from bench.servers import REPO_ROOT, PeerServer, RuntimeServer, stop_on_signals
@@ -76,21 +77,12 @@ def ratio(ours: LoadResult | None, theirs: LoadResult | None) -> float | None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0,
-                        help="measured seconds per system and concurrency, split over --rounds")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per slice")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating slices (default 2)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 0.5 s cells, 0.2 s warm-up, one round")
+    add_cell_arguments(parser, "alternating slices, the systems taking turns (default 2)")
     parser.add_argument("--peers-dir", default=str(DEFAULT_PEERS_DIR),
                         help="the shared peers folder holding start_triton.sh and start_mlserver.sh")
     parser.add_argument("--install-dir", default=DEFAULT_INSTALL_DIR,
                         help="where setup.sh installed the peers (PEERS_DIR; default /tmp/meshserve-peers)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.duration, args.warmup, args.rounds = 0.5, 0.2, 1
-    args.rounds = max(1, args.rounds)
-    return args
+    return settle_cell_arguments(parser.parse_args(argv))
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.cli import add_cell_arguments, settle_cell_arguments
 from bench import workloads
 from bench.loadgen import LoadResult, measure
 from bench.servers import RuntimeServer, stop_on_signals
@@ -108,18 +109,8 @@ def bench_echo(workdir: Path, args):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0,
-                        help="measured seconds per cell, split over --rounds (default 5)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per slice")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="alternating slices per batched/unbatched cell (default 2)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 0.5 s cells, 0.2 s warm-up, one round")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.duration, args.warmup, args.rounds = 0.5, 0.2, 1
-    args.rounds = max(1, args.rounds)
-    return args
+    add_cell_arguments(parser, "alternating slices per batched/unbatched cell (default 2)")
+    return settle_cell_arguments(parser.parse_args(argv))
 
 
 def main(argv=None) -> int:

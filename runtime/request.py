@@ -119,7 +119,7 @@ def decode_request(request: pb.ModelInferRequest, signature: ModelSignature) -> 
     parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
     timeout_us = parameters.get(TIMEOUT_PARAMETER) or signature.default_timeout_us
     if not isinstance(timeout_us, (int, float)) or isinstance(timeout_us, bool) or timeout_us < 0:
-        raise InvalidArgument(f"parameter 'timeout' must be a non-negative number of microseconds")
+        raise InvalidArgument("parameter 'timeout' must be a non-negative number of microseconds")
     deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
     return InferRequest(
         id=request.id,

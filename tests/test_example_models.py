@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -18,21 +17,10 @@ from google.protobuf import text_format
 
 from protos.inference import model_config_pb2
 
+from test_runtime_helpers import load_module  # noqa: E402
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples" / "models"
 MODELS = ["add_sub", "echo_bytes", "textgen", "mlp_onnx", "resnet50_torch"]
-
-
-def _load_module(path: pathlib.Path, name: str):
-    """Import a file by path without writing __pycache__ into the model repository."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    previous = sys.dont_write_bytecode
-    sys.dont_write_bytecode = True
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = previous
-    return module
 
 
 def _model_config(model: str) -> model_config_pb2.ModelConfig:
@@ -69,7 +57,7 @@ def _predictor(model: str, version: str = "1", device: str = "cpu"):
         "instance_index": 0,
         "device": device,
     }
-    module = _load_module(EXAMPLES / model / version / "model.py", f"example_{model}")
+    module = load_module(EXAMPLES / model / version / "model.py", f"example_{model}")
     return module.Predictor(config)
 
 
@@ -217,7 +205,7 @@ def test_textgen_rejects_bad_max_tokens(textgen):
 @pytest.fixture(scope="module")
 def mlp_build():
     pytest.importorskip("onnx")
-    return _load_module(EXAMPLES / "mlp_onnx" / "build.py", "example_mlp_onnx_build")
+    return load_module(EXAMPLES / "mlp_onnx" / "build.py", "example_mlp_onnx_build")
 
 
 def test_mlp_onnx_committed_file_matches_a_fresh_build(mlp_build):
@@ -263,7 +251,7 @@ def test_resnet50_torch_without_torch_fails_naming_torch():
     if importlib.util.find_spec("torch") is not None:
         pytest.skip("torch is installed")
     with pytest.raises(ImportError, match="torch"):
-        _load_module(EXAMPLES / "resnet50_torch" / "1" / "model.py", "example_resnet50_torch")
+        load_module(EXAMPLES / "resnet50_torch" / "1" / "model.py", "example_resnet50_torch")
 
 
 def test_resnet50_torch_forward():

@@ -9,7 +9,6 @@ import signal
 
 import grpc
 import numpy as np
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.inference import grpc_service_pb2 as pb

@@ -1,0 +1,24 @@
+"""The benchmarks still run end to end (numbers are not checked: speed is a benchmark, not a test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+# A --quick run takes about ten seconds; this bounds a hang, it is not a speed claim.
+BENCH_TIMEOUT_S = 180
+
+
+def test_replica_benchmark_quick_run_prints_its_figures_as_json():
+    run = subprocess.run([sys.executable, "-m", "bench.replica", "--quick"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == "replica"
+    for cell in ("add_sub", "echo_fp32", "fixed_cost"):
+        assert cell in figures
+    assert set(figures["ratios"]) >= {"fixed_cost_c32_batched_over_unbatched"}
+    assert figures["add_sub"]["c16"]["batching"]["errors"] == 0
