@@ -1,0 +1,58 @@
+"""``scheduler`` / ``python -m scheduler``: serve | ctl | dev."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S
+from .server import SchedulerOptions, serve
+
+USAGE = """scheduler serve --listen HOST:PORT --store URL     run a scheduler
+scheduler ctl [--server ADDRS] VERB ...                operate the mesh (scheduler ctl --help)
+scheduler dev [--listen ADDR] [--state-dir DIR] ...    a single-host mesh in one command"""
+
+
+def _serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="scheduler serve")
+    parser.add_argument("--listen", default=SchedulerOptions.listen)
+    parser.add_argument("--store", default=SchedulerOptions.store_url,
+                        help="sqlite:///path/state.db (one host) or etcd://host:port[,host:port]")
+    parser.add_argument("--id", default="", help="this scheduler's name in elections (default host:port)")
+    parser.add_argument("--election-ttl", type=int, default=SchedulerOptions.election_ttl_s)
+    parser.add_argument("--report-interval", type=float, default=DEFAULT_REPORT_INTERVAL_S)
+    parser.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = SchedulerOptions(listen=args.listen, store_url=args.store, scheduler_id=args.id,
+                               election_ttl_s=args.election_ttl, report_interval_s=args.report_interval,
+                               heartbeat_timeout_s=args.heartbeat_timeout)
+    asyncio.run(serve(options))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return _serve(rest)
+    if command == "ctl":
+        from .ctl import main as ctl_main
+
+        return ctl_main(rest)
+    if command == "dev":
+        from .dev import main as dev_main
+
+        return dev_main(rest)
+    print(f"scheduler: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""``mesh.AdminService``: what ``scheduler ctl`` calls. Changes are leader-only and fenced."""
+
+from __future__ import annotations
+
+import time
+
+from protos.errors import InvalidArgument, NotFound
+from protos.mesh import control_pb2 as mesh
+from protos.mesh import control_pb2_grpc as mesh_grpc
+
+from .core import SchedulerCore
+from .records import PENDING, READY, DeploymentRecord
+from .spec import parse_deployments
+from .spec_fields import model_of
+
+KINDS = ("nodes", "deployments", "replicas")
+_SINGULAR = {"node": "nodes", "deployment": "deployments", "replica": "replicas"}
+
+
+def _kind(kind: str) -> str:
+    normalized = _SINGULAR.get(kind, kind)
+    if normalized not in KINDS:
+        raise InvalidArgument(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    return normalized
+
+
+class AdminService(mesh_grpc.AdminServiceServicer):
+    def __init__(self, core: SchedulerCore, leader_info):
+        self.core = core
+        self._leader_info = leader_info  # () -> (is_leader, leader_id, leader_address)
+
+    @property
+    def cluster(self):
+        return self.core.cluster
+
+    async def Leader(self, request, context):
+        is_leader, leader_id, address = self._leader_info()
+        return mesh.LeaderResponse(is_leader=is_leader, leader_id=leader_id, leader_address=address)
+
+    async def Apply(self, request, context):
+        self.core.require_leader()
+        specs = parse_deployments(request.spec_yaml)
+        applied = []
+        for spec in specs:
+            record = self.cluster.deployments.get(spec.name)
+            fingerprint = spec.fingerprint()
+            if record is not None and record.fingerprint == fingerprint:
+                applied.append(f"deployment/{spec.name} unchanged")
+                continue
+            verb = "created" if record is None else "configured"
+            if request.dry_run:
+                applied.append(f"deployment/{spec.name} {verb} (dry run)")
+                continue
+            new = self._next_record(record, spec, fingerprint)
+            await self.core.writer.put(new)
+            self.cluster.deployments[spec.name] = new
+            self.cluster.record_event(f"deployment/{spec.name}", f"{verb}: revision {new.revision}, "
+                                      f"{new.replicas} replica(s)")
+            applied.append(f"deployment/{spec.name} {verb}")
+        self.core.poke()
+        return mesh.ApplyResponse(applied=applied)
+
+    @staticmethod
+    def _next_record(record: DeploymentRecord | None, spec, fingerprint: str) -> DeploymentRecord:
+        now = time.time_ns() // 1_000_000
+        spec_dict, spec_yaml = spec.to_dict(), spec.to_yaml()
+        if record is None:
+            return DeploymentRecord(name=spec.name, spec=spec_dict, spec_yaml=spec_yaml, fingerprint=fingerprint,
+                                    revision=1, replicas=spec.replicas, created_unix_ms=now,
+                                    history=[{"revision": 1, "spec_yaml": spec_yaml}])
+        keep = max(1, int(spec_dict.get("revision_history") or 5))
+        revision = record.revision + 1
+        history = (record.history + [{"revision": revision, "spec_yaml": spec_yaml}])[-keep:]
+        return DeploymentRecord(name=spec.name, spec=spec_dict, spec_yaml=spec_yaml, fingerprint=fingerprint,
+                                revision=revision, replicas=spec.replicas, created_unix_ms=record.created_unix_ms,
+                                history=history)
+
+    async def Get(self, request, context):
+        return self._get(_kind(request.kind), request.name)
+
+    def _get(self, kind: str, name: str) -> mesh.GetResponse:
+        response = mesh.GetResponse()
+        cluster = self.cluster
+        if kind == "nodes":
+            names = [name] if name else sorted(cluster.nodes)
+            for node_name in names:
+                response.nodes.append(self._node(node_name))
+        elif kind == "deployments":
+            names = [name] if name else sorted(cluster.deployments)
+            for deployment_name in names:
+                response.deployments.append(self._deployment(deployment_name))
+        else:
+            replicas = sorted(cluster.replicas.values(), key=lambda r: (r.deployment, r.id))
+            if name:
+                replicas = [r for r in replicas if name in (r.id, r.deployment)]
+                if not replicas:
+                    raise NotFound(f"no replica or deployment named {name!r}")
+            for replica in replicas:
+                response.replicas.append(mesh.Replica(
+                    id=replica.id, deployment=replica.deployment, node=replica.node,
+                    gpu_indices=replica.gpu_indices, address=replica.address, pid=replica.pid,
+                    state=replica.state, reason=replica.reason, restarts=replica.restarts,
+                    revision=replica.revision, gpu_memory_bytes=replica.gpu_memory_bytes))
+        return response
+
+    def _node(self, name: str) -> mesh.Node:
+        record = self.cluster.nodes.get(name)
+        if record is None:
+            raise NotFound(f"no node named {name!r}")
+        live = self.cluster.live.get(name)
+        node = mesh.Node(name=name, host=record.host, state=record.state, cordoned=record.cordoned,
+                         draining=record.draining, labels=record.labels, gpu_source=record.gpu_source,
+                         last_seen_unix_ms=record.last_seen_unix_ms,
+                         replicas=len(self.cluster.replicas_on(name)))
+        if live:
+            node.gpus.extend(live.gpus)
+            node.resources.CopyFrom(live.resources)
+        return node
+
+    def _deployment(self, name: str) -> mesh.Deployment:
+        record = self.cluster.deployments.get(name)
+        if record is None:
+            raise NotFound(f"no deployment named {name!r}")
+        replicas = self.cluster.replicas_of(name)
+        return mesh.Deployment(
+            name=name, spec_yaml=record.spec_yaml, replicas=record.replicas,
+            ready_replicas=sum(1 for r in replicas if r.state == READY and r.revision == record.revision),
+            revision=record.revision, model=model_of(record.spec)[1], created_unix_ms=record.created_unix_ms,
+            revision_history=[entry["revision"] for entry in record.history])
+
+    async def Describe(self, request, context):
+        kind = _kind(request.kind)
+        obj = self._get(kind, request.name)
+        subject = f"{kind[:-1]}/{request.name}"
+        return mesh.DescribeResponse(object=obj, events=list(self.cluster.events.get(subject, [])))
+
+    async def Delete(self, request, context):
+        self.core.require_leader()
+        if _kind(request.kind) != "deployments":
+            raise InvalidArgument(f"only deployments can be deleted, not {request.kind!r}")
+        record = self.cluster.deployments.get(request.name)
+        if record is None:
+            raise NotFound(f"no deployment named {request.name!r}")
+        await self.core.writer.delete(record)
+        del self.cluster.deployments[request.name]
+        self.cluster.record_event(f"deployment/{request.name}", "deleted")
+        self.core.poke()
+        return mesh.DeleteResponse()
+
+    async def Scale(self, request, context):
+        self.core.require_leader()
+        record = self.cluster.deployments.get(request.name)
+        if record is None:
+            raise NotFound(f"no deployment named {request.name!r}")
+        if record.replicas != request.replicas:
+            record.replicas = request.replicas
+            await self.core.writer.put(record)
+            self.cluster.record_event(f"deployment/{request.name}", f"scaled to {request.replicas}")
+            self.core.poke()
+        return mesh.ScaleResponse()
+
+    async def _set_node_flags(self, name: str, **flags) -> None:
+        self.core.require_leader()
+        record = self.cluster.nodes.get(name)
+        if record is None:
+            raise NotFound(f"no node named {name!r}")
+        for flag, value in flags.items():
+            setattr(record, flag, value)
+        await self.core.writer.put(record)
+        self.cluster.record_event(f"node/{name}", ", ".join(f"{k}={v}" for k, v in flags.items()))
+        self.core.poke()
+
+    async def Cordon(self, request, context):
+        await self._set_node_flags(request.name, cordoned=True)
+        return mesh.NodeResponse()
+
+    async def Uncordon(self, request, context):
+        await self._set_node_flags(request.name, cordoned=False, draining=False)
+        return mesh.NodeResponse()
+
+    async def Drain(self, request, context):
+        await self._set_node_flags(request.name, cordoned=True, draining=True)
+        return mesh.NodeResponse()
+
+    async def Explain(self, request, context):
+        kind = _kind(request.kind)
+        if kind == "replicas":
+            return mesh.ExplainResponse(lines=self._explain_replica(request.name))
+        if kind == "deployments":
+            return mesh.ExplainResponse(lines=self._explain_deployment(request.name))
+        raise InvalidArgument("explain takes a replica or a deployment")
+
+    def _explain_replica(self, name: str) -> list[str]:
+        replica = self.cluster.replicas.get(name)
+        if replica is None:
+            raise NotFound(f"no replica named {name!r}")
+        where = f"on {replica.node} GPU {','.join(map(str, replica.gpu_indices)) or '-'}" if replica.node \
+            else "not placed"
+        lines = [f"replica {replica.id} ({replica.deployment}, revision {replica.revision}): "
+                 f"{replica.state}, {where}" + (f" — {replica.reason}" if replica.reason else "")]
+        lines += list(replica.decision)
+        return lines
+
+    def _explain_deployment(self, name: str) -> list[str]:
+        record = self.cluster.deployments.get(name)
+        if record is None:
+            raise NotFound(f"no deployment named {name!r}")
+        replicas = self.cluster.replicas_of(name)
+        ready = sum(1 for r in replicas if r.state == READY)
+        lines = [f"deployment {name}: {ready}/{record.replicas} ready, revision {record.revision}"]
+        for replica in replicas:
+            detail = replica.reason if replica.state == PENDING else \
+                f"{replica.node} GPU {','.join(map(str, replica.gpu_indices)) or '-'}"
+            lines.append(f"  {replica.id}: {replica.state} ({detail})")
+        return lines

@@ -1,0 +1,53 @@
+"""``mesh.AgentService``: one bidirectional stream per node agent."""
+
+from __future__ import annotations
+
+import asyncio
+
+from protos.errors import InvalidArgument
+from protos.mesh import control_pb2 as mesh
+from protos.mesh import control_pb2_grpc as mesh_grpc
+
+from .core import SchedulerCore
+
+# How long an agent may take to say who it is after opening its stream.
+REGISTER_TIMEOUT_S = 10.0
+
+
+class AgentService(mesh_grpc.AgentServiceServicer):
+    def __init__(self, core: SchedulerCore):
+        self.core = core
+
+    async def Connect(self, request_iterator, context):
+        self.core.require_leader()
+        messages = request_iterator.__aiter__()
+        try:
+            async with asyncio.timeout(REGISTER_TIMEOUT_S):
+                first = await messages.__anext__()
+        except (StopAsyncIteration, TimeoutError):
+            raise InvalidArgument("an agent stream must start with a Register message") from None
+        if first.WhichOneof("kind") != "register":
+            raise InvalidArgument(f"an agent stream must start with Register, not {first.WhichOneof('kind')}")
+        name = first.register.node_name
+        channel = await self.core.register(first.register)
+
+        async def read_reports() -> None:
+            try:
+                async for message in messages:
+                    if message.WhichOneof("kind") == "report":
+                        await self.core.report(name, message.report)
+            finally:
+                channel.put_nowait(None)
+
+        reader = asyncio.create_task(read_reports(), name=f"agent-{name}")
+        try:
+            yield mesh.SchedulerMessage(registered=mesh.Registered(
+                node_name=name, scheduler_id=self.core.scheduler_id,
+                report_interval_ms=int(self.core.report_interval_s * 1000),
+                heartbeat_timeout_ms=int(self.core.heartbeat_timeout_s * 1000),
+            ))
+            while (message := await channel.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            self.core.disconnect(name, channel)

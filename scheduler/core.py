@@ -1,0 +1,241 @@
+"""The scheduler's brain while it leads: node streams, reconciling, assignments and routes.
+
+Guarantees:
+- Only the leader accepts agents and admin changes; a standby refuses with
+  FAILED_PRECONDITION naming the leader, so clients move on to it.
+- Every agent always holds the complete, latest set of replicas its node
+  should run (sent whenever it changes): level-triggered, so a lost message
+  or a reconnect needs no special handling.
+- A replica is assigned to at most one node at a time: a returning agent
+  gets only what the store says is its own, and stops anything else.
+- Route watchers get a complete table whenever the set of ready replicas
+  changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from protos.errors import InvalidArgument
+from protos.mesh import control_pb2 as mesh
+
+from .cluster import Cluster, LiveNode
+from .records import FAILED, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
+from .reconciler import Reconciler
+from .spec_fields import model_of
+from .writer import FencedWriter, NotLeader
+
+log = logging.getLogger(__name__)
+
+# Agents report once a second; a node is lost after this many silent seconds.
+# Long enough to ride out a GC pause or a busy host, short enough to heal quickly.
+DEFAULT_REPORT_INTERVAL_S = 1.0
+DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
+# How often the reconciler runs without being asked (it checks heartbeats).
+RECONCILE_TICK_S = 0.5
+_AGENT_STATES = {"starting": STARTING, "ready": READY, "failed": FAILED}
+
+
+class SchedulerCore:
+    def __init__(self, writer: FencedWriter, *, scheduler_id: str,
+                 report_interval_s: float = DEFAULT_REPORT_INTERVAL_S,
+                 heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S, clock=time.monotonic):
+        self.cluster = Cluster(clock=clock)
+        self.writer = writer
+        self.scheduler_id = scheduler_id
+        self.report_interval_s = report_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.reconciler = Reconciler(self.cluster, writer, heartbeat_timeout_s)
+        self.leading = False
+        self.leader_hint = ""            # "id at address" of the leader, when this one is a standby
+        self._dirty = asyncio.Event()
+        self._node_channels: dict[str, asyncio.Queue] = {}
+        self._sent_assignments: dict[str, bytes] = {}
+        self._assignment_version = 0
+        self._route_watchers: set[asyncio.Queue] = set()
+        self._route_table = mesh.RouteTable()
+        self._loop_task: asyncio.Task | None = None
+
+    # -- leadership ----------------------------------------------------------
+
+    def require_leader(self) -> None:
+        if not self.leading:
+            where = f"; the leader is {self.leader_hint}" if self.leader_hint else ""
+            raise NotLeader(f"scheduler {self.scheduler_id} is not the leader{where}")
+
+    async def start_leading(self, store) -> None:
+        await self.cluster.load(store)
+        self.leading = True
+        self._loop_task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
+        self.poke()
+
+    async def stop_leading(self) -> None:
+        self.leading = False
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        for queue in list(self._node_channels.values()):
+            queue.put_nowait(None)  # closes each agent stream; agents reconnect to the new leader
+
+    def poke(self) -> None:
+        """Ask for a reconcile pass soon (coalesced)."""
+        self._dirty.set()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(RECONCILE_TICK_S):
+                    await self._dirty.wait()
+            except TimeoutError:
+                pass
+            self._dirty.clear()
+            try:
+                await self.reconciler.reconcile_once()
+            except NotLeader:
+                log.error("lost leadership while writing; stepping down")
+                await self.stop_leading()
+                return
+            except Exception:
+                log.exception("reconcile pass failed; retrying on the next tick")
+            self._push_assignments()
+            self._publish_routes()
+
+    # -- agents --------------------------------------------------------------
+
+    async def register(self, register: mesh.Register) -> asyncio.Queue:
+        """A (re)connecting agent: record the node, adopt its replicas, open its channel."""
+        self.require_leader()
+        name = register.node_name
+        if not name:
+            raise InvalidArgument("Register.node_name is empty")
+        cluster = self.cluster
+        node = cluster.nodes.get(name) or NodeRecord(name=name)
+        before = node.to_json()
+        node.host, node.labels, node.gpu_source = register.host, dict(register.labels), register.gpu_source
+        node.state = NODE_READY
+        node.last_seen_unix_ms = time.time_ns() // 1_000_000
+        cluster.nodes[name] = node
+        if node.to_json() != before:
+            await self.writer.put(node)
+        cluster.record_event(f"node/{name}", f"registered ({register.gpu_source} GPUs: {len(register.gpus)})")
+        previous = self._node_channels.pop(name, None)
+        if previous is not None:
+            previous.put_nowait(None)  # a second stream for one node replaces the first
+        live = LiveNode(connected=True, last_report=cluster.clock())
+        cluster.live[name] = live
+        self._apply_usage(name, register.gpus, register.resources, register.replicas)
+        channel: asyncio.Queue = asyncio.Queue()
+        self._node_channels[name] = channel
+        self._sent_assignments.pop(name, None)
+        await self._apply_replica_states(name, register.replicas)
+        self._push_assignments(only=name)
+        self.poke()
+        return channel
+
+    async def report(self, name: str, report: mesh.UsageReport) -> None:
+        self._apply_usage(name, report.gpus, report.resources, report.replicas)
+        if await self._apply_replica_states(name, report.replicas):
+            self._publish_routes()
+            self.poke()
+
+    def disconnect(self, name: str, channel: asyncio.Queue) -> None:
+        if self._node_channels.get(name) is channel:
+            del self._node_channels[name]
+            live = self.cluster.live.get(name)
+            if live:
+                live.connected = False
+            self.cluster.record_event(f"node/{name}", "stream closed")
+
+    def _apply_usage(self, name, gpus, resources, replicas) -> None:
+        live = self.cluster.live.setdefault(name, LiveNode())
+        live.last_report = self.cluster.clock()
+        live.gpus = list(gpus)
+        live.resources = resources
+        live.replicas = {status.replica_id: status for status in replicas}
+
+    async def _apply_replica_states(self, node: str, statuses) -> bool:
+        """Take the agent's word for the replicas the store places on its node; ignore the rest."""
+        changed = []
+        for status in statuses:
+            replica = self.cluster.replicas.get(status.replica_id)
+            if replica is None or replica.node != node:
+                continue  # not ours to run: the agent stops it, since it is not assigned
+            state = _AGENT_STATES.get(status.state, replica.state)
+            reason = status.message if state == FAILED else ""
+            update = (state, status.address, status.pid, status.restarts, reason)
+            if update != (replica.state, replica.address, replica.pid, replica.restarts, replica.reason):
+                if state != replica.state:
+                    self.cluster.record_event(f"replica/{replica.id}", f"{replica.state} -> {state}"
+                                              + (f": {reason}" if reason else ""))
+                replica.state, replica.address, replica.pid, replica.restarts, replica.reason = update
+                changed.append(replica)
+        await self.writer.put_many(changed)
+        return bool(changed)
+
+    def assignments_for(self, node: str) -> mesh.Assignments:
+        assignments = mesh.Assignments()
+        for replica in self.cluster.replicas_on(node):
+            deployment = self.cluster.deployments.get(replica.deployment)
+            if deployment is None:
+                continue
+            repository, model = model_of(deployment.spec)
+            assignments.replicas.add(
+                replica_id=replica.id, deployment=replica.deployment, revision=replica.revision,
+                model_repository=repository, model_name=model, gpu_indices=replica.gpu_indices,
+                env={str(k): str(v) for k, v in (deployment.spec.get("env") or {}).items()},
+                runtime_args=[str(a) for a in deployment.spec.get("runtime_args") or []],
+            )
+        return assignments
+
+    def _push_assignments(self, only: str | None = None) -> None:
+        for name, channel in list(self._node_channels.items()):
+            if only and name != only:
+                continue
+            assignments = self.assignments_for(name)
+            fingerprint = assignments.SerializeToString(deterministic=True)
+            if self._sent_assignments.get(name) == fingerprint:
+                continue
+            self._sent_assignments[name] = fingerprint
+            self._assignment_version += 1
+            assignments.version = self._assignment_version
+            channel.put_nowait(mesh.SchedulerMessage(assignments=assignments))
+
+    # -- routes --------------------------------------------------------------
+
+    def route_table(self) -> mesh.RouteTable:
+        table = mesh.RouteTable()
+        for name in sorted(self.cluster.deployments):
+            deployment = self.cluster.deployments[name]
+            ready = [r for r in self.cluster.replicas_of(name) if r.state == READY and r.address]
+            for revision in sorted({r.revision for r in ready}):
+                route = table.routes.add(model=model_of(deployment.spec)[1], deployment=name,
+                                         revision=revision, weight=100)
+                for replica in ready:
+                    if replica.revision == revision:
+                        route.endpoints.add(replica_id=replica.id, address=replica.address, node=replica.node)
+        return table
+
+    def _publish_routes(self) -> None:
+        table = self.route_table()
+        if table.routes == self._route_table.routes:
+            return
+        table.version = self._route_table.version + 1
+        self._route_table = table
+        for queue in self._route_watchers:
+            queue.put_nowait(table)
+
+    def watch_routes(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        queue.put_nowait(self._route_table)
+        self._route_watchers.add(queue)
+        return queue
+
+    def unwatch_routes(self, queue: asyncio.Queue) -> None:
+        self._route_watchers.discard(queue)
+
+    def node_is_lost(self, name: str) -> bool:
+        node = self.cluster.nodes.get(name)
+        return node is not None and node.state == NODE_LOST

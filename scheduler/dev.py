@@ -1,0 +1,134 @@
+"""``scheduler dev``: the single-host mesh in one command.
+
+Starts, as child processes: a scheduler on the embedded SQLite store in
+``--state-dir``, and one node agent for this host — real NVML where there is
+a GPU, otherwise the fake GPUs of ``--fake-gpus`` (default 1x24GiB), and it
+says which. Then it applies ``examples/deployments/``, waits until the
+replicas are ready, prints them, and keeps running until Ctrl-C or SIGTERM,
+when it stops the agent (which drains its replicas) and the scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_FAKE_GPUS = "1x24GiB"
+# Loading the examples (onnxruntime, the n-gram model) takes seconds on a small machine.
+READY_TIMEOUT_S = 120.0
+
+
+def _gpu_present() -> bool:
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def _start(args: list[str], name: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _forward_output(process: subprocess.Popen, name: str) -> None:
+    """Print a child's output with its name, for as long as it runs (a full pipe would block it)."""
+    def forward():
+        for line in process.stdout:
+            print(f"  {name} | {line.rstrip()}", flush=True)
+    threading.Thread(target=forward, daemon=True, name=f"output-{name}").start()
+
+
+def _wait_for_line(process: subprocess.Popen, pattern: str, name: str) -> str:
+    for line in process.stdout:
+        print(f"  {name} | {line.rstrip()}", flush=True)
+        match = re.search(pattern, line)
+        if match:
+            _forward_output(process, name)
+            return match.group(1)
+    raise SystemExit(f"{name} exited with code {process.wait()} before it was ready")
+
+
+def _ctl(server: str, *args: str) -> int:
+    return subprocess.call([sys.executable, "-m", "scheduler", "ctl", "--server", server, *args], cwd=REPO_ROOT)
+
+
+def _ready_counts(server: str) -> tuple[int, int]:
+    output = subprocess.run([sys.executable, "-m", "scheduler", "ctl", "--server", server, "-o", "json",
+                             "get", "replicas"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    states = re.findall(r'"state":\s*"(\w+)"', output)
+    return sum(1 for s in states if s == "ready"), len(states)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="scheduler dev", description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", default="127.0.0.1:7070", help="the scheduler's address")
+    parser.add_argument("--proxy-listen", default="127.0.0.1:8001",
+                        help="the front proxy's address (the proxy arrives with the next brick)")
+    parser.add_argument("--state-dir", default=str(REPO_ROOT / ".meshserve-dev"))
+    parser.add_argument("--fake-gpus", default=None, help=f"fake GPUs when none is present "
+                        f"(default {DEFAULT_FAKE_GPUS}); ignored with a real GPU unless given")
+    parser.add_argument("--deployments", default=str(REPO_ROOT / "examples" / "deployments"))
+    parser.add_argument("--once", action="store_true", help="stop once the replicas are ready")
+    args = parser.parse_args(argv)
+
+    state_dir = pathlib.Path(args.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fake = args.fake_gpus or (None if _gpu_present() else DEFAULT_FAKE_GPUS)
+    print(f"meshserve dev: state in {state_dir}; GPUs: "
+          + (f"FAKE {fake} (no GPU on this host)" if fake and not args.fake_gpus else
+             f"FAKE {fake} (--fake-gpus)" if fake else "real, through NVML"), flush=True)
+
+    children: list[subprocess.Popen] = []
+
+    def stop(*_):
+        for child in reversed(children):  # the agent first: it drains its replicas
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    child.wait(60)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        scheduler = _start(["-m", "scheduler", "serve", "--listen", args.listen,
+                            "--store", f"sqlite:///{state_dir / 'state.db'}", "--id", "dev"], "scheduler")
+        children.append(scheduler)
+        address = _wait_for_line(scheduler, r"listening on (\S+)", "scheduler")
+        agent_args = ["-m", "node_agent", "--scheduler", address, "--name", socket.gethostname()]
+        if fake:
+            agent_args += ["--fake-gpus", fake]
+        agent = _start(agent_args, "node-agent")
+        children.append(agent)
+        _forward_output(agent, "node-agent")
+        for path in sorted(pathlib.Path(args.deployments).glob("*.yaml")):
+            _ctl(address, "apply", "-f", str(path))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            ready, total = _ready_counts(address)
+            if total and ready == total:
+                break
+            time.sleep(1.0)  # polling another process's state: there is no event to await
+        _ctl(address, "get", "nodes")
+        _ctl(address, "get", "replicas")
+        if not args.once:
+            print(f"\nmesh running: scheduler {address}; `scheduler ctl --server {address} get replicas`; "
+                  f"Ctrl-C to stop", flush=True)
+            while all(child.poll() is None for child in children):
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            stop()
+        except SystemExit:
+            pass
+    return 0

@@ -1,0 +1,91 @@
+"""Bridge between the cluster and the placement engine: snapshot in, decisions out.
+
+A GPU's available memory is what its agent last reported free (NVML, or
+the fake probe) less what is reserved for replicas placed on it that are not
+ready yet (still loading, so not visible in the report): a GPU is never
+promised twice. Every decision's explanation is kept on the replica, so
+``explain`` can say why it is where it is, or why it is still pending.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from . import placement
+from .cluster import Cluster
+from .records import NODE_READY, PENDING, PLACED, READY, ReplicaRecord
+from .spec_fields import resources_of
+from .writer import FencedWriter
+
+
+def build_snapshot(cluster: Cluster) -> list[placement.NodeView]:
+    nodes = []
+    for name in sorted(cluster.nodes):
+        record = cluster.nodes[name]
+        live = cluster.live.get(name)
+        replicas = cluster.replicas_on(name)
+        reserved = collections.Counter()
+        cpu_used, memory_loading = 0.0, 0
+        per_deployment = collections.Counter()
+        for replica in replicas:
+            per_deployment[replica.deployment] += 1
+            needs = _needs(cluster, replica)
+            cpu_used += needs.cpu
+            if replica.state != READY:
+                memory_loading += needs.memory
+                for index in replica.gpu_indices:
+                    reserved[index] += needs.gpu_memory
+        gpus = [placement.GpuView(index=g.index, uuid=g.uuid, memory_total=g.memory_total_bytes,
+                                  memory_free=g.memory_free_bytes, reserved=reserved[g.index])
+                for g in (live.gpus if live else [])]
+        nodes.append(placement.NodeView(
+            name=name, labels=dict(record.labels), gpus=gpus,
+            cpu_free=float(live.resources.cpu_cores if live else 0) - cpu_used,
+            memory_free=int(live.resources.memory_available_bytes if live else 0) - memory_loading,
+            cordoned=record.cordoned or record.draining,
+            ready=record.state == NODE_READY and live is not None and live.connected,
+            replicas=per_deployment,
+        ))
+    return nodes
+
+
+def _needs(cluster: Cluster, replica: ReplicaRecord):
+    deployment = cluster.deployments.get(replica.deployment)
+    return resources_of(deployment.spec if deployment else {})
+
+
+def _request(cluster: Cluster, replica: ReplicaRecord) -> placement.ReplicaRequest:
+    needs = _needs(cluster, replica)
+    return placement.ReplicaRequest(
+        replica_id=replica.id, deployment=replica.deployment, gpus=needs.gpus, gpu_memory=needs.gpu_memory,
+        cpu=needs.cpu, memory=needs.memory, node_selector=needs.node_selector, strategy=needs.strategy,
+    )
+
+
+async def place_pending(cluster: Cluster, writer: FencedWriter) -> bool:
+    """Place every pending replica that fits; record why the others do not. True if anything changed."""
+    pending = sorted((r for r in cluster.replicas.values() if r.state == PENDING), key=lambda r: r.id)
+    if not pending:
+        return False
+    snapshot = build_snapshot(cluster)
+    decisions = placement.place(snapshot, [_request(cluster, r) for r in pending])
+    changed = []
+    for replica, decision in zip(pending, decisions):
+        if isinstance(decision, placement.Placement):
+            replica.state, replica.node = PLACED, decision.node
+            replica.gpu_indices = list(decision.gpu_indices)
+            replica.gpu_memory_bytes = _needs(cluster, replica).gpu_memory
+            replica.reason = ""
+            replica.decision = placement.explain_lines(decision)
+            cluster.record_event(f"replica/{replica.id}", f"placed on {decision.node} "
+                                 f"GPU {','.join(map(str, decision.gpu_indices)) or '-'}")
+            changed.append(replica)
+        else:
+            reason = placement.summary(decision)
+            if reason != replica.reason:
+                replica.reason = reason
+                replica.decision = placement.explain_lines(decision)
+                cluster.record_event(f"replica/{replica.id}", f"pending: {reason}")
+                changed.append(replica)
+    await writer.put_many(changed)
+    return bool(changed)

@@ -1,0 +1,158 @@
+"""Desired vs observed: one idempotent pass that converges the replicas on the deployments.
+
+Each pass (``reconcile_once``) reads only the in-memory cluster and writes
+only differences through the fenced writer, so running it twice, or after a
+crash halfway, is harmless. In order:
+
+1. Nodes whose agents have been silent past the heartbeat timeout are lost;
+   their replicas, and those on drained nodes, go back to pending.
+2. Each deployment gets exactly ``replicas`` replicas of its current
+   revision. A new revision rolls: one extra replica at a time (surge 1),
+   and an old replica is removed only once a new one is ready.
+3. Pending replicas are placed (scheduler/placing.py); those that fit
+   nowhere stay pending with the reason.
+
+How many replicas a deployment has is decided here; where they go is the
+placement engine's business.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from .cluster import Cluster
+from .placing import place_pending
+from .records import (DRAINING, FAILED, NODE_LOST, NODE_READY, PENDING, PLACED, READY, STARTING,
+                      ReplicaRecord)
+from .writer import FencedWriter
+
+log = logging.getLogger(__name__)
+
+ROLLING_SURGE = 1
+# Which replicas go first when there are too many: those doing nothing useful.
+_REMOVAL_ORDER = {PENDING: 0, FAILED: 1, PLACED: 2, STARTING: 3, DRAINING: 4, READY: 5}
+
+
+def new_replica_id(deployment: str) -> str:
+    return f"{deployment}-{secrets.token_hex(3)}"
+
+
+class Reconciler:
+    def __init__(self, cluster: Cluster, writer: FencedWriter, heartbeat_timeout_s: float):
+        self.cluster = cluster
+        self.writer = writer
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+
+    async def reconcile_once(self) -> bool:
+        """One pass; returns True when it changed anything."""
+        changed = await self._mark_lost_nodes()
+        changed |= await self._evict_from_unusable_nodes()
+        for name in sorted(self.cluster.deployments):
+            changed |= await self._converge_deployment(name)
+        changed |= await self._remove_orphans()
+        changed |= await place_pending(self.cluster, self.writer)
+        return changed
+
+    async def _mark_lost_nodes(self) -> bool:
+        cluster, now, changed = self.cluster, self.cluster.clock(), False
+        for name, node in cluster.nodes.items():
+            live = cluster.live.get(name)
+            silent_for = now - live.last_report if live else float("inf")
+            if node.state == NODE_READY and silent_for > self.heartbeat_timeout_s:
+                node.state = NODE_LOST
+                await self.writer.put(node)
+                cluster.record_event(f"node/{name}", f"lost: no report for {silent_for:.1f}s")
+                log.warning("node %s lost (silent for %.1fs)", name, silent_for)
+                changed = True
+        return changed
+
+    async def _evict_from_unusable_nodes(self) -> bool:
+        cluster, changed = self.cluster, False
+        for replica in list(cluster.replicas.values()):
+            if not replica.node:
+                continue
+            node = cluster.nodes.get(replica.node)
+            why = None
+            if node is None:
+                why = f"node {replica.node} is unknown"
+            elif node.state == NODE_LOST:
+                why = f"node {replica.node} was lost"
+            elif node.draining:
+                why = f"node {replica.node} is draining"
+            if why:
+                previous = replica.node
+                _reset_to_pending(replica, f"{why}; placing it again")
+                await self.writer.put(replica)
+                cluster.record_event(f"replica/{replica.id}", f"evicted from {previous}: {why}")
+                changed = True
+        return changed
+
+    async def _converge_deployment(self, name: str) -> bool:
+        cluster = self.cluster
+        deployment = cluster.deployments[name]
+        replicas = cluster.replicas_of(name)
+        current = [r for r in replicas if r.revision == deployment.revision]
+        old = [r for r in replicas if r.revision != deployment.revision]
+        desired = deployment.replicas
+        changed = False
+
+        # Too many of the current revision: remove the least useful first.
+        if len(current) > desired:
+            surplus = sorted(current, key=lambda r: (_REMOVAL_ORDER.get(r.state, 9), r.id))[: len(current) - desired]
+            for replica in surplus:
+                await self._remove(replica, "scaled down")
+            current = [r for r in current if r not in surplus]
+            changed = True
+
+        # Too few: create, with at most ROLLING_SURGE extra while old revisions still run.
+        missing = desired - len(current)
+        if missing > 0:
+            room = missing if not old else max(0, desired + ROLLING_SURGE - len(current) - len(old))
+            for _ in range(min(missing, room)):
+                replica = ReplicaRecord(id=new_replica_id(name), deployment=name,
+                                        revision=deployment.revision, reason="waiting for placement")
+                cluster.replicas[replica.id] = replica
+                await self.writer.put(replica)
+                cluster.record_event(f"deployment/{name}",
+                                     f"created replica {replica.id} (revision {deployment.revision})")
+                changed = True
+
+        # Old revisions: drop the ones not serving at once, the serving ones as new ones become ready.
+        if old:
+            ready_new = sum(1 for r in current if r.state == READY)
+            serving_old = [r for r in old if r.state == READY]
+            for replica in old:
+                if replica.state != READY and (current or desired == 0):
+                    await self._remove(replica, f"replaced by revision {deployment.revision}")
+                    changed = True
+            excess = len(serving_old) + ready_new - desired
+            for replica in sorted(serving_old, key=lambda r: r.id)[: max(0, excess)]:
+                await self._remove(replica, f"replaced by revision {deployment.revision}")
+                changed = True
+        return changed
+
+    async def _remove_orphans(self) -> bool:
+        """Replicas whose deployment was deleted."""
+        changed = False
+        for replica in list(self.cluster.replicas.values()):
+            if replica.deployment not in self.cluster.deployments:
+                await self._remove(replica, "deployment deleted")
+                changed = True
+        return changed
+
+    async def _remove(self, replica: ReplicaRecord, why: str) -> None:
+        """Forget a replica; its node stops it because it leaves the node's assignments."""
+        self.cluster.replicas.pop(replica.id, None)
+        await self.writer.delete(replica)
+        self.cluster.record_event(f"deployment/{replica.deployment}", f"removed replica {replica.id}: {why}")
+
+
+def _reset_to_pending(replica: ReplicaRecord, reason: str) -> None:
+    replica.state, replica.reason = PENDING, reason
+    replica.node, replica.gpu_indices, replica.address, replica.pid = "", [], "", 0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,94 @@
+"""What the scheduler keeps in the store, and where.
+
+Layout (one prefix, so several meshes can share an etcd)::
+
+    /meshserve/deployments/<name>   DeploymentRecord  desired state, with revision history
+    /meshserve/replicas/<id>        ReplicaRecord     one replica: where it is placed and its state
+    /meshserve/nodes/<name>         NodeRecord        a node as last registered, plus admin flags
+    /meshserve/leader               the election key
+
+Values are JSON. Live usage (per-GPU memory, utilization, in-flight) is not
+written on every report: it lives in memory and is rebuilt from the next
+reports after a restart. Only state changes are written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+PREFIX = "/meshserve/"
+DEPLOYMENTS = PREFIX + "deployments/"
+REPLICAS = PREFIX + "replicas/"
+NODES = PREFIX + "nodes/"
+LEADER = PREFIX + "leader"
+
+# Replica lifecycle. pending: not placed (reason says why); placed: assigned to a
+# node that has not reported it yet; starting/ready/failed: as the agent reports;
+# draining: leaving (scaled down, replaced, or its node drained).
+PENDING, PLACED, STARTING, READY, DRAINING, FAILED = (
+    "pending", "placed", "starting", "ready", "draining", "failed")
+NODE_READY, NODE_LOST = "ready", "lost"
+
+
+class _Json:
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes):
+        raw = json.loads(data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass
+class DeploymentRecord(_Json):
+    name: str
+    spec: dict                       # the validated spec, as DeploymentSpec.to_dict() gives it
+    spec_yaml: str
+    fingerprint: str
+    revision: int = 1
+    replicas: int = 1                # desired; `scale` changes this without a new revision
+    created_unix_ms: int = 0
+    history: list = field(default_factory=list)   # [{"revision": n, "spec": {...}, "spec_yaml": "..."}]
+
+    @property
+    def key(self) -> str:
+        return DEPLOYMENTS + self.name
+
+
+@dataclass
+class ReplicaRecord(_Json):
+    id: str
+    deployment: str
+    revision: int
+    state: str = PENDING
+    reason: str = ""
+    node: str = ""
+    gpu_indices: list = field(default_factory=list)
+    gpu_memory_bytes: int = 0
+    address: str = ""
+    pid: int = 0
+    restarts: int = 0
+    decision: list = field(default_factory=list)   # explain lines of the last placement decision
+
+    @property
+    def key(self) -> str:
+        return REPLICAS + self.id
+
+
+@dataclass
+class NodeRecord(_Json):
+    name: str
+    host: str = ""
+    state: str = NODE_READY
+    cordoned: bool = False
+    draining: bool = False
+    labels: dict = field(default_factory=dict)
+    gpu_source: str = "none"
+    last_seen_unix_ms: int = 0
+
+    @property
+    def key(self) -> str:
+        return NODES + self.name
