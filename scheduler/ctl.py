@@ -1,0 +1,548 @@
+"""``scheduler ctl``: the admin command line, a thin client of ``AdminService``.
+
+    scheduler ctl [--server A[,B...]] [-o table|json|yaml] [--timeout S] VERB ...
+
+      apply -f FILE|DIR|- [-f ...] [--dry-run]
+      get nodes|deployments|replicas [NAME]
+      describe node|deployment|replica NAME
+      delete deployment NAME
+      scale NAME --replicas N
+      cordon NODE | uncordon NODE | drain NODE
+      explain replica|deployment NAME
+
+The global options may also follow the verb (``get nodes -o yaml``); a kind
+may be singular, plural or short (``deploy``, ``no``), and ``KIND/NAME`` works
+where ``KIND NAME`` does.
+
+Finding the scheduler: ``--server`` (default: ``$MESHSERVE_SCHEDULER``, else
+127.0.0.1:7070) lists one or more schedulers. All are asked ``Leader`` at
+once (a dead host listed first costs nothing once the leader answers); the
+one that says it is the leader is used, else the leader a standby names. A
+server that does not implement ``Leader`` is tried last, as a scheduler
+without elections; if it does not serve the admin API either, ctl says the
+address is not a scheduler's.
+
+``apply`` checks every file with ``scheduler.spec`` before connecting, so a
+bad spec fails at once with every problem and its field path, and nothing is
+sent. It then sends the specs in their canonical form (defaults filled, a
+relative ``model.repository`` resolved against the file's folder), so the
+scheduler never sees a path relative to a folder it cannot know.
+
+Requests: ``Get.kind`` is plural (nodes|deployments|replicas), as the proto
+says; ``Describe``, ``Delete`` and ``Explain`` take the singular kind.
+
+Exit codes: 0 done; 1 the request failed (invalid spec, not found, refused by
+the scheduler); 2 usage error; 3 no scheduler reachable, no leader, or no
+answer in time. Every failure is one ``error: ...`` on stderr, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import queue
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from protos import errors
+from protos.mesh import control_pb2 as pb
+from protos.mesh import control_pb2_grpc as pb_grpc
+
+from . import output
+from .spec import MAX_REPLICAS, SpecError, parse_deployments, specs_to_yaml
+
+SERVER_ENV = "MESHSERVE_SCHEDULER"
+DEFAULT_SERVER = "127.0.0.1:7070"
+# Every admin call is a store read or one transaction; 10 s is ample on a busy
+# scheduler and still short enough for a person waiting at a terminal.
+DEFAULT_TIMEOUT_S = 10.0
+# A scheduler answers Leader from memory in milliseconds; this bounds how long
+# an address that drops packets can stall every command.
+LEADER_PROBE_TIMEOUT_S = 3.0
+# grpc ends every call by its deadline; this only guards against a callback that never comes.
+PROBE_SLACK_S = 2.0
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+_KINDS = {
+    "node": "node", "nodes": "node", "no": "node",
+    "deployment": "deployment", "deployments": "deployment", "deploy": "deployment",
+    "replica": "replica", "replicas": "replica", "rep": "replica",
+}
+_PLURAL = {"node": "nodes", "deployment": "deployments", "replica": "replicas"}
+# Transport failures as grpc words them, and how to say them in one line.
+_TRANSPORT_REASONS = (
+    ("connection refused", "connection refused"),
+    ("dns resolution failed", "name not found"),
+    ("domain name not found", "name not found"),
+    ("name or service not known", "name not found"),
+    ("errors resolving", "name not found"),
+    ("no route to host", "no route to host"),
+    ("network is unreachable", "network unreachable"),
+    ("connection reset", "connection reset"),
+    ("socket closed", "connection closed"),
+    ("failed to connect", "cannot connect"),
+)
+
+
+class CtlError(Exception):
+    """A failure to report as one ``error:`` line (more only for a list of spec problems)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+# ---------------------------------------------------------------- connection
+
+
+def _transport_reason(details: str) -> str | None:
+    lowered = details.lower()
+    for needle, reason in _TRANSPORT_REASONS:
+        if needle in lowered:
+            return reason
+    return None
+
+
+def _rpc_failure(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    code = err.code() if callable(getattr(err, "code", None)) else None
+    details = err.details() if callable(getattr(err, "details", None)) else None
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    return code, details or ""
+
+
+def _unreachable_reason(code: grpc.StatusCode, details: str, timeout_s: float) -> str:
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer in {timeout_s:g}s"
+    return _transport_reason(details) or (details.splitlines()[0] if details else code.name.lower())
+
+
+class Session:
+    """The channel to the leader, found on the first call and closed on exit."""
+
+    def __init__(self, servers: list[str], timeout_s: float):
+        self.servers = servers
+        self.timeout_s = timeout_s
+        self.address: str | None = None
+        self._leader_unimplemented = False     # the chosen address did not know the Leader RPC
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.AdminServiceStub | None = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._channel is not None:
+            self._channel.close()
+
+    def _probe(self, channels: dict[str, grpc.Channel], timeout_s: float) -> dict[str, Any]:
+        """Ask every address ``Leader`` at once; its reply or its RpcError, by address.
+
+        Stops waiting as soon as one says it is the leader, so a dead host
+        listed first costs nothing when another is up.
+        """
+        finished: queue.Queue[str] = queue.Queue()
+        calls = {}
+        for address, channel in channels.items():
+            call = pb_grpc.AdminServiceStub(channel).Leader.future(pb.LeaderRequest(), timeout=timeout_s)
+            call.add_done_callback(lambda _, address=address: finished.put(address))
+            calls[address] = call
+        answers: dict[str, Any] = {}
+        try:
+            while len(answers) < len(calls):
+                address = finished.get(timeout=timeout_s + PROBE_SLACK_S)
+                try:
+                    answers[address] = calls[address].result()
+                except grpc.RpcError as err:
+                    answers[address] = err
+                    continue
+                if answers[address].is_leader:
+                    break
+        except queue.Empty:
+            pass
+        for call in calls.values():
+            call.cancel()
+        return answers
+
+    def _find_leader(self) -> None:
+        probe_timeout = min(self.timeout_s, LEADER_PROBE_TIMEOUT_S)
+        channels = {address: grpc.insecure_channel(address) for address in self.servers}
+        answers = self._probe(channels, probe_timeout)
+        unreachable: list[str] = []
+        named: list[tuple[str, str]] = []      # (standby, the leader it names)
+        # Without the Leader RPC: a scheduler that predates elections, or no scheduler at
+        # all (another gRPC or HTTP/2 server). Used last; its next call tells which.
+        unimplemented: list[str] = []
+        broken: list[str] = []                 # reachable, but Leader failed with a server error
+        chosen = None
+        for address in self.servers:
+            answer = answers.get(address)
+            if isinstance(answer, pb.LeaderResponse):
+                if answer.is_leader:
+                    chosen = address
+                    break
+                named.append((address, answer.leader_address))
+                continue
+            code, details = (_rpc_failure(answer) if answer is not None
+                             else (grpc.StatusCode.DEADLINE_EXCEEDED, ""))
+            if code is grpc.StatusCode.UNIMPLEMENTED:
+                unimplemented.append(address)
+            elif code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                broken.append(f"{address} ({code.name}: {details.splitlines()[0] if details else 'no details'})")
+            else:
+                unreachable.append(f"{address} ({_unreachable_reason(code, details, probe_timeout)})")
+        if chosen is None:
+            chosen = next((leader for _, leader in named if leader), None)
+        if chosen is None and unimplemented:
+            chosen = unimplemented[0]
+            self._leader_unimplemented = True
+        if chosen is None:
+            for channel in channels.values():
+                channel.close()
+            if named:
+                standbys = ", ".join(address for address, _ in named)
+                are = "is a standby" if len(named) == 1 else "are standbys"
+                raise CtlError(f"no scheduler leader: {standbys} {are} and no leader is elected yet; "
+                               "retry in a few seconds", EXIT_UNREACHABLE)
+            if broken:
+                raise CtlError(f"the scheduler at {', '.join(broken)} failed to say which scheduler leads; "
+                               "see its log")
+            where = "the scheduler" if len(unreachable) == 1 else "any scheduler"
+            raise CtlError(f"cannot reach {where} at {', '.join(unreachable)}; is `scheduler serve` running?",
+                           EXIT_UNREACHABLE)
+        for address, channel in channels.items():
+            if address != chosen:
+                channel.close()
+        self.address = chosen
+        self._channel = channels.get(chosen) or grpc.insecure_channel(chosen)
+        self._stub = pb_grpc.AdminServiceStub(self._channel)
+
+    def call(self, method: str, request: Any) -> Any:
+        """One admin RPC on the leader; a failure becomes a CtlError with its message and exit code."""
+        if self._stub is None:
+            self._find_leader()
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            raise self._failure(method, *_rpc_failure(err)) from None
+
+    def _failure(self, method: str, code: grpc.StatusCode, details: str) -> CtlError:
+        error = errors.error_for_status(code, details or code.name)
+        if isinstance(error, errors.DeadlineExceeded):
+            return CtlError(f"the scheduler at {self.address} did not answer {method} in {self.timeout_s:g}s "
+                            f"(a longer --timeout may help)", EXIT_UNREACHABLE)
+        if isinstance(error, errors.Unavailable):
+            reason = _transport_reason(details)
+            if reason:
+                return CtlError(f"cannot reach the scheduler at {self.address} ({reason}); "
+                                f"is `scheduler serve` running?", EXIT_UNREACHABLE)
+            return CtlError(f"the scheduler at {self.address} is unavailable: {error.message}", EXIT_UNREACHABLE)
+        if isinstance(error, errors.Unimplemented) and self._leader_unimplemented:
+            return CtlError(f"the server at {self.address} does not serve the scheduler's admin API "
+                            f"({error.message}); is it a scheduler's address?", EXIT_UNREACHABLE)
+        if isinstance(error, errors.Unimplemented):
+            return CtlError(f"the scheduler at {self.address} does not implement {method} "
+                            f"(is it an older version?)")
+        if isinstance(error, (errors.Internal, errors.Cancelled)) or type(error) is errors.MeshError:
+            return CtlError(f"the scheduler failed ({code.name}): {error.message}")
+        return CtlError(error.message)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _now_unix_ms() -> int:
+    """Wall-clock time for showing ages, never for deadlines."""
+    return time.time_ns() // 1_000_000
+
+
+def _kind(word: str, allowed: tuple[str, ...]) -> str:
+    kind = _KINDS.get(word.lower())
+    if kind not in allowed:
+        raise CtlError(f"unknown kind {word!r} here (use {' or '.join(allowed)})", EXIT_USAGE)
+    return kind
+
+
+def _kind_and_name(words: list[str], allowed: tuple[str, ...], name_required: bool) -> tuple[str, str]:
+    """``KIND NAME``, ``KIND/NAME`` or (when the name is optional) ``KIND``."""
+    first, rest = words[0], words[1:]
+    if "/" in first:
+        first, _, name = first.partition("/")
+        rest = [name, *rest]
+    kind = _kind(first, allowed)
+    if len(rest) > 1:
+        raise CtlError(f"expected KIND NAME, got {' '.join(words)!r}", EXIT_USAGE)
+    name = rest[0] if rest else ""
+    if name_required and not name:
+        raise CtlError(f"which {kind}? give its name: {kind} NAME", EXIT_USAGE)
+    return kind, name
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _done(args: argparse.Namespace, kind: str, name: str, result: str, **extra: Any) -> int:
+    if args.output == "table":
+        _write(f"{kind}/{name} {result}\n")
+    else:
+        _write(output.dump({"kind": kind, "name": name, "result": result, **extra}, args.output))
+    return EXIT_OK
+
+
+def _read_specs(sources: list[str]) -> str:
+    """Every spec file checked; the canonical YAML of them all, or a CtlError listing every problem."""
+    files: list[tuple[str, str, str]] = []          # (label, text, base folder)
+    problems: list[str] = []
+    for source in sources:
+        if source == "-":
+            files.append(("<stdin>", sys.stdin.read(), os.getcwd()))
+            continue
+        path = pathlib.Path(source)
+        paths = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml")) if path.is_dir() else [path]
+        if path.is_dir() and not paths:
+            problems.append(f"{source}: no .yaml or .yml files in this folder")
+        for item in paths:
+            try:
+                files.append((str(item), item.read_text(encoding="utf-8"), str(item.resolve().parent)))
+            except (OSError, UnicodeDecodeError) as err:
+                problems.append(f"cannot read {item}: {getattr(err, 'strerror', None) or err}")
+    specs = []
+    seen: dict[str, str] = {}
+    for label, text, base in files:
+        try:
+            parsed = parse_deployments(text, base_dir=base)
+        except SpecError as err:
+            problems += [f"{label}: {problem}" for problem in err.problems]
+            continue
+        for index, spec in enumerate(parsed):
+            if spec.name in seen:
+                problems.append(f'{label}: deployments[{index}].name: "{spec.name}" is also in {seen[spec.name]}')
+                continue
+            seen[spec.name] = label
+            specs.append(spec)
+    if len(problems) == 1:
+        raise CtlError(problems[0])
+    if problems:
+        raise CtlError(f"{len(problems)} problems; nothing was applied:\n" + "\n".join(problems))
+    return specs_to_yaml(specs)
+
+
+# ---------------------------------------------------------------- verbs
+
+
+def _apply(args: argparse.Namespace, session: Session) -> int:
+    spec_yaml = _read_specs(args.filenames)
+    reply = session.call("Apply", pb.ApplyRequest(spec_yaml=spec_yaml, dry_run=args.dry_run))
+    if args.output != "table":
+        _write(output.render(reply, args.output))
+        return EXIT_OK
+    suffix = " (dry run)" if args.dry_run else ""
+    _write("".join(f"{line}{'' if line.endswith(suffix) else suffix}\n" for line in reply.applied))
+    return EXIT_OK
+
+
+def _get(args: argparse.Namespace, session: Session) -> int:
+    kind, name = _kind_and_name([args.kind, *([args.name] if args.name else [])], tuple(_PLURAL), False)
+    plural = _PLURAL[kind]
+    reply = session.call("Get", pb.GetRequest(kind=plural, name=name))
+    items = getattr(reply, plural)
+    if name and not items:
+        raise CtlError(f'{kind} "{name}" not found')
+    if args.output != "table":
+        _write(output.dump(output.get_data(reply, plural), args.output))
+    elif not items:
+        sys.stderr.write(f"No {plural} found.\n")
+    else:
+        _write(output.get_table(reply, plural, _now_unix_ms()))
+    return EXIT_OK
+
+
+def _describe(args: argparse.Namespace, session: Session) -> int:
+    kind, name = _kind_and_name(args.target, tuple(_PLURAL), True)
+    reply = session.call("Describe", pb.DescribeRequest(kind=kind, name=name))
+    if not getattr(reply.object, _PLURAL[kind]):
+        raise CtlError(f'{kind} "{name}" not found')
+    if args.output != "table":
+        _write(output.render(reply, args.output))
+    else:
+        _write(output.describe_text(reply, kind, _now_unix_ms()))
+    return EXIT_OK
+
+
+def _delete(args: argparse.Namespace, session: Session) -> int:
+    kind, name = _kind_and_name(args.target, ("deployment",), True)
+    session.call("Delete", pb.DeleteRequest(kind=kind, name=name))
+    return _done(args, kind, name, "deleted")
+
+
+def _scale(args: argparse.Namespace, session: Session) -> int:
+    kind, name = _kind_and_name(args.target if "/" in args.target[0] or len(args.target) > 1
+                                else ["deployment", *args.target], ("deployment",), True)
+    session.call("Scale", pb.ScaleRequest(name=name, replicas=args.replicas))
+    return _done(args, kind, name, "scaled", replicas=args.replicas)
+
+
+def _node_verb(method: str, result: str) -> Callable[[argparse.Namespace, Session], int]:
+    def verb(args: argparse.Namespace, session: Session) -> int:
+        name = args.node.partition("/")[2] if args.node.startswith(("node/", "nodes/")) else args.node
+        session.call(method, pb.NodeRequest(name=name))
+        return _done(args, "node", name, result)
+    return verb
+
+
+def _explain(args: argparse.Namespace, session: Session) -> int:
+    kind, name = _kind_and_name(args.target, ("replica", "deployment"), True)
+    reply = session.call("Explain", pb.ExplainRequest(kind=kind, name=name))
+    if args.output != "table":
+        _write(output.render(reply, args.output))
+    elif not reply.lines:
+        sys.stderr.write(f"No decisions recorded for {kind}/{name}.\n")
+    else:
+        _write("".join(f"{line}\n" for line in reply.lines))
+    return EXIT_OK
+
+
+_VERBS: dict[str, Callable[[argparse.Namespace, Session], int]] = {
+    "apply": _apply, "get": _get, "describe": _describe, "delete": _delete, "scale": _scale,
+    "cordon": _node_verb("Cordon", "cordoned"), "uncordon": _node_verb("Uncordon", "uncordoned"),
+    "drain": _node_verb("Drain", "draining"), "explain": _explain,
+}
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the timeout must be more than 0 seconds")
+    return value
+
+
+def _replica_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and {MAX_REPLICAS}")
+    return value
+
+
+def _add_global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The global options; on a verb's parser they default to "not given" so the ctl-level value stands."""
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+    parser.add_argument("--server", default=default(None), metavar="HOST:PORT[,HOST:PORT...]",
+                        help=f"scheduler address(es); the leader among them is used "
+                             f"(default: ${SERVER_ENV}, else {DEFAULT_SERVER})")
+    parser.add_argument("-o", "--output", choices=output.FORMATS, default=default("table"),
+                        help="table (default), json or yaml")
+    parser.add_argument("--timeout", type=_positive_seconds, default=default(DEFAULT_TIMEOUT_S), metavar="S",
+                        help=f"seconds to wait for each call (default {DEFAULT_TIMEOUT_S:g})")
+
+
+def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
+    """The ``ctl`` parser: standalone, or mounted as ``ctl`` on another CLI's subparsers.
+
+    Parsed arguments carry ``func=run``: ``args.func(args)`` runs the verb and returns the exit code.
+    """
+    description = "Administer the mesh: apply deployments, inspect nodes and replicas, and more."
+    if subparsers is None:
+        parser = argparse.ArgumentParser(prog="scheduler ctl", description=description)
+    else:
+        parser = subparsers.add_parser("ctl", help="administer the mesh (apply, get, describe, ...)",
+                                       description=description)
+    _add_global_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, defaults=False)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    apply = verbs.add_parser("apply", parents=[common], help="create or update deployments from spec files")
+    apply.add_argument("-f", "--filename", dest="filenames", action="append", required=True,
+                       metavar="FILE", help="a spec file, a folder of them, or - for stdin (repeatable)")
+    apply.add_argument("--dry-run", action="store_true", help="validate on the scheduler, change nothing")
+
+    get = verbs.add_parser("get", parents=[common], help="list nodes, deployments or replicas")
+    get.add_argument("kind", metavar="KIND", help="nodes | deployments | replicas (or KIND/NAME)")
+    get.add_argument("name", nargs="?", metavar="NAME", help="only this one")
+
+    describe = verbs.add_parser("describe", parents=[common], help="show one object in detail, with events")
+    describe.add_argument("target", nargs="+", metavar="KIND NAME", help="node | deployment | replica, and a name")
+
+    delete = verbs.add_parser("delete", parents=[common], help="delete a deployment and stop its replicas")
+    delete.add_argument("target", nargs="+", metavar="deployment NAME")
+
+    scale = verbs.add_parser("scale", parents=[common], help="set a deployment's number of replicas")
+    scale.add_argument("target", nargs="+", metavar="NAME")
+    scale.add_argument("--replicas", type=_replica_count, required=True, metavar="N")
+
+    for verb, text in (("cordon", "stop placing new replicas on a node"),
+                       ("uncordon", "allow placing replicas on a node again"),
+                       ("drain", "cordon a node and move its replicas elsewhere")):
+        node = verbs.add_parser(verb, parents=[common], help=text)
+        node.add_argument("node", metavar="NODE")
+
+    explain = verbs.add_parser("explain", parents=[common], help="why a replica or deployment is where it is")
+    explain.add_argument("target", nargs="+", metavar="KIND NAME", help="replica | deployment, and a name")
+
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _servers(args: argparse.Namespace) -> list[str]:
+    text = args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
+    servers = [part.strip() for part in text.split(",") if part.strip()]
+    if not servers:
+        raise CtlError(f"--server {text!r} names no address (use HOST:PORT[,HOST:PORT...])", EXIT_USAGE)
+    return list(dict.fromkeys(servers))
+
+
+def _print_error(message: str) -> None:
+    first, *rest = message.split("\n")
+    sys.stderr.write(f"error: {first}\n" + "".join(f"  {line}\n" for line in rest))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; the exit code. Prints results on stdout and failures on stderr."""
+    try:
+        with Session(_servers(args), args.timeout) as session:
+            return _VERBS[args.verb](args, session)
+    except CtlError as err:
+        _print_error(err.message)
+        return err.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as err:  # noqa: BLE001 - the last line of "never a traceback"
+        _print_error(f"unexpected {type(err).__name__}: {err} (a bug in scheduler ctl; please report it)")
+        return EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``scheduler ctl ARGS``: parse ``argv`` (without the ``scheduler ctl`` words) and run it."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

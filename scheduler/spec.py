@@ -1,0 +1,552 @@
+"""The deployment spec: what ``scheduler ctl apply -f`` reads and the scheduler stores.
+
+A spec file is YAML with one object per document (separate documents with
+``---``). Every field but ``kind``, ``name`` and ``model`` has a default::
+
+    kind: Deployment              # required; the only kind so far (pipelines come later)
+    name: add-sub                 # required; a DNS label: a-z, 0-9 and '-', at most 63 characters
+    model:
+      repository: ../models       # required; a Triton-style model repository folder (path)
+      name: add_sub               # required; the model's folder in that repository
+    replicas: 2                   # default 1; 0 keeps the deployment with nothing running
+    resources:                    # what ONE replica needs
+      gpus: 1                     # default 0: CPU only
+      gpu_memory: 4GiB            # on EACH of its GPUs; required when gpus > 0, refused when 0
+      cpu: 1                      # cores, default 1; fractions (0.5) and millicores ("500m") too
+      memory: 2GiB                # host memory, default 0 (nothing reserved)
+    placement:
+      strategy: spread            # spread (default): a deployment's replicas on different hosts
+                                  # where possible; pack: fill one host's GPUs before the next
+      node_selector:              # only nodes carrying all these labels; values are strings
+        gpu: h100
+    revision_history: 5           # old revisions kept for rollback; default 5
+    runtime_args: [--drain-delay, "2"]   # extra `python -m runtime` arguments; default none
+    env: {OMP_NUM_THREADS: "4"}   # extra environment of the replica process; default none
+
+Sizes are a whole number of bytes (``1073741824``) or a number and a unit:
+binary ``B KiB MiB GiB TiB`` (also Kubernetes' ``Ki Mi Gi Ti``) or decimal
+``KB MB GB TB``; ``1.5GiB`` is fine. A bare ``40G`` is refused as ambiguous.
+
+A relative ``model.repository`` resolves against the spec file's folder when
+the caller passes ``base_dir`` (``scheduler ctl apply -f`` does; ``-f -``
+resolves against the working directory); without ``base_dir`` it is kept as
+written.
+
+Guarantees:
+
+- ``parse_deployments`` returns every document as a ``DeploymentSpec``, or
+  raises one ``SpecError`` listing every problem it found (it does not stop at
+  the first), each as ``deployments[i].field.path: what is wrong (what to
+  write)``, where ``i`` counts the non-empty documents from 0. Unknown fields,
+  wrong types, duplicate keys and duplicate names are refused, never ignored;
+  YAML syntax errors carry their line and column. No input raises anything
+  but ``SpecError``.
+- ``to_dict()``/``to_yaml()`` give the complete spec (defaults filled, sizes
+  in their exact canonical unit) and parse back to an equal spec.
+- ``fingerprint()`` is a SHA-256 of that canonical form: equal for specs that
+  mean the same thing however they were written (``40GiB`` or
+  ``42949672960``, keys in any order), across processes and versions of
+  Python. ``revision_fingerprint()`` leaves out ``replicas`` and
+  ``revision_history``, the two fields whose change needs no new revision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from typing import Any, ClassVar
+
+import yaml
+
+from protos.errors import InvalidArgument
+
+KIND_DEPLOYMENT = "Deployment"
+STRATEGIES = ("spread", "pack")
+DEFAULT_REPLICAS = 1
+DEFAULT_REVISION_HISTORY = 5
+DEFAULT_CPU = 1.0
+# Far beyond any one mesh; keeps counts inside the admin API's uint32 fields.
+MAX_REPLICAS = 10_000
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_NAME_MAX = 63                     # a DNS label's limit; replica ids and hostnames derive from it
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([A-Za-z]*)\s*$")
+_BINARY = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_DECIMAL = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_CANONICAL_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10),
+                    ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+_SIZE_HINT = "use e.g. 40GiB, 512MiB"
+# Set by the node agent for every replica; a spec that sets them would fight it.
+_AGENT_ARGS = {"--model-repository": "from model.repository", "--model": "from model.name",
+               "--listen": "to a free port on its node"}
+_AGENT_ENV = {"CUDA_VISIBLE_DEVICES": "to the GPUs placement picks"}
+
+_TOP_FIELDS = ("kind", "name", "model", "replicas", "resources", "placement", "revision_history",
+               "runtime_args", "env")
+_MODEL_FIELDS = ("repository", "name")
+_RESOURCE_FIELDS = ("gpus", "gpu_memory", "cpu", "memory")
+_PLACEMENT_FIELDS = ("strategy", "node_selector")
+
+
+class SpecError(InvalidArgument):
+    """An invalid spec; ``problems`` lists every problem found, one line each, path first."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems: tuple[str, ...] = (problems,) if isinstance(problems, str) else tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class FrozenMap(Mapping):
+    """A read-only, hashable str -> str mapping, kept in key order."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | None = None):
+        self._items = dict(sorted((items or {}).items()))
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    repository: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: int = 0
+    gpu_memory: int = 0          # bytes, on each GPU
+    cpu: float = DEFAULT_CPU     # cores
+    memory: int = 0              # bytes of host memory; 0: nothing reserved
+
+
+@dataclass(frozen=True)
+class Placement:
+    strategy: str = "spread"
+    node_selector: FrozenMap = field(default_factory=FrozenMap)
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    kind: ClassVar[str] = KIND_DEPLOYMENT
+
+    name: str
+    model: ModelRef
+    replicas: int = DEFAULT_REPLICAS
+    resources: Resources = field(default_factory=Resources)
+    placement: Placement = field(default_factory=Placement)
+    revision_history: int = DEFAULT_REVISION_HISTORY
+    runtime_args: tuple[str, ...] = ()
+    env: FrozenMap = field(default_factory=FrozenMap)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The complete spec in the documented shape; plain dicts, lists, str and numbers."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "model": {"repository": self.model.repository, "name": self.model.name},
+            "replicas": self.replicas,
+            "resources": {
+                "gpus": self.resources.gpus,
+                "gpu_memory": format_size(self.resources.gpu_memory),
+                "cpu": _plain_number(self.resources.cpu),
+                "memory": format_size(self.resources.memory),
+            },
+            "placement": {"strategy": self.placement.strategy,
+                          "node_selector": dict(self.placement.node_selector)},
+            "revision_history": self.revision_history,
+            "runtime_args": list(self.runtime_args),
+            "env": dict(self.env),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the canonical spec: equal means applying it again changes nothing."""
+        return _digest(self.to_dict())
+
+    def revision_fingerprint(self) -> str:
+        """Like ``fingerprint`` without replicas and revision_history: equal means same revision."""
+        canonical = self.to_dict()
+        del canonical["replicas"], canonical["revision_history"]
+        return _digest(canonical)
+
+    def replace(self, **changes: Any) -> DeploymentSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def _digest(canonical: dict[str, Any]) -> str:
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _plain_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def parse_size(value: Any) -> int:
+    """Bytes for ``40GiB``, ``512MiB``, ``1.5GB``, ``1024`` or an int; ``SpecError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise SpecError(f"{_show(value)} is not a size ({_SIZE_HINT})")
+    if isinstance(value, int):
+        if value < 0:
+            raise SpecError(f"{value} is negative (a size is 0 or more)")
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        if value.strip().startswith("-"):
+            raise SpecError(f"{_show(value)} is negative (a size is 0 or more)")
+        raise SpecError(f"{_show(value)} is not a size ({_SIZE_HINT})")
+    number, unit = match.group(1), match.group(2).lower()
+    if unit in ("k", "m", "g", "t"):
+        big = unit.upper()
+        raise SpecError(f"{_show(value)} is ambiguous: write {number}{big}iB (powers of 2) "
+                        f"or {number}{big}B (powers of 10)")
+    scale = 1 if unit == "" else _BINARY.get(unit) or _DECIMAL.get(unit)
+    if scale is None:
+        raise SpecError(f"{_show(value)} is not a size ({_SIZE_HINT})")
+    try:
+        amount = Decimal(number) * scale
+    except InvalidOperation:
+        raise SpecError(f"{_show(value)} is not a size ({_SIZE_HINT})") from None
+    return int(amount.to_integral_value(rounding=ROUND_CEILING))
+
+
+def format_size(size: int) -> str | int:
+    """The exact canonical form of a size: the largest unit that divides it, else bytes (an int)."""
+    if size == 0:
+        return 0
+    for unit, scale in _CANONICAL_UNITS:
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return size
+
+
+# ---------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = key_node.value
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f'duplicate key "{key}" (first at line {seen[key].line + 1})',
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Loader.construct_mapping)
+
+
+def _load_documents(text: str) -> list[Any]:
+    try:
+        return [doc for doc in yaml.load_all(text, Loader=_Loader) if doc is not None]
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = err.problem or err.context or "not valid YAML"
+        if not what.startswith("duplicate key"):
+            what += " (not valid YAML)"
+        raise SpecError(f"{where}{what}") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"not valid YAML: {err}") from None
+    except RecursionError:
+        raise SpecError("nested too deeply to read (not a deployment spec)") from None
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+class _Checker:
+    """Collects problems as ``path: message`` while building values."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def mapping(self, value: Any, path: str, allowed: tuple[str, ...], example: str) -> dict | None:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.add(path, f"expected a mapping ({example}), got {_show(value)}")
+            return None
+        for key in value:
+            if not isinstance(key, str):
+                self.add(path, f"key {_show(key)} is not a field name")
+            elif key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f'did you mean "{close[0]}"?' if close else "fields: " + ", ".join(allowed)
+                self.add(f"{path}.{key}", f"unknown field ({hint})")
+        return value
+
+    def integer(self, value: Any, path: str, default: int, maximum: int | None = None) -> int:
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                self.add(path, f"{_show(value)} is a string (write the number without quotes)")
+            else:
+                self.add(path, f"expected a whole number, got {_show(value)}")
+            return default
+        if value < 0:
+            self.add(path, f"{value} is negative (use 0 or more)")
+            return default
+        if maximum is not None and value > maximum:
+            self.add(path, f"{value} is more than {maximum}")
+            return default
+        return value
+
+    def string(self, value: Any, path: str, required_hint: str | None = None) -> str | None:
+        if value is None or value == "":
+            if required_hint:
+                self.add(path, f"required ({required_hint})")
+            return None
+        if not isinstance(value, str):
+            self.add(path, f"expected a string, got {_show(value)}")
+            return None
+        return value
+
+    def size(self, value: Any, path: str) -> int:
+        if value is None:
+            return 0
+        try:
+            return parse_size(value)
+        except SpecError as err:
+            self.add(path, err.message)
+            return 0
+
+    def string_map(self, value: Any, path: str, key_pattern: re.Pattern | None, key_rule: str,
+                   example: str) -> dict[str, str]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.add(path, f"expected a mapping of strings ({example}), got {_show(value)}")
+            return {}
+        result = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or (key_pattern and not key_pattern.match(key)) or not key:
+                self.add(path, f"{_show(key)} is not a valid key ({key_rule})")
+                continue
+            if not isinstance(item, str):
+                self.add(f"{path}.{key}", f'{_show(item)} is not a string (quote it: "{_unquoted(item)}")')
+                continue
+            result[key] = item
+        return result
+
+
+def _unquoted(value: Any) -> str:
+    shown = _show(value)
+    return "..." if shown in ("a list", "a mapping") else shown
+
+
+def _deployment(doc: Any, path: str, base_dir: str | None, check: _Checker) -> DeploymentSpec | None:
+    before = len(check.problems)
+    top = check.mapping(doc, path, _TOP_FIELDS, "kind: Deployment, name: ..., model: ...")
+    if top is None:
+        return None
+    kind = top.get("kind")
+    if kind is None:
+        check.add(f"{path}.kind", f"required (kind: {KIND_DEPLOYMENT})")
+    elif kind != KIND_DEPLOYMENT:
+        check.add(f"{path}.kind", f"{_show(kind)} is not a kind this version knows (use {KIND_DEPLOYMENT})")
+
+    name = check.string(top.get("name"), f"{path}.name", "a DNS label, e.g. add-sub")
+    if name is not None and (len(name) > _NAME_MAX or not _NAME.match(name)):
+        check.add(f"{path}.name", f"{_show(name)} is not a valid name (lowercase letters, digits and '-', "
+                                  f"starting and ending with a letter or digit, at most {_NAME_MAX} characters)")
+
+    model = _model(top, f"{path}.model", base_dir, check)
+    replicas = check.integer(top.get("replicas"), f"{path}.replicas", DEFAULT_REPLICAS, MAX_REPLICAS)
+    resources = _resources(top.get("resources"), f"{path}.resources", check)
+    placement = _placement(top.get("placement"), f"{path}.placement", check)
+    history = check.integer(top.get("revision_history"), f"{path}.revision_history", DEFAULT_REVISION_HISTORY)
+    runtime_args = _runtime_args(top.get("runtime_args"), f"{path}.runtime_args", check)
+    env = check.string_map(top.get("env"), f"{path}.env", _ENV_NAME,
+                           "letters, digits and '_', not starting with a digit", 'OMP_NUM_THREADS: "4"')
+    for key, why in _AGENT_ENV.items():
+        if key in env:
+            check.add(f"{path}.env.{key}", f"is set by the node agent ({why}); remove it")
+
+    if len(check.problems) > before or name is None or model is None:
+        return None
+    return DeploymentSpec(name=name, model=model, replicas=replicas, resources=resources,
+                          placement=placement, revision_history=history, runtime_args=runtime_args,
+                          env=FrozenMap(env))
+
+
+def _model(top: dict, path: str, base_dir: str | None, check: _Checker) -> ModelRef | None:
+    if top.get("model") is None:
+        check.add(path, "required (model: {repository: PATH, name: MODEL})")
+        return None
+    model = check.mapping(top["model"], path, _MODEL_FIELDS, "repository: PATH, name: MODEL")
+    if model is None:
+        return None
+    repository = check.string(model.get("repository"), f"{path}.repository",
+                              "the model repository folder, e.g. examples/models")
+    name = check.string(model.get("name"), f"{path}.name", "the model's folder in the repository")
+    if name is not None and ("/" in name or name != name.strip() or name in (".", "..")):
+        check.add(f"{path}.name", f"{_show(name)} is not a model name (a folder name in the repository)")
+        name = None
+    if repository is None or name is None:
+        return None
+    if base_dir is not None and not os.path.isabs(repository):
+        repository = os.path.normpath(os.path.join(os.path.abspath(base_dir), repository))
+    return ModelRef(repository=repository, name=name)
+
+
+def _resources(value: Any, path: str, check: _Checker) -> Resources:
+    block = check.mapping(value, path, _RESOURCE_FIELDS, "gpus: 1, gpu_memory: 4GiB, cpu: 1, memory: 2GiB")
+    if not block:
+        return Resources()
+    before = len(check.problems)
+    gpus = check.integer(block.get("gpus"), f"{path}.gpus", 0)
+    gpus_ok = len(check.problems) == before
+    raw = block.get("gpu_memory")
+    before = len(check.problems)
+    gpu_memory = check.size(raw, f"{path}.gpu_memory")
+    memory_ok = raw is not None and len(check.problems) == before
+    need = "the memory one replica needs on each GPU, e.g. 4GiB"
+    if gpus > 0 and raw is None:
+        check.add(f"{path}.gpu_memory", f"required when gpus > 0 ({need})")
+    elif gpus > 0 and memory_ok and gpu_memory == 0:
+        check.add(f"{path}.gpu_memory", f"must be more than 0 when gpus > 0 ({need})")
+    elif gpus == 0 and gpus_ok and memory_ok and gpu_memory > 0:
+        check.add(f"{path}.gpu_memory", "set but gpus is 0 (set gpus: 1 or more, or remove gpu_memory)")
+    cpu = _cpu(block.get("cpu"), f"{path}.cpu", check)
+    memory = check.size(block.get("memory"), f"{path}.memory")
+    return Resources(gpus=gpus, gpu_memory=gpu_memory, cpu=cpu, memory=memory)
+
+
+def _cpu(value: Any, path: str, check: _Checker) -> float:
+    if value is None:
+        return DEFAULT_CPU
+    if isinstance(value, str) and re.fullmatch(r"\d+m", value.strip()):
+        return int(value.strip()[:-1]) / 1000
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        check.add(path, f"{_show(value)} is not a number of cores (e.g. 1, 0.5 or \"500m\")")
+        return DEFAULT_CPU
+    if not math.isfinite(value) or value < 0:
+        check.add(path, f"{value} is not a number of cores (0 or more)")
+        return DEFAULT_CPU
+    return float(value)
+
+
+def _placement(value: Any, path: str, check: _Checker) -> Placement:
+    block = check.mapping(value, path, _PLACEMENT_FIELDS, "strategy: spread, node_selector: {gpu: h100}")
+    if not block:
+        return Placement()
+    strategy = block.get("strategy")
+    if strategy is None:
+        strategy = "spread"
+    elif strategy not in STRATEGIES:
+        check.add(f"{path}.strategy", f"{_show(strategy)} is not a strategy (use {' or '.join(STRATEGIES)})")
+        strategy = "spread"
+    selector = check.string_map(block.get("node_selector"), f"{path}.node_selector", None,
+                                "a non-empty label name", "gpu: h100")
+    return Placement(strategy=strategy, node_selector=FrozenMap(selector))
+
+
+def _runtime_args(value: Any, path: str, check: _Checker) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        check.add(path, f'expected a list of strings (e.g. [--drain-delay, "2"]), got {_show(value)}')
+        return ()
+    args = []
+    for index, item in enumerate(value):
+        item_path = f"{path}[{index}]"
+        if not isinstance(item, str):
+            check.add(item_path, f'{_show(item)} is not a string (quote it: "{_unquoted(item)}")')
+            continue
+        flag = item.split("=", 1)[0]
+        if flag in _AGENT_ARGS:
+            check.add(item_path, f"{_show(flag)} is set by the node agent ({_AGENT_ARGS[flag]}); remove it")
+            continue
+        args.append(item)
+    return tuple(args)
+
+
+def parse_deployments(text: str, base_dir: str | os.PathLike | None = None) -> list[DeploymentSpec]:
+    """Every document of ``text`` as a DeploymentSpec, or a SpecError listing every problem."""
+    if not isinstance(text, str):
+        raise SpecError(f"expected YAML text, got {type(text).__name__}")
+    documents = _load_documents(text)
+    if not documents:
+        raise SpecError(f"no deployments in the spec (expected a document with kind: {KIND_DEPLOYMENT})")
+    base = None if base_dir is None else os.fspath(base_dir)
+    check = _Checker()
+    specs: list[DeploymentSpec] = []
+    first_path: dict[str, str] = {}
+    for index, doc in enumerate(documents):
+        path = f"deployments[{index}]"
+        spec = _deployment(doc, path, base, check)
+        if spec is None:
+            continue
+        if spec.name in first_path:
+            check.add(f"{path}.name", f'"{spec.name}" is already the name of {first_path[spec.name]}')
+            continue
+        first_path[spec.name] = path
+        specs.append(spec)
+    if check.problems:
+        raise SpecError(check.problems)
+    return specs
+
+
+def specs_to_yaml(specs: list[DeploymentSpec]) -> str:
+    """Several specs as one multi-document YAML text that ``parse_deployments`` reads back."""
+    return "---\n".join(spec.to_yaml() for spec in specs)
