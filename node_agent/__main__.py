@@ -1,0 +1,119 @@
+"""``node-agent`` / ``python -m node_agent``: run this host's agent.
+
+    node-agent --scheduler HOST:PORT[,HOST:PORT] --name NAME [--fake-gpus 2x80GiB]
+               [--labels k=v,k2=v2] [--host 127.0.0.1] [--report-interval 1.0]
+
+SIGTERM or SIGINT drains every replica (each gets SIGTERM, then SIGKILL
+after --stop-grace), reports their stop, and exits 0. Without --fake-gpus the
+agent reads NVML; on a host with no GPU or driver it runs CPU-only and says
+so (gpu_source "none") — it never fakes GPUs unasked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+
+from .agent import Agent, AgentConfig
+from .gpu_probe import parse_fake_spec, select_probe
+from .replica import ReplicaOptions
+from .supervisor import Supervisor
+
+log = logging.getLogger("node_agent")
+
+
+def _labels(text: str) -> dict[str, str]:
+    labels = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"bad label {part!r}: expected KEY=VALUE")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def _schedulers(text: str) -> list[str]:
+    addresses = [p.strip() for p in text.split(",") if p.strip()]
+    for address in addresses:
+        if ":" not in address:
+            raise argparse.ArgumentTypeError(f"bad scheduler address {address!r}: expected HOST:PORT")
+    if not addresses:
+        raise argparse.ArgumentTypeError("no scheduler address")
+    return addresses
+
+
+def _fake_spec(text: str) -> str:
+    try:
+        parse_fake_spec(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="node-agent", description="meshserve node agent: one per GPU host.")
+    parser.add_argument("--scheduler", required=True, type=_schedulers,
+                        help="HOST:PORT[,HOST:PORT...]: tried in turn; a standby's named leader is followed")
+    parser.add_argument("--name", default=socket.gethostname(), help="node name (default: the host name)")
+    parser.add_argument("--fake-gpus", type=_fake_spec, metavar="SPEC",
+                        help="fake GPUs instead of NVML, e.g. 2x80GiB or 1x24GiB,2x80GiB (reported as fake)")
+    parser.add_argument("--labels", type=_labels, default={}, help="k=v,k2=v2")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address replicas are reached at (and bound to, unless --bind-host)")
+    parser.add_argument("--bind-host", help="address replicas bind to, e.g. 0.0.0.0 (default: --host)")
+    parser.add_argument("--report-interval", type=_positive, default=1.0,
+                        help="seconds between usage reports until the scheduler sets its own")
+    parser.add_argument("--stop-grace", type=_positive, default=ReplicaOptions.stop_grace_s,
+                        help="seconds a draining replica gets before SIGKILL")
+    parser.add_argument("--startup-timeout", type=_positive, default=ReplicaOptions.startup_timeout_s,
+                        help="seconds a replica gets to become SERVING before it is killed and restarted")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> None:
+    probe = await asyncio.to_thread(select_probe, args.fake_gpus, seed=args.name)
+    options = ReplicaOptions(listen_host=args.bind_host or args.host,
+                             advertise_host=args.host if args.bind_host else None,
+                             stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout)
+    supervisor = Supervisor(options)
+    agent = Agent(AgentConfig(node_name=args.name, schedulers=args.scheduler, host=args.host,
+                              labels=args.labels, report_interval_s=args.report_interval), probe, supervisor)
+    loop = asyncio.get_running_loop()
+    shutdown: list[asyncio.Task] = []
+
+    def on_signal(signum: int) -> None:
+        if not shutdown:
+            log.info("%s: draining replicas, then exiting", signal.Signals(signum).name)
+            shutdown.append(asyncio.ensure_future(agent.shutdown()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await agent.run()
+        if shutdown:
+            await shutdown[0]
+    finally:
+        await supervisor.drain_all()  # a no-op after shutdown(); otherwise never leave replicas behind
+        probe.close()
+    log.info("stopped")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""One assigned replica: its spec, its status, and the task that keeps its process alive.
+
+Lifecycle of a ``Replica`` (states as reported to the scheduler):
+
+    starting -> ready -> (exit) failed -> starting -> ...      restarts with backoff
+    any      -> draining (SIGTERM; SIGKILL after the grace period) -> stopped
+
+Guarantees:
+- At most one process per replica at any time; a replacement (new spec,
+  same id) starts only after its predecessor's process has exited.
+- ``ready`` means the process printed its listening address AND its
+  grpc.health.v1 said SERVING; a process that does neither within the
+  startup timeout is killed and counts as a failure.
+- Every exit that was not asked for is a failure: the status keeps its exit
+  code and a message with the last lines of the process's output until the
+  next exit, and the process is started again after ``Backoff.delay``
+  (consecutive failures; the count resets after ``backoff_reset_s`` of ready).
+- ``request_stop`` is final and idempotent: the replica drains and ends in
+  ``stopped``; it is never restarted afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .backoff import Backoff
+from .gpu_probe import GpuLoad, parse_size
+from .process import ChildProcess, Clock, Launcher, signal_name
+
+log = logging.getLogger(__name__)
+output_log = logging.getLogger("node_agent.replica.output")
+
+STARTING, READY, FAILED, DRAINING, STOPPED = "starting", "ready", "failed", "draining", "stopped"
+
+GPU_MEMORY_ENV = "MESHSERVE_GPU_MEMORY_BYTES"
+# What a replica that declares nothing is taken to hold on each of its GPUs
+# (fake GPUs only): about a small model plus the CUDA context.
+DEFAULT_GPU_MEMORY_BYTES = 1 << 30
+
+_WILDCARD_DIAL = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
+_LISTENING = re.compile(r"meshserve runtime listening on (\S+:\d+)")
+# The crash message carries this much output: enough for a Python traceback's
+# end, small enough to send in every report.
+TAIL_LINES = 20
+TAIL_CHARS = 2000
+# After an exit, output still in the pipes is collected this long; a
+# grandchild holding the pipe open must not hold up the restart.
+OUTPUT_DRAIN_S = 1.0
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What the scheduler assigned: a transport-free copy of ``ReplicaAssignment``.
+
+    Specs compare by value; a changed spec for the same id replaces the process.
+    ``env`` is sorted (key, value) pairs so that specs are hashable and comparable.
+    """
+
+    replica_id: str
+    deployment: str = ""
+    revision: int = 0
+    model_repository: str = ""
+    model_name: str = ""
+    gpu_indices: tuple[int, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    runtime_args: tuple[str, ...] = ()
+
+    @classmethod
+    def create(cls, replica_id: str, *, env: Mapping[str, str] | None = None, gpu_indices=(), runtime_args=(),
+               **fields) -> ReplicaSpec:
+        return cls(replica_id=replica_id, env=tuple(sorted((env or {}).items())),
+                   gpu_indices=tuple(gpu_indices), runtime_args=tuple(runtime_args), **fields)
+
+    @property
+    def gpu_memory_bytes(self) -> int:
+        """Declared memory per GPU: env ``MESHSERVE_GPU_MEMORY_BYTES`` (``8589934592`` or ``8GiB``), else 1 GiB.
+
+        An unreadable value falls back to the default (and is logged when the replica is created).
+        """
+        declared = self.declared_gpu_memory()
+        return DEFAULT_GPU_MEMORY_BYTES if declared is None else declared
+
+    def declared_gpu_memory(self) -> int | None:
+        """The readable value of ``MESHSERVE_GPU_MEMORY_BYTES``, or None (absent or unreadable)."""
+        value = dict(self.env).get(GPU_MEMORY_ENV)
+        if value is None:
+            return None
+        try:
+            return parse_size(value)
+        except ValueError:
+            return None
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        """``"0,2"``; ``""`` for a CPU-only replica (CUDA then sees no device)."""
+        return ",".join(str(index) for index in self.gpu_indices)
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    replica_id: str
+    deployment: str
+    revision: int
+    state: str
+    address: str = ""       # while a process is listening
+    pid: int = 0            # while a process runs
+    gpu_indices: tuple[int, ...] = ()
+    exit_code: int = 0      # of the last exit
+    message: str = ""       # why the last exit, or what the replica waits for
+    restarts: int = 0
+
+
+@dataclass
+class ReplicaOptions:
+    """How replica processes are started and stopped (shared by every replica of a supervisor)."""
+
+    listen_host: str = "127.0.0.1"      # where a replica binds; port 0 always
+    advertise_host: str | None = None   # the host in reported addresses; default listen_host
+    python: str = sys.executable
+    base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    # A replica fails to load its model -> exit 1 -> failed, restarted: rather
+    # than a replica that is "ready" with nothing to serve.
+    strict: bool = True
+    # More than the runtime's own default grace period (30 s) plus a little,
+    # so a draining replica finishes its in-flight requests before SIGKILL.
+    stop_grace_s: float = 40.0
+    # A large model can take minutes to load onto a GPU; past this it is stuck.
+    startup_timeout_s: float = 600.0
+    backoff: Backoff = field(default_factory=Backoff)
+    backoff_reset_s: float = 60.0
+
+
+WaitReady = Callable[[str], Awaitable[None]]
+
+
+def _dial_address(address: str) -> str:
+    """A wildcard bind address is dialled on loopback."""
+    host, port = address.rsplit(":", 1)
+    return f"{_WILDCARD_DIAL.get(host, host)}:{port}"
+
+
+async def wait_serving(address: str) -> None:
+    """Return once grpc.health.v1 at ``address`` says SERVING (a Watch stream: no polling)."""
+    async with grpc.aio.insecure_channel(_dial_address(address)) as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
+                                                         wait_for_ready=True)
+        async for response in call:
+            if response.status == health_pb2.HealthCheckResponse.SERVING:
+                call.cancel()
+                return
+    raise ConnectionError(f"health watch at {address} ended before SERVING")
+
+
+class _Crash(Exception):
+    """A process exit nobody asked for; ``ready_at`` is when it had become ready (clock time), if it had."""
+
+    def __init__(self, exit_code: int, message: str, ready_at: float | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.message = message
+        self.ready_at = ready_at
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Mark a finished task's exception as seen: the outcome was handled another way."""
+    if task.done() and not task.cancelled():
+        task.exception()
+
+
+class Replica:
+    """Keeps one replica's process running until ``request_stop``. Create, then ``start()``."""
+
+    def __init__(self, spec: ReplicaSpec, options: ReplicaOptions, *, launcher: Launcher, clock: Clock,
+                 wait_ready: WaitReady = wait_serving, on_change: Callable[[], None] = lambda: None,
+                 predecessor: Replica | None = None):
+        self.spec = spec
+        self.options = options
+        self._launcher = launcher
+        self._clock = clock
+        self._wait_ready = wait_ready
+        self._on_change = on_change
+        self._predecessor = predecessor
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._status = ReplicaStatus(spec.replica_id, spec.deployment, spec.revision, STARTING,
+                                     gpu_indices=spec.gpu_indices)
+        if GPU_MEMORY_ENV in dict(spec.env) and spec.declared_gpu_memory() is None:
+            log.warning("replica %s: unreadable %s=%r; counting the default %d bytes per GPU", spec.replica_id,
+                        GPU_MEMORY_ENV, dict(spec.env)[GPU_MEMORY_ENV], DEFAULT_GPU_MEMORY_BYTES)
+
+    # -- observed ----------------------------------------------------------
+
+    @property
+    def status(self) -> ReplicaStatus:
+        return self._status
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def load(self) -> GpuLoad | None:
+        """The GPU memory this replica's live process is declared to hold (fake GPUs), or None."""
+        if not self._status.pid or not self.spec.gpu_indices:
+            return None
+        return GpuLoad(self._status.pid, self.spec.gpu_indices, self.spec.gpu_memory_bytes)
+
+    def _set(self, **changes) -> None:
+        self._status = dataclasses.replace(self._status, **changes)
+        self._on_change()
+
+    # -- commands ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"replica {self.spec.replica_id}")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def finished(self) -> None:
+        """Wait until the replica is stopped (after ``request_stop``)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    # -- the loop ----------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            if self._predecessor is not None:
+                self._set(message="waiting for the previous process of this replica to stop")
+                await self._predecessor.finished()
+                self._set(message="")
+            await self._supervise()
+        except Exception as err:  # a bug here must not leave a replica silently unsupervised
+            log.exception("replica %s: supervision failed", self.spec.replica_id)
+            self._set(state=FAILED, pid=0, address="", message=f"agent error: {err!r}")
+            return
+        self._set(state=STOPPED, pid=0, address="")
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                await self._run_process()
+            except _Crash as crash:
+                ready_for = 0.0 if crash.ready_at is None else self._clock.monotonic() - crash.ready_at
+                failures = 1 if ready_for >= self.options.backoff_reset_s else failures + 1
+                delay = self.options.backoff.delay(failures)
+                log.warning("replica %s: %s; restarting in %.1fs", self.spec.replica_id,
+                            crash.message.splitlines()[0], delay)
+                self._set(state=FAILED, pid=0, address="", exit_code=crash.exit_code, message=crash.message)
+                if await self._stop_requested_within(delay):
+                    return
+                self._set(restarts=self._status.restarts + 1)
+                continue
+            return  # the process ended because a stop was asked for
+
+    async def _stop_requested_within(self, seconds: float) -> bool:
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            stopper.cancel()
+        return self._stop.is_set()
+
+    def _command(self) -> tuple[list[str], dict[str, str]]:
+        spec, options = self.spec, self.options
+        argv = [options.python, "-m", "runtime", "--model-repository", spec.model_repository,
+                "--model", spec.model_name, "--listen", f"{options.listen_host}:0"]
+        if options.strict:
+            argv.append("--strict")
+        argv.extend(spec.runtime_args)
+        env = {**options.base_env, "PYTHONUNBUFFERED": "1", **dict(spec.env)}
+        # gpu_indices decide, whatever the env says: the scheduler placed the replica there.
+        env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
+        return argv, env
+
+    async def _run_process(self) -> None:
+        """Run one process until it exits. Returns when it was stopped on request; raises ``_Crash`` otherwise."""
+        argv, env = self._command()
+        try:
+            process = await self._launcher.launch(argv, env)
+        except OSError as err:
+            raise _Crash(-1, f"cannot start {argv[0]}: {err}") from None
+        log.info("replica %s: started pid %d (CUDA_VISIBLE_DEVICES=%r)", self.spec.replica_id, process.pid,
+                 env["CUDA_VISIBLE_DEVICES"])
+        self._set(state=STARTING, pid=process.pid, address="")
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        reader = asyncio.create_task(self._read_output(process, tail, listening))
+        exited = asyncio.ensure_future(process.wait())
+        stop = asyncio.ensure_future(self._stop.wait())
+        ready = asyncio.create_task(self._become_ready(listening))
+        ready_at = None
+        try:
+            pending = {exited, stop, ready}
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if exited in done:
+                    break
+                if stop in done:
+                    await self._drain(process, exited)
+                    return
+                if ready in done:
+                    error = ready.exception()
+                    if error is None:
+                        ready_at = self._clock.monotonic()
+                        self._set(state=READY, address=ready.result())
+                        log.info("replica %s: ready at %s", self.spec.replica_id, ready.result())
+                        continue
+                    # Output closed or health failed: usually the process is on its way out.
+                    await asyncio.wait({exited}, timeout=OUTPUT_DRAIN_S)
+                    if not exited.done():
+                        process.send_signal(signal.SIGKILL)
+                        code = await exited
+                        raise _Crash(code, f"not ready: {error}; killed{self._tail_text(tail)}")
+                    break
+            code = exited.result()
+            await asyncio.wait({reader}, timeout=OUTPUT_DRAIN_S)
+            raise _Crash(code, f"exited with code {code}{signal_name(code)}{self._tail_text(tail)}", ready_at)
+        finally:
+            for task in (reader, stop, ready):
+                task.cancel()
+                _retrieve(task)
+            if not exited.done():  # only when this task itself is cancelled: never leave an orphan
+                process.send_signal(signal.SIGKILL)
+
+    async def _become_ready(self, listening: asyncio.Future[str]) -> str:
+        try:
+            async with asyncio.timeout(self.options.startup_timeout_s):
+                address = await listening
+                await self._wait_ready(address)
+        except TimeoutError:
+            raise TimeoutError(f"no SERVING health within {self.options.startup_timeout_s:g}s") from None
+        host = self.options.advertise_host
+        return address if host is None else f"{host}:{address.rsplit(':', 1)[1]}"
+
+    async def _read_output(self, process: ChildProcess, tail, listening: asyncio.Future[str]) -> None:
+        async for stream, line in process.lines():
+            tail.append(line)
+            output_log.debug("[%s %s] %s", self.spec.replica_id, stream, line)
+            if stream == "stdout" and not listening.done():
+                match = _LISTENING.search(line)
+                if match:
+                    listening.set_result(match.group(1))
+        if not listening.done():
+            listening.set_exception(ConnectionError("output closed before the listening line"))
+
+    async def _drain(self, process: ChildProcess, exited: asyncio.Future[int]) -> None:
+        log.info("replica %s: draining pid %d", self.spec.replica_id, process.pid)
+        self._set(state=DRAINING)
+        process.send_signal(signal.SIGTERM)
+        done, _ = await asyncio.wait({exited}, timeout=self.options.stop_grace_s)
+        if not done:
+            log.warning("replica %s: still running %.0fs after SIGTERM; SIGKILL", self.spec.replica_id,
+                        self.options.stop_grace_s)
+            process.send_signal(signal.SIGKILL)
+        code = await exited
+        self._set(exit_code=code, message=f"stopped on request; exited with code {code}{signal_name(code)}")
+
+    @staticmethod
+    def _tail_text(tail) -> str:
+        if not tail:
+            return ""
+        text = "\n".join(tail)
+        return "; last output:\n" + (text if len(text) <= TAIL_CHARS else "…" + text[-TAIL_CHARS:])
