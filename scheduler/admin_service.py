@@ -27,19 +27,19 @@ def _kind(kind: str) -> str:
 class AdminService(mesh_grpc.AdminServiceServicer):
     def __init__(self, core: SchedulerCore, leader_info):
         self.core = core
-        self._leader_info = leader_info  # () -> (is_leader, leader_id, leader_address)
+        self._leader_info = leader_info  # async () -> (is_leader, leader_id, leader_address)
 
     @property
     def cluster(self):
         return self.core.cluster
 
     async def Leader(self, request, context):
-        is_leader, leader_id, address = self._leader_info()
+        is_leader, leader_id, address = await self._leader_info()
         return mesh.LeaderResponse(is_leader=is_leader, leader_id=leader_id, leader_address=address)
 
     async def Apply(self, request, context):
+        specs = parse_deployments(request.spec_yaml)  # bad input is refused on any scheduler
         self.core.require_leader()
-        specs = parse_deployments(request.spec_yaml)
         applied = []
         for spec in specs:
             record = self.cluster.deployments.get(spec.name)
@@ -50,6 +50,13 @@ class AdminService(mesh_grpc.AdminServiceServicer):
             verb = "created" if record is None else "configured"
             if request.dry_run:
                 applied.append(f"deployment/{spec.name} {verb} (dry run)")
+                continue
+            if record is not None and record.revision_fingerprint == spec.revision_fingerprint():
+                record.replicas, record.fingerprint = spec.replicas, fingerprint  # a scale: no new revision
+                record.spec, record.spec_yaml = spec.to_dict(), spec.to_yaml()
+                await self.core.writer.put(record)
+                self.cluster.record_event(f"deployment/{spec.name}", f"configured: {spec.replicas} replica(s)")
+                applied.append(f"deployment/{spec.name} configured")
                 continue
             new = self._next_record(record, spec, fingerprint)
             await self.core.writer.put(new)
@@ -66,13 +73,13 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         spec_dict, spec_yaml = spec.to_dict(), spec.to_yaml()
         if record is None:
             return DeploymentRecord(name=spec.name, spec=spec_dict, spec_yaml=spec_yaml, fingerprint=fingerprint,
-                                    revision=1, replicas=spec.replicas, created_unix_ms=now,
+                                    revision_fingerprint=spec.revision_fingerprint(), revision=1, replicas=spec.replicas, created_unix_ms=now,
                                     history=[{"revision": 1, "spec_yaml": spec_yaml}])
         keep = max(1, int(spec_dict.get("revision_history") or 5))
         revision = record.revision + 1
         history = (record.history + [{"revision": revision, "spec_yaml": spec_yaml}])[-keep:]
         return DeploymentRecord(name=spec.name, spec=spec_dict, spec_yaml=spec_yaml, fingerprint=fingerprint,
-                                revision=revision, replicas=spec.replicas, created_unix_ms=record.created_unix_ms,
+                                revision_fingerprint=spec.revision_fingerprint(), revision=revision, replicas=spec.replicas, created_unix_ms=record.created_unix_ms,
                                 history=history)
 
     async def Get(self, request, context):

@@ -35,6 +35,7 @@ DEFAULT_REPORT_INTERVAL_S = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
 # How often the reconciler runs without being asked (it checks heartbeats).
 RECONCILE_TICK_S = 0.5
+GPU_MEMORY_ENV = "MESHSERVE_GPU_MEMORY_BYTES"
 _AGENT_STATES = {"starting": STARTING, "ready": READY, "failed": FAILED}
 
 
@@ -185,7 +186,9 @@ class SchedulerCore:
             assignments.replicas.add(
                 replica_id=replica.id, deployment=replica.deployment, revision=replica.revision,
                 model_repository=repository, model_name=model, gpu_indices=replica.gpu_indices,
-                env={str(k): str(v) for k, v in (deployment.spec.get("env") or {}).items()},
+                env={**{str(k): str(v) for k, v in (deployment.spec.get("env") or {}).items()},
+                     # what the replica may use on each of its GPUs (the fake GPU probe counts it)
+                     GPU_MEMORY_ENV: str(replica.gpu_memory_bytes)},
                 runtime_args=[str(a) for a in deployment.spec.get("runtime_args") or []],
             )
         return assignments

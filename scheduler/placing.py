@@ -17,6 +17,9 @@ from .records import NODE_READY, PENDING, PLACED, READY, ReplicaRecord
 from .spec_fields import resources_of
 from .writer import FencedWriter
 
+# Per-node detail kept on a replica for `explain`: enough to read, bounded on a big cluster.
+EXPLAIN_LINES_KEPT = 20
+
 
 def build_snapshot(cluster: Cluster) -> list[placement.NodeView]:
     nodes = []
@@ -76,7 +79,7 @@ async def place_pending(cluster: Cluster, writer: FencedWriter) -> bool:
             replica.gpu_indices = list(decision.gpu_indices)
             replica.gpu_memory_bytes = _needs(cluster, replica).gpu_memory
             replica.reason = ""
-            replica.decision = placement.explain_lines(decision)
+            replica.decision = placement.explain_lines(decision, limit=EXPLAIN_LINES_KEPT)
             cluster.record_event(f"replica/{replica.id}", f"placed on {decision.node} "
                                  f"GPU {','.join(map(str, decision.gpu_indices)) or '-'}")
             changed.append(replica)
@@ -84,7 +87,7 @@ async def place_pending(cluster: Cluster, writer: FencedWriter) -> bool:
             reason = placement.summary(decision)
             if reason != replica.reason:
                 replica.reason = reason
-                replica.decision = placement.explain_lines(decision)
+                replica.decision = placement.explain_lines(decision, limit=EXPLAIN_LINES_KEPT)
                 cluster.record_event(f"replica/{replica.id}", f"pending: {reason}")
                 changed.append(replica)
     await writer.put_many(changed)

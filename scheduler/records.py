@@ -5,7 +5,7 @@ Layout (one prefix, so several meshes can share an etcd)::
     /meshserve/deployments/<name>   DeploymentRecord  desired state, with revision history
     /meshserve/replicas/<id>        ReplicaRecord     one replica: where it is placed and its state
     /meshserve/nodes/<name>         NodeRecord        a node as last registered, plus admin flags
-    /meshserve/leader               the election key
+    /meshserve/election/scheduler   the election key (scheduler/election.py)
 
 Values are JSON. Live usage (per-GPU memory, utilization, in-flight) is not
 written on every report: it lives in memory and is rebuilt from the next
@@ -21,7 +21,6 @@ PREFIX = "/meshserve/"
 DEPLOYMENTS = PREFIX + "deployments/"
 REPLICAS = PREFIX + "replicas/"
 NODES = PREFIX + "nodes/"
-LEADER = PREFIX + "leader"
 
 # Replica lifecycle. pending: not placed (reason says why); placed: assigned to a
 # node that has not reported it yet; starting/ready/failed: as the agent reports;
@@ -47,7 +46,8 @@ class DeploymentRecord(_Json):
     name: str
     spec: dict                       # the validated spec, as DeploymentSpec.to_dict() gives it
     spec_yaml: str
-    fingerprint: str
+    fingerprint: str                 # of the whole spec: "unchanged" when equal
+    revision_fingerprint: str = ""   # of what needs new replicas (not replicas or history)
     revision: int = 1
     replicas: int = 1                # desired; `scale` changes this without a new revision
     created_unix_ms: int = 0

@@ -29,12 +29,13 @@ from .admin_service import AdminService
 from .agent_service import AgentService
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S, SchedulerCore
 from .election import Election
-from .records import LEADER
 from .route_service import RouteService
 from .store import open_store
 from .writer import FencedWriter
 
 log = logging.getLogger(__name__)
+
+ELECTION_NAME = "scheduler"
 
 
 @dataclass
@@ -64,7 +65,8 @@ class SchedulerServer:
 
     async def start(self) -> None:
         self.store = await open_store(self.options.store_url)
-        self.election = Election(self.store, LEADER, self.scheduler_id, self.address, self.options.election_ttl_s)
+        self.election = Election(self.store, ELECTION_NAME, self.scheduler_id, self.address,
+                                 self.options.election_ttl_s)
         writer = FencedWriter(self.store, self.election.fence)
         self.core = SchedulerCore(writer, scheduler_id=self.scheduler_id,
                                   report_interval_s=self.options.report_interval_s,
@@ -75,15 +77,15 @@ class SchedulerServer:
         await self.server.start()
         self._leadership = asyncio.create_task(self._lead_when_elected(), name="leadership")
 
-    def _leader_info(self) -> tuple[bool, str, str]:
-        leader = self.election.current_leader() if self.election else None
+    async def _leader_info(self) -> tuple[bool, str, str]:
         if self.core and self.core.leading:
             return True, self.scheduler_id, self.address
+        leader = await self.election.leader() if self.election else None
         return False, leader[0] if leader else "", leader[1] if leader else ""
 
     async def _lead_when_elected(self) -> None:
         while True:
-            self._refresh_hint()
+            await self._refresh_hint()
             await self.election.campaign()
             log.info("scheduler %s leads", self.scheduler_id)
             await self.core.start_leading(self.store)
@@ -91,8 +93,8 @@ class SchedulerServer:
             log.warning("scheduler %s lost leadership", self.scheduler_id)
             await self.core.stop_leading()
 
-    def _refresh_hint(self) -> None:
-        leader = self.election.current_leader()
+    async def _refresh_hint(self) -> None:
+        leader = await self.election.leader()
         self.core.leader_hint = f"{leader[0]} at {leader[1]}" if leader else ""
 
     async def stop(self) -> None:

@@ -1,0 +1,169 @@
+"""The control plane end to end: real schedulers, node agents with fake GPUs, runtime replicas, etcd.
+
+Each test builds its own small mesh on loopback (ports picked at run time)
+and tears it down. Heartbeats and election TTLs are shortened (see
+mesh_harness) so failures heal in seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import grpc
+import numpy as np
+import pytest
+
+from clients import InferenceClient
+from etcd_server import EtcdServer, require_etcd
+from mesh_harness import Admin, Mesh, deployment_yaml
+from protos.mesh import control_pb2 as mesh
+
+
+@pytest.fixture
+def cluster():
+    mesh_ = Mesh()
+    yield mesh_
+    mesh_.close()
+
+
+@pytest.fixture
+def etcd():
+    require_etcd()
+    server = EtcdServer().start()
+    yield server
+    server.cleanup()
+
+
+def ready(admin: Admin, deployment: str, count: int):
+    replicas = admin.replicas(deployment)
+    return replicas if len(replicas) == count and all(r.state == "ready" for r in replicas) else None
+
+
+def assert_serves(replicas) -> None:
+    """Every replica answers add_sub at the address the scheduler reports."""
+    a = np.arange(16, dtype=np.float32)[None, :]
+    for replica in replicas:
+        with InferenceClient(replica.address, timeout=10) as client:
+            out = client.infer("add_sub", {"INPUT0": a, "INPUT1": a})
+            np.testing.assert_array_equal(out["OUTPUT0"], 2 * a)
+
+
+def test_replicas_spread_across_hosts_and_heal_when_a_host_dies(cluster, tmp_path):
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    agents = {name: cluster.agent(name, scheduler.address) for name in ("node-a", "node-b", "node-c")}
+    admin = Admin(scheduler.address)
+    admin.wait_for(lambda: len([n for n in admin.nodes() if n.state == "ready"]) == 3, "3 nodes", mesh_=cluster)
+    admin.apply(deployment_yaml("adder", replicas=6))
+    replicas = admin.wait_for(lambda: ready(admin, "adder", 6), "6 ready replicas", mesh_=cluster)
+    assert collections.Counter(r.node for r in replicas) == {"node-a": 2, "node-b": 2, "node-c": 2}
+    assert all(len(r.gpu_indices) == 1 for r in replicas)
+    assert_serves(replicas)
+
+    agents["node-b"].kill_host()
+    healed = admin.wait_for(
+        lambda: (r := ready(admin, "adder", 6)) and all(x.node != "node-b" for x in r) and r,
+        "6 ready replicas off the dead host", mesh_=cluster)
+    assert collections.Counter(r.node for r in healed) == {"node-a": 3, "node-c": 3}
+    assert {n.name: n.state for n in admin.nodes()}["node-b"] == "lost"
+    assert_serves(healed)
+    admin.close()
+
+
+def _restart_keeps_everything(cluster: Mesh, store_url: str) -> None:
+    scheduler = cluster.scheduler(store_url, "s1")
+    for name in ("node-a", "node-b"):
+        cluster.agent(name, scheduler.address)
+    admin = Admin(scheduler.address)
+    admin.apply(deployment_yaml("adder", replicas=4))
+    before = admin.wait_for(lambda: ready(admin, "adder", 4), "4 ready replicas", mesh_=cluster)
+    admin.close()
+
+    port = scheduler.address.rsplit(":", 1)[1]
+    assert scheduler.stop() == 0
+    restarted = cluster_restart(cluster, store_url, port)
+    admin = Admin(restarted.address)
+    after = admin.wait_for(lambda: ready(admin, "adder", 4), "4 ready replicas after restart", mesh_=cluster)
+    assert {(r.id, r.node, r.pid, r.address) for r in after} == {(r.id, r.node, r.pid, r.address) for r in before}
+    assert admin.stub.Get(mesh.GetRequest(kind="deployments"), timeout=10).deployments[0].revision == 1
+    assert_serves(after)
+    admin.close()
+
+
+def cluster_restart(cluster: Mesh, store_url: str, port: str):
+    """The same scheduler again, on the same port, so its agents find it."""
+    from mesh_harness import ELECTION_TTL_S, HEARTBEAT_TIMEOUT_S, REPORT_INTERVAL_S, Process
+
+    process = Process("scheduler-s1-restarted", [
+        "-m", "scheduler", "serve", "--listen", f"127.0.0.1:{port}", "--store", store_url, "--id", "s1",
+        "--report-interval", str(REPORT_INTERVAL_S), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S),
+        "--election-ttl", str(ELECTION_TTL_S)])
+    cluster.processes.append(process)
+    process.wait_listening()
+    admin = Admin(process.address)
+    admin.wait_for(lambda: admin.leader().is_leader, "the restarted scheduler to lead", mesh_=cluster)
+    admin.close()
+    return process
+
+
+def test_scheduler_restart_on_sqlite_loses_and_duplicates_nothing(cluster, tmp_path):
+    _restart_keeps_everything(cluster, f"sqlite:///{tmp_path / 'state.db'}")
+
+
+def test_scheduler_restart_on_etcd_loses_and_duplicates_nothing(cluster, etcd):
+    _restart_keeps_everything(cluster, f"etcd://{etcd.endpoint}")
+
+
+def test_standby_scheduler_takes_over_when_the_leader_dies(cluster, etcd):
+    store = f"etcd://{etcd.endpoint}"
+    first = cluster.scheduler(store, "s1")
+    second = cluster.scheduler(store, "s2", wait_leading=False)
+    schedulers = {"s1": first, "s2": second}
+    both = f"{first.address},{second.address}"
+    for name in ("node-a", "node-b"):
+        cluster.agent(name, both)
+    admins = {name: Admin(process.address) for name, process in schedulers.items()}
+    leader = admins["s1"].wait_for(
+        lambda: next((n for n, a in admins.items() if a.leader().is_leader), None), "a leader")
+    standby = "s2" if leader == "s1" else "s1"
+    assert admins[standby].leader().leader_id == leader
+    with pytest.raises(grpc.RpcError) as refused:
+        admins[standby].apply(deployment_yaml("adder", replicas=2))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert leader in refused.value.details()
+
+    admins[leader].apply(deployment_yaml("adder", replicas=2))
+    before = admins[leader].wait_for(lambda: ready(admins[leader], "adder", 2), "2 ready", mesh_=cluster)
+
+    schedulers[leader].kill_host()
+    survivor = admins[standby]
+    survivor.wait_for(lambda: survivor.leader().is_leader, "the standby to lead", mesh_=cluster)
+    after = survivor.wait_for(lambda: ready(survivor, "adder", 2), "2 ready under the new leader", mesh_=cluster)
+    assert {r.id for r in after} == {r.id for r in before}
+    survivor.stub.Scale(mesh.ScaleRequest(name="adder", replicas=3), timeout=10)
+    survivor.wait_for(lambda: ready(survivor, "adder", 3), "3 ready after scaling", mesh_=cluster)
+    for admin in admins.values():
+        admin.close()
+
+
+def test_a_replica_that_fits_nowhere_stays_pending_and_explain_says_why(cluster, tmp_path):
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    cluster.agent("small", scheduler.address, fake_gpus="1x24GiB")
+    admin = Admin(scheduler.address)
+    admin.wait_for(lambda: admin.nodes(), "the node")
+    admin.apply(deployment_yaml("big", replicas=1, gpu_memory="40GiB"))
+    pending = admin.wait_for(lambda: [r for r in admin.replicas("big") if r.reason and r.state == "pending"],
+                             "a pending replica with a reason", mesh_=cluster)
+    lines = admin.explain("replica", pending[0].id)
+    assert "pending" in lines[0] and "40 GiB" in "\n".join(lines), lines
+    assert "pending" in "\n".join(admin.explain("deployment", "big"))
+    admin.close()
+
+
+def test_a_bad_spec_is_refused_naming_the_field(cluster, tmp_path):
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    admin = Admin(scheduler.address)
+    with pytest.raises(grpc.RpcError) as refused:
+        admin.apply(deployment_yaml("bad", replicas=1, gpu_memory="40Gx"))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "gpu_memory" in refused.value.details()
+    admin.close()
