@@ -4,7 +4,8 @@ Starts, as child processes: a scheduler on the embedded SQLite store in
 ``--state-dir``, and one node agent for this host — real NVML where there is
 a GPU, otherwise the fake GPUs of ``--fake-gpus`` (default 1x24GiB), and it
 says which. Then it applies ``examples/deployments/``, waits until the
-replicas are ready, prints them, and keeps running until Ctrl-C or SIGTERM,
+replicas are ready, prints them, calls two of them through the client
+library, and keeps running until Ctrl-C or SIGTERM,
 when it stops the agent (which drains its replicas) and the scheduler.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import pathlib
 import re
@@ -59,11 +61,41 @@ def _ctl(server: str, *args: str) -> int:
     return subprocess.call([sys.executable, "-m", "scheduler", "ctl", "--server", server, *args], cwd=REPO_ROOT)
 
 
-def _ready_counts(server: str) -> tuple[int, int]:
+def _replicas(server: str) -> list[dict]:
     output = subprocess.run([sys.executable, "-m", "scheduler", "ctl", "--server", server, "-o", "json",
                              "get", "replicas"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
-    states = re.findall(r'"state":\s*"(\w+)"', output)
-    return sum(1 for s in states if s == "ready"), len(states)
+    try:
+        return json.loads(output).get("replicas", [])
+    except json.JSONDecodeError:
+        return []
+
+
+def _show_calls(server: str) -> None:
+    """Call the example replicas the mesh placed, through the client library."""
+    import numpy as np
+
+    from clients import InferenceClient
+
+    ready = {r["deployment"]: r["address"] for r in _replicas(server) if r.get("state") == "ready"}
+    if "add-sub" in ready:
+        with InferenceClient(ready["add-sub"], timeout=10) as client:
+            a = np.arange(16, dtype=np.float32)[None, :]
+            out = client.infer("add_sub", {"INPUT0": a, "INPUT1": np.ones_like(a)})
+            print(f"\nadd_sub at {ready['add-sub']}: INPUT0+1 = {out['OUTPUT0'][0, :6]}...")
+    if "textgen" in ready:
+        with InferenceClient(ready["textgen"], timeout=30) as client:
+            prompt = "The scheduler places"
+            tokens = [r["TOKEN"][0].decode() for r in client.stream("textgen", {
+                "PROMPT": np.array([prompt.encode()], dtype=object), "MAX_TOKENS": np.array([16], np.int32)})]
+            print(f"textgen at {ready['textgen']} (streamed): {prompt}{''.join(tokens)}")
+
+
+def _settled(server: str) -> bool:
+    """True once every replica is ready, has crashed at least once, or is pending with a reason."""
+    replicas = _replicas(server)
+    return bool(replicas) and all(
+        r.get("state") == "ready" or int(r.get("restarts", 0)) > 0
+        or (r.get("state") == "pending" and r.get("reason")) for r in replicas)
 
 
 def main(argv: list[str]) -> int:
@@ -112,13 +144,11 @@ def main(argv: list[str]) -> int:
         for path in sorted(pathlib.Path(args.deployments).glob("*.yaml")):
             _ctl(address, "apply", "-f", str(path))
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            ready, total = _ready_counts(address)
-            if total and ready == total:
-                break
+        while time.monotonic() < deadline and not _settled(address):
             time.sleep(1.0)  # polling another process's state: there is no event to await
         _ctl(address, "get", "nodes")
         _ctl(address, "get", "replicas")
+        _show_calls(address)
         if not args.once:
             print(f"\nmesh running: scheduler {address}; `scheduler ctl --server {address} get replicas`; "
                   f"Ctrl-C to stop", flush=True)
