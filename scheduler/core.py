@@ -138,6 +138,15 @@ class SchedulerCore:
 
     async def report(self, name: str, report: mesh.UsageReport) -> None:
         self._apply_usage(name, report.gpus, report.resources, report.replicas)
+        node = self.cluster.nodes.get(name)
+        if node is not None and node.state == NODE_LOST:
+            # Back after being lost: what moved away stays away (it is no longer in this
+            # node's assignments, so the agent stops it); the node takes new replicas again.
+            node.state = NODE_READY
+            await self.writer.put(node)
+            self.cluster.record_event(f"node/{name}", "returned after being lost")
+            log.info("node %s returned", name)
+            self.poke()
         if await self._apply_replica_states(name, report.replicas):
             self._publish_routes()
             self.poke()

@@ -167,3 +167,65 @@ def test_a_bad_spec_is_refused_naming_the_field(cluster, tmp_path):
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "gpu_memory" in refused.value.details()
     admin.close()
+
+
+def test_a_returning_agent_is_reconciled_never_duplicated(cluster, tmp_path):
+    """An agent frozen past the heartbeat timeout is lost; when it wakes it gives up what moved away."""
+    import os
+    import signal
+    import time
+
+    from mesh_harness import HEARTBEAT_TIMEOUT_S
+
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    agents = {name: cluster.agent(name, scheduler.address) for name in ("node-a", "node-b")}
+    admin = Admin(scheduler.address)
+    admin.wait_for(lambda: len(admin.nodes()) == 2, "2 nodes", mesh_=cluster)
+    admin.apply(deployment_yaml("adder", replicas=2))
+    before = admin.wait_for(lambda: ready(admin, "adder", 2), "2 ready", mesh_=cluster)
+    frozen = next(r for r in before if r.node == "node-a")
+
+    os.kill(agents["node-a"].proc.pid, signal.SIGSTOP)  # the agent stops reporting; its replica keeps running
+    try:
+        moved = admin.wait_for(
+            lambda: (r := ready(admin, "adder", 2)) and all(x.node == "node-b" for x in r) and r,
+            "both replicas on node-b", timeout=HEARTBEAT_TIMEOUT_S * 30, mesh_=cluster)
+    finally:
+        os.kill(agents["node-a"].proc.pid, signal.SIGCONT)
+    admin.wait_for(lambda: {n.name: n.state for n in admin.nodes()}["node-a"] == "ready", "node-a back")
+
+    def old_replica_gone():
+        try:
+            os.kill(frozen.pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+    admin.wait_for(old_replica_gone, f"the replica node-a ran (pid {frozen.pid}) to be stopped", mesh_=cluster)
+    time.sleep(HEARTBEAT_TIMEOUT_S)  # a few report rounds after the return: nothing may come back
+    after = admin.replicas("adder")
+    assert len(after) == 2 and {r.id for r in after} == {r.id for r in moved}
+    assert all(r.node == "node-b" and r.state == "ready" for r in after)
+    admin.close()
+
+
+def test_drain_moves_replicas_off_a_node_and_cordon_keeps_new_ones_away(cluster, tmp_path):
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    for name in ("node-a", "node-b"):
+        cluster.agent(name, scheduler.address)
+    admin = Admin(scheduler.address)
+    admin.wait_for(lambda: len(admin.nodes()) == 2, "2 nodes", mesh_=cluster)
+    admin.apply(deployment_yaml("adder", replicas=2))
+    admin.wait_for(lambda: ready(admin, "adder", 2), "2 ready", mesh_=cluster)
+
+    admin.stub.Drain(mesh.NodeRequest(name="node-a"), timeout=10)
+    admin.wait_for(lambda: (r := ready(admin, "adder", 2)) and all(x.node == "node-b" for x in r),
+                   "both replicas on node-b after the drain", mesh_=cluster)
+    admin.stub.Scale(mesh.ScaleRequest(name="adder", replicas=3), timeout=10)
+    third = admin.wait_for(lambda: ready(admin, "adder", 3), "3 ready", mesh_=cluster)
+    assert all(r.node == "node-b" for r in third)  # node-a is still cordoned
+
+    admin.stub.Uncordon(mesh.NodeRequest(name="node-a"), timeout=10)
+    admin.stub.Scale(mesh.ScaleRequest(name="adder", replicas=4), timeout=10)
+    four = admin.wait_for(lambda: ready(admin, "adder", 4), "4 ready", mesh_=cluster)
+    assert any(r.node == "node-a" for r in four)
+    admin.close()
