@@ -26,18 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from protos.sizes import parse_size
+
 log = logging.getLogger(__name__)
 
 SOURCE_NVML = "nvml"
 SOURCE_FAKE = "fake"
 SOURCE_NONE = "none"
 
-_UNITS = {
-    "": 1, "B": 1,
-    "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
 # "2x80GiB", "80GiB" (one GPU), "1 x 24 GiB"
 _PART = re.compile(r"^\s*(?:(\d+)\s*[xX]\s*)?(.+?)\s*$")
 
@@ -82,15 +78,6 @@ class GpuProbe(Protocol):
 
     def close(self) -> None:
         """Release the backend (NVML handle); idempotent."""
-
-
-def parse_size(text: str) -> int:
-    """``"80GiB"`` -> bytes. Binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB, TB) units; no unit is bytes."""
-    match = _SIZE.match(text)
-    unit = match.group(2).upper() if match else None
-    if not match or unit not in _UNITS:
-        raise ValueError(f"bad size {text!r}: expected a number and a unit such as 80GiB, 512MiB or 24GB")
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 @dataclass(frozen=True)

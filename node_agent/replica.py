@@ -36,7 +36,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .backoff import Backoff
-from .gpu_probe import GpuLoad, parse_size
+from protos.sizes import parse_size
+
+from .gpu_probe import GpuLoad
 from .process import ChildProcess, Clock, Launcher, signal_name
 
 log = logging.getLogger(__name__)

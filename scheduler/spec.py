@@ -61,11 +61,11 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any, ClassVar
 
 import yaml
 
+from protos import sizes
 from protos.errors import InvalidArgument
 
 KIND_DEPLOYMENT = "Deployment"
@@ -79,13 +79,7 @@ MAX_REPLICAS = 10_000
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NAME_MAX = 63                     # a DNS label's limit; replica ids and hostnames derive from it
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([A-Za-z]*)\s*$")
-_BINARY = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-_DECIMAL = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_CANONICAL_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10),
-                    ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
-_SIZE_HINT = "use e.g. 40GiB, 512MiB"
+_SIZE_HINT = sizes.HINT
 # Set by the node agent for every replica; a spec that sets them would fight it.
 _AGENT_ARGS = {"--model-repository": "from model.repository", "--model": "from model.name",
                "--listen": "to a free port on its node"}
@@ -216,38 +210,13 @@ def parse_size(value: Any) -> int:
     """Bytes for ``40GiB``, ``512MiB``, ``1.5GB``, ``1024`` or an int; ``SpecError`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise SpecError(f"{_show(value)} is not a size ({_SIZE_HINT})")
-    if isinstance(value, int):
-        if value < 0:
-            raise SpecError(f"{value} is negative (a size is 0 or more)")
-        return value
-    match = _SIZE.match(value)
-    if not match:
-        if value.strip().startswith("-"):
-            raise SpecError(f"{_show(value)} is negative (a size is 0 or more)")
-        raise SpecError(f"{_show(value)} is not a size ({_SIZE_HINT})")
-    number, unit = match.group(1), match.group(2).lower()
-    if unit in ("k", "m", "g", "t"):
-        big = unit.upper()
-        raise SpecError(f"{_show(value)} is ambiguous: write {number}{big}iB (powers of 2) "
-                        f"or {number}{big}B (powers of 10)")
-    scale = 1 if unit == "" else _BINARY.get(unit) or _DECIMAL.get(unit)
-    if scale is None:
-        raise SpecError(f"{_show(value)} is not a size ({_SIZE_HINT})")
     try:
-        amount = Decimal(number) * scale
-    except InvalidOperation:
-        raise SpecError(f"{_show(value)} is not a size ({_SIZE_HINT})") from None
-    return int(amount.to_integral_value(rounding=ROUND_CEILING))
+        return sizes.parse_size(value)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
 
 
-def format_size(size: int) -> str | int:
-    """The exact canonical form of a size: the largest unit that divides it, else bytes (an int)."""
-    if size == 0:
-        return 0
-    for unit, scale in _CANONICAL_UNITS:
-        if size % scale == 0:
-            return f"{size // scale}{unit}"
-    return size
+format_size = sizes.format_size
 
 
 # ---------------------------------------------------------------- YAML

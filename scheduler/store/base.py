@@ -78,6 +78,17 @@ class TxnResult:
     observed: list[KeyValue | None] = field(default_factory=list)
 
 
+def prefix_end(prefix: bytes) -> bytes | None:
+    """The first key after every key that starts with ``prefix`` (None: no upper bound)."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return None
+
+
 class StoreError(Exception):
     """The store could not be reached or answered an error; safe to retry."""
 

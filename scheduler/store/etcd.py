@@ -39,7 +39,8 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from .base import Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, StoreError, TxnResult, WatchEvent
+from .base import (Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, StoreError, TxnResult, WatchEvent,
+                   prefix_end)
 
 T = TypeVar("T")
 
@@ -68,16 +69,6 @@ _NEVER_SENT = ("failed to connect", "connection refused", "no leader", "not conn
 
 _CONNECTION_ERRORS = (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError, aetcd.WatchTimeoutError)
 
-
-def _range_end(prefix: bytes) -> bytes:
-    """etcd's range end for every key starting with ``prefix`` (b"\\0": to the end of the keyspace)."""
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    return b"\0"
 
 
 def _kv(kv) -> KeyValue:
@@ -128,6 +119,11 @@ def _translate(exc: BaseException, what: str) -> Exception:
 
 
 RetryRule = Callable[[BaseException], bool]
+
+
+def _etcd_range_end(prefix: bytes) -> bytes:
+    """etcd's range end for a prefix (b"\\0": to the end of the keyspace)."""
+    return prefix_end(prefix) or b"\0"
 
 
 class EtcdStore:
@@ -200,7 +196,7 @@ class EtcdStore:
     async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
         start = prefix.encode() or b"\0"
         reply = await self._call(f"range {prefix!r}", lambda client: client.get_range(
-            start, _range_end(prefix.encode()), sort_order="ascend", sort_target="key"))
+            start, _etcd_range_end(prefix.encode()), sort_order="ascend", sort_target="key"))
         return [_kv(kv) for kv in reply], reply.header.revision
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
@@ -212,7 +208,7 @@ class EtcdStore:
         if prefix:
             start = key.encode() or b"\0"
             reply = await self._call(f"delete prefix {key!r}",
-                                     lambda client: client.delete_range(start, _range_end(key.encode())),
+                                     lambda client: client.delete_range(start, _etcd_range_end(key.encode())),
                                      retry=_is_unavailable)
         else:
             reply = await self._call(f"delete {key!r}", lambda client: client.delete(key.encode()),
@@ -273,7 +269,7 @@ class EtcdStore:
         return self._watch(prefix, start_revision)
 
     async def _watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
-        start, end = prefix.encode() or b"\0", _range_end(prefix.encode())
+        start, end = prefix.encode() or b"\0", _etcd_range_end(prefix.encode())
         if start_revision <= 0:
             start_revision = await self._revision() + 1
         next_revision = start_revision
@@ -348,5 +344,5 @@ def _op(op: Put | Delete):
         return rpc.RequestOp(request_put=rpc.PutRequest(key=op.key.encode(), value=bytes(op.value), lease=op.lease))
     if op.prefix:
         return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-            key=op.key.encode() or b"\0", range_end=_range_end(op.key.encode())))
+            key=op.key.encode() or b"\0", range_end=_etcd_range_end(op.key.encode())))
     return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=op.key.encode()))

@@ -34,7 +34,8 @@ import sqlite3
 import time
 from typing import AsyncIterator, Callable, TypeVar
 
-from .base import Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, StoreError, TxnResult, WatchEvent
+from .base import (Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, StoreError, TxnResult, WatchEvent,
+                   prefix_end)
 
 T = TypeVar("T")
 
@@ -68,16 +69,6 @@ INSERT OR IGNORE INTO meta VALUES ('revision', 1), ('compact_revision', 0), ('ne
 def _key(key: str) -> bytes:
     return key.encode()
 
-
-def _range_end(prefix: bytes) -> bytes | None:
-    """The first key after every key starting with ``prefix`` (None: no upper bound)."""
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    return None
 
 
 def _kv(row) -> KeyValue:
@@ -209,7 +200,7 @@ class SqliteStore:
         start = _key(key)
         if not prefix:
             rows = self._db.execute("SELECT key FROM kv WHERE key = ?", (start,))
-        elif (end := _range_end(start)) is None:
+        elif (end := prefix_end(start)) is None:
             rows = self._db.execute("SELECT key FROM kv WHERE key >= ? ORDER BY key", (start,))
         else:
             rows = self._db.execute("SELECT key FROM kv WHERE key >= ? AND key < ? ORDER BY key", (start, end))
@@ -253,7 +244,7 @@ class SqliteStore:
     async def range(self, prefix: str) -> tuple[list[KeyValue], int]:
         def read():
             start, columns = _key(prefix), "key, value, create_revision, mod_revision, version, lease"
-            end = _range_end(start)
+            end = prefix_end(start)
             if end is None:
                 rows = self._db.execute(f"SELECT {columns} FROM kv WHERE key >= ? ORDER BY key", (start,))
             else:
@@ -335,7 +326,7 @@ class SqliteStore:
 
     async def _watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
         start = _key(prefix)
-        end = _range_end(start)
+        end = prefix_end(start)
         query = ("SELECT type, key, value, create_revision, revision, version, lease FROM history "
                  "WHERE revision BETWEEN ? AND ? AND key >= ?" + (" AND key < ?" if end is not None else "") +
                  " ORDER BY revision, seq")
