@@ -37,14 +37,29 @@ class AsyncInferStream:
     or dropping the iterator before the end (``break``) cancels the call.
     """
 
-    def __init__(self, call: grpc.aio.StreamStreamCall):
+    def __init__(self, call: grpc.aio.StreamStreamCall, request: pb.ModelInferRequest):
         self._call = call
+        self._request: pb.ModelInferRequest | None = request
         self._finished = False
+
+    async def _send_request(self) -> None:
+        """Write the one request and half-close. The request is written here, not from an
+        iterator: grpc.aio reports a write that loses a race with the server ending the call
+        as INTERNAL, hiding the server's status; a failed write here leaves that status for
+        the read that follows."""
+        request, self._request = self._request, None
+        try:
+            await self._call.write(request)
+            await self._call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass
 
     def __aiter__(self) -> AsyncInferStream:
         return self
 
     async def __anext__(self) -> dict[str, np.ndarray]:
+        if self._request is not None and not self._finished:
+            await self._send_request()
         while not self._finished:
             try:
                 message = await self._call.read()
@@ -190,10 +205,8 @@ class AsyncInferenceClient:
             model, inputs, outputs, version=version, request_id=request_id,
             parameters=parameters, use_raw=use_raw,
         )
-        call = self._stub.ModelStreamInfer(
-            iter((request,)), timeout=self._deadline(timeout), metadata=trace_metadata()
-        )
-        return AsyncInferStream(call)
+        call = self._stub.ModelStreamInfer(timeout=self._deadline(timeout), metadata=trace_metadata())
+        return AsyncInferStream(call, request)
 
     # -- server and model state ------------------------------------------
 
