@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.errors import MeshError
+from protos.errors import MeshError, Unavailable
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -40,6 +40,7 @@ class AsyncInferStream:
     def __init__(self, call: grpc.aio.StreamStreamCall, request: pb.ModelInferRequest):
         self._call = call
         self._request: pb.ModelInferRequest | None = request
+        self._request_not_sent = False
         self._finished = False
 
     async def _send_request(self) -> None:
@@ -50,6 +51,10 @@ class AsyncInferStream:
         request, self._request = self._request, None
         try:
             await self._call.write(request)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            self._request_not_sent = True
+            return
+        try:
             await self._call.done_writing()
         except (grpc.RpcError, asyncio.InvalidStateError):
             pass
@@ -65,6 +70,11 @@ class AsyncInferStream:
                 message = await self._call.read()
             except grpc.RpcError as err:
                 self._finished = True
+                if self._request_not_sent and err.code() == grpc.StatusCode.INTERNAL:
+                    # grpc.aio replaced the server's status with its failed write's: all that is
+                    # known is that the request never reached the server, which is UNAVAILABLE.
+                    raise Unavailable(f"the server ended the stream before it took the request "
+                                      f"({err.details()})") from err
                 raise from_rpc_error(err) from err
             except asyncio.CancelledError:
                 self.cancel()
