@@ -22,7 +22,7 @@ from protos.errors import InvalidArgument
 from protos.mesh import control_pb2 as mesh
 
 from .cluster import Cluster, LiveNode
-from .records import FAILED, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
+from .records import DRAINING, FAILED, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
 from .reconciler import Reconciler
 from .spec_fields import model_of
 from .writer import FencedWriter, NotLeader
@@ -167,11 +167,21 @@ class SchedulerCore:
         live.replicas = {status.replica_id: status for status in replicas}
 
     async def _apply_replica_states(self, node: str, statuses) -> bool:
-        """Take the agent's word for the replicas the store places on its node; ignore the rest."""
+        """Take the agent's word for the replicas the store places on its node; ignore the rest.
+
+        A draining replica stays draining until the agent reports it stopped or stops
+        reporting it; then its record goes."""
         changed = []
+        reported = {status.replica_id: status for status in statuses}
+        for replica in self.cluster.replicas_on(node):
+            status = reported.get(replica.id)
+            if replica.state == DRAINING and (status is None or status.state == "stopped"):
+                await self.reconciler.forget(replica)
+                self.cluster.record_event(f"replica/{replica.id}", "stopped and removed")
+                changed.append(None)
         for status in statuses:
             replica = self.cluster.replicas.get(status.replica_id)
-            if replica is None or replica.node != node:
+            if replica is None or replica.node != node or replica.state == DRAINING:
                 continue  # not ours to run: the agent stops it, since it is not assigned
             state = _AGENT_STATES.get(status.state, replica.state)
             reason = status.message if state == FAILED else ""
@@ -182,14 +192,14 @@ class SchedulerCore:
                                               + (f": {reason}" if reason else ""))
                 replica.state, replica.address, replica.pid, replica.restarts, replica.reason = update
                 changed.append(replica)
-        await self.writer.put_many(changed)
+        await self.writer.put_many([replica for replica in changed if replica is not None])
         return bool(changed)
 
     def assignments_for(self, node: str) -> mesh.Assignments:
         assignments = mesh.Assignments()
         for replica in self.cluster.replicas_on(node):
             deployment = self.cluster.deployments.get(replica.deployment)
-            if deployment is None:
+            if deployment is None or replica.state == DRAINING:
                 continue
             repository, model = model_of(deployment.spec)
             assignments.replicas.add(

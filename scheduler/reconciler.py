@@ -81,6 +81,11 @@ class Reconciler:
                 why = f"node {replica.node} was lost"
             elif node.draining:
                 why = f"node {replica.node} is draining"
+            if why and replica.state == DRAINING:
+                if node is None or node.state == NODE_LOST:
+                    await self.forget(replica)  # nothing left to drain
+                    changed = True
+                continue
             if why:
                 previous = replica.node
                 _reset_to_pending(replica, f"{why}; placing it again")
@@ -92,7 +97,7 @@ class Reconciler:
     async def _converge_deployment(self, name: str) -> bool:
         cluster = self.cluster
         deployment = cluster.deployments[name]
-        replicas = cluster.replicas_of(name)
+        replicas = [r for r in cluster.replicas_of(name) if r.state != DRAINING]
         current = [r for r in replicas if r.revision == deployment.revision]
         old = [r for r in replicas if r.revision != deployment.revision]
         desired = deployment.replicas
@@ -137,16 +142,27 @@ class Reconciler:
         """Replicas whose deployment was deleted."""
         changed = False
         for replica in list(self.cluster.replicas.values()):
-            if replica.deployment not in self.cluster.deployments:
+            if replica.deployment not in self.cluster.deployments and replica.state != DRAINING:
                 await self._remove(replica, "deployment deleted")
                 changed = True
         return changed
 
     async def _remove(self, replica: ReplicaRecord, why: str) -> None:
-        """Forget a replica; its node stops it because it leaves the node's assignments."""
+        """Take a replica out of service. One that runs on a live node drains first: it leaves
+        the routes and its node's assignments, so the agent stops it gracefully, and its record
+        goes when the agent no longer reports it (SchedulerCore). Anything else goes at once."""
+        node = self.cluster.nodes.get(replica.node) if replica.node else None
+        if node is not None and node.state != NODE_LOST and replica.state != PENDING:
+            replica.state, replica.reason = DRAINING, why
+            await self.writer.put(replica)
+            self.cluster.record_event(f"replica/{replica.id}", f"draining: {why}")
+        else:
+            await self.forget(replica)
+        self.cluster.record_event(f"deployment/{replica.deployment}", f"removing replica {replica.id}: {why}")
+
+    async def forget(self, replica: ReplicaRecord) -> None:
         self.cluster.replicas.pop(replica.id, None)
         await self.writer.delete(replica)
-        self.cluster.record_event(f"deployment/{replica.deployment}", f"removed replica {replica.id}: {why}")
 
 
 def _reset_to_pending(replica: ReplicaRecord, reason: str) -> None:

@@ -229,3 +229,32 @@ def test_drain_moves_replicas_off_a_node_and_cordon_keeps_new_ones_away(cluster,
     four = admin.wait_for(lambda: ready(admin, "adder", 4), "4 ready", mesh_=cluster)
     assert any(r.node == "node-a" for r in four)
     admin.close()
+
+
+def test_a_new_revision_rolls_out_and_removed_replicas_drain_first(cluster, tmp_path):
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    for name in ("node-a", "node-b"):
+        cluster.agent(name, scheduler.address)
+    admin = Admin(scheduler.address)
+    admin.wait_for(lambda: len(admin.nodes()) == 2, "2 nodes", mesh_=cluster)
+    admin.apply(deployment_yaml("adder", replicas=2))
+    first = admin.wait_for(lambda: ready(admin, "adder", 2), "2 ready", mesh_=cluster)
+
+    changed = deployment_yaml("adder", replicas=2) + "runtime_args: [--drain-delay, '1']\n"
+    assert admin.apply(changed) == ["deployment/adder configured"]
+    seen_states = set()
+
+    def rolled():
+        replicas = admin.replicas("adder")
+        seen_states.update(r.state for r in replicas)
+        return ready(admin, "adder", 2) if all(r.revision == 2 for r in replicas) else None
+    second = admin.wait_for(rolled, "2 ready replicas of revision 2", mesh_=cluster)
+    assert not {r.id for r in second} & {r.id for r in first}
+    assert "draining" in seen_states
+    deployment = admin.stub.Get(mesh.GetRequest(kind="deployments"), timeout=10).deployments[0]
+    assert deployment.revision == 2 and list(deployment.revision_history) == [1, 2]
+
+    assert admin.apply(changed.replace("replicas: 2", "replicas: 1")) == ["deployment/adder configured"]
+    admin.wait_for(lambda: ready(admin, "adder", 1), "1 ready after scaling down", mesh_=cluster)
+    assert admin.stub.Get(mesh.GetRequest(kind="deployments"), timeout=10).deployments[0].revision == 2
+    admin.close()
