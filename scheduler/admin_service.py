@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from protos.errors import InvalidArgument, NotFound
+from protos.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 
@@ -69,18 +69,65 @@ class AdminService(mesh_grpc.AdminServiceServicer):
 
     @staticmethod
     def _next_record(record: DeploymentRecord | None, spec, fingerprint: str) -> DeploymentRecord:
+        """The record after applying a spec that needs a new revision."""
         now = time.time_ns() // 1_000_000
         spec_dict, spec_yaml = spec.to_dict(), spec.to_yaml()
+        revision = record.revision + 1 if record else 1
+        entry = {"revision": revision, "spec": spec_dict, "spec_yaml": spec_yaml}
+        keep = max(1, spec.revision_history)
+        history = ((record.history if record else []) + [entry])[-keep:]
+        if record is not None and spec.rollout.strategy == "canary":
+            # The revision that served before stays stable (through a chain of canaries, the first).
+            stable = record.stable_revision if record.canary_active else record.revision
+        else:
+            stable = revision
+        return DeploymentRecord(
+            name=spec.name, spec=spec_dict, spec_yaml=spec_yaml, fingerprint=fingerprint,
+            revision_fingerprint=spec.revision_fingerprint(), revision=revision, replicas=spec.replicas,
+            created_unix_ms=record.created_unix_ms if record else now, history=history, stable_revision=stable)
+
+    def _deployment_record(self, name: str) -> DeploymentRecord:
+        record = self.cluster.deployments.get(name)
         if record is None:
-            return DeploymentRecord(name=spec.name, spec=spec_dict, spec_yaml=spec_yaml, fingerprint=fingerprint,
-                                    revision_fingerprint=spec.revision_fingerprint(), revision=1, replicas=spec.replicas, created_unix_ms=now,
-                                    history=[{"revision": 1, "spec_yaml": spec_yaml}])
-        keep = max(1, int(spec_dict.get("revision_history") or 5))
-        revision = record.revision + 1
-        history = (record.history + [{"revision": revision, "spec_yaml": spec_yaml}])[-keep:]
-        return DeploymentRecord(name=spec.name, spec=spec_dict, spec_yaml=spec_yaml, fingerprint=fingerprint,
-                                revision_fingerprint=spec.revision_fingerprint(), revision=revision, replicas=spec.replicas, created_unix_ms=record.created_unix_ms,
-                                history=history)
+            raise NotFound(f"no deployment named {name!r}")
+        return record
+
+    async def Promote(self, request, context):
+        self.core.require_leader()
+        record = self._deployment_record(request.name)
+        if not record.canary_active:
+            raise FailedPrecondition(f"deployment {request.name!r} has no canary to promote "
+                                     f"(revision {record.revision} serves all traffic)")
+        stable, record.stable_revision = record.stable_revision, record.revision
+        await self.core.writer.put(record)
+        message = f"revision {record.revision} promoted: it replaces revision {stable} replica by replica"
+        self.cluster.record_event(f"deployment/{request.name}", message)
+        self.core.poke()
+        return mesh.RolloutResponse(revision=record.revision, message=message)
+
+    async def Rollback(self, request, context):
+        self.core.require_leader()
+        record = self._deployment_record(request.name)
+        if record.canary_active:
+            target = record.stable_revision
+        else:
+            earlier = [entry["revision"] for entry in record.history if entry["revision"] < record.revision]
+            if not earlier:
+                raise FailedPrecondition(f"deployment {request.name!r} has no earlier revision in its history "
+                                         f"(revision_history keeps {len(record.history)})")
+            target = max(earlier)
+        entry = next(e for e in record.history if e["revision"] == target)
+        [spec] = parse_deployments(entry["spec_yaml"])
+        spec = spec.replace(replicas=record.replicas)
+        previous = record.revision
+        record.revision, record.stable_revision = target, target
+        record.spec, record.spec_yaml = spec.to_dict(), spec.to_yaml()
+        record.fingerprint, record.revision_fingerprint = spec.fingerprint(), spec.revision_fingerprint()
+        await self.core.writer.put(record)
+        message = f"rolled back from revision {previous} to revision {target}"
+        self.cluster.record_event(f"deployment/{request.name}", message)
+        self.core.poke()
+        return mesh.RolloutResponse(revision=target, message=message)
 
     async def Get(self, request, context):
         return self._get(_kind(request.kind), request.name)
@@ -131,9 +178,11 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         replicas = self.cluster.replicas_of(name)
         return mesh.Deployment(
             name=name, spec_yaml=record.spec_yaml, replicas=record.replicas,
-            ready_replicas=sum(1 for r in replicas if r.state == READY and r.revision == record.revision),
+            ready_replicas=sum(1 for r in replicas if r.state == READY and r.revision == (
+                record.stable_revision if record.canary_active else record.revision)),
             revision=record.revision, model=model_of(record.spec)[1], created_unix_ms=record.created_unix_ms,
-            revision_history=[entry["revision"] for entry in record.history])
+            revision_history=[entry["revision"] for entry in record.history],
+            stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight)
 
     async def Describe(self, request, context):
         kind = _kind(request.kind)
@@ -215,6 +264,9 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         replicas = self.cluster.replicas_of(name)
         ready = sum(1 for r in replicas if r.state == READY)
         lines = [f"deployment {name}: {ready}/{record.replicas} ready, revision {record.revision}"]
+        if record.canary_active:
+            lines.append(f"  canary: revision {record.revision} takes {record.canary_weight}% of requests, "
+                         f"revision {record.stable_revision} the rest; `scheduler ctl promote|rollback {name}`")
         for replica in replicas:
             detail = replica.reason if replica.state == PENDING else \
                 f"{replica.node} GPU {','.join(map(str, replica.gpu_indices)) or '-'}"

@@ -201,14 +201,15 @@ class SchedulerCore:
             deployment = self.cluster.deployments.get(replica.deployment)
             if deployment is None or replica.state == DRAINING:
                 continue
-            repository, model = model_of(deployment.spec)
+            spec = deployment.spec_of(replica.revision)  # its own revision's, not the newest
+            repository, model = model_of(spec)
             assignments.replicas.add(
                 replica_id=replica.id, deployment=replica.deployment, revision=replica.revision,
                 model_repository=repository, model_name=model, gpu_indices=replica.gpu_indices,
-                env={**{str(k): str(v) for k, v in (deployment.spec.get("env") or {}).items()},
+                env={**{str(k): str(v) for k, v in (spec.get("env") or {}).items()},
                      # what the replica may use on each of its GPUs (the fake GPU probe counts it)
                      GPU_MEMORY_ENV: str(replica.gpu_memory_bytes)},
-                runtime_args=[str(a) for a in deployment.spec.get("runtime_args") or []],
+                runtime_args=[str(a) for a in spec.get("runtime_args") or []],
             )
         return assignments
 
@@ -228,16 +229,24 @@ class SchedulerCore:
     # -- routes --------------------------------------------------------------
 
     def route_table(self) -> mesh.RouteTable:
+        """One route per ready revision of each deployment. During a canary the canary's route
+        weighs canary_weight and the stable one the rest; otherwise a route weighs its number
+        of ready replicas, so every ready replica gets an equal share."""
         table = mesh.RouteTable()
         for name in sorted(self.cluster.deployments):
             deployment = self.cluster.deployments[name]
             ready = [r for r in self.cluster.replicas_of(name) if r.state == READY and r.address]
             for revision in sorted({r.revision for r in ready}):
-                route = table.routes.add(model=model_of(deployment.spec)[1], deployment=name,
-                                         revision=revision, weight=100)
-                for replica in ready:
-                    if replica.revision == revision:
-                        route.endpoints.add(replica_id=replica.id, address=replica.address, node=replica.node)
+                endpoints = [r for r in ready if r.revision == revision]
+                if deployment.canary_active and revision in (deployment.revision, deployment.stable_revision):
+                    canary = deployment.canary_weight
+                    weight = canary if revision == deployment.revision else 100 - canary
+                else:
+                    weight = len(endpoints)
+                route = table.routes.add(model=model_of(deployment.spec_of(revision))[1], deployment=name,
+                                         revision=revision, weight=weight)
+                for replica in endpoints:
+                    route.endpoints.add(replica_id=replica.id, address=replica.address, node=replica.node)
         return table
 
     def _publish_routes(self) -> None:

@@ -7,6 +7,7 @@
       describe node|deployment|replica NAME
       delete deployment NAME
       scale NAME --replicas N
+      promote NAME | rollback NAME
       cordon NODE | uncordon NODE | drain NODE
       explain replica|deployment NAME
 
@@ -392,6 +393,19 @@ def _scale(args: argparse.Namespace, session: Session) -> int:
     return _done(args, kind, name, "scaled", replicas=args.replicas)
 
 
+def _rollout_verb(method: str) -> Callable[[argparse.Namespace, Session], int]:
+    def verb(args: argparse.Namespace, session: Session) -> int:
+        kind, name = _kind_and_name(args.target if "/" in args.target[0] or len(args.target) > 1
+                                    else ["deployment", *args.target], ("deployment",), True)
+        reply = session.call(method, pb.RolloutRequest(name=name))
+        if args.output != "table":
+            _write(output.render(reply, args.output))
+        else:
+            _write(f"deployment/{name}: {reply.message}\n")
+        return EXIT_OK
+    return verb
+
+
 def _node_verb(method: str, result: str) -> Callable[[argparse.Namespace, Session], int]:
     def verb(args: argparse.Namespace, session: Session) -> int:
         name = args.node.partition("/")[2] if args.node.startswith(("node/", "nodes/")) else args.node
@@ -416,6 +430,7 @@ _VERBS: dict[str, Callable[[argparse.Namespace, Session], int]] = {
     "apply": _apply, "get": _get, "describe": _describe, "delete": _delete, "scale": _scale,
     "cordon": _node_verb("Cordon", "cordoned"), "uncordon": _node_verb("Uncordon", "uncordoned"),
     "drain": _node_verb("Drain", "draining"), "explain": _explain,
+    "promote": _rollout_verb("Promote"), "rollback": _rollout_verb("Rollback"),
 }
 
 
@@ -489,6 +504,11 @@ def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     scale = verbs.add_parser("scale", parents=[common], help="set a deployment's number of replicas")
     scale.add_argument("target", nargs="+", metavar="NAME")
     scale.add_argument("--replicas", type=_replica_count, required=True, metavar="N")
+
+    for verb, text in (("promote", "end a canary: the new revision replaces the stable one"),
+                       ("rollback", "back to the stable revision (in a canary) or the previous one")):
+        rollout = verbs.add_parser(verb, parents=[common], help=text)
+        rollout.add_argument("target", nargs="+", metavar="NAME")
 
     for verb, text in (("cordon", "stop placing new replicas on a node"),
                        ("uncordon", "allow placing replicas on a node again"),

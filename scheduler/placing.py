@@ -54,7 +54,7 @@ def build_snapshot(cluster: Cluster) -> list[placement.NodeView]:
 
 def _needs(cluster: Cluster, replica: ReplicaRecord):
     deployment = cluster.deployments.get(replica.deployment)
-    return resources_of(deployment.spec if deployment else {})
+    return resources_of(deployment.spec_of(replica.revision) if deployment else {})
 
 
 def _request(cluster: Cluster, replica: ReplicaRecord) -> placement.ReplicaRequest:

@@ -98,31 +98,15 @@ class Reconciler:
         cluster = self.cluster
         deployment = cluster.deployments[name]
         replicas = [r for r in cluster.replicas_of(name) if r.state != DRAINING]
+        if deployment.canary_active:
+            return await self._converge_canary(deployment, replicas)
         current = [r for r in replicas if r.revision == deployment.revision]
         old = [r for r in replicas if r.revision != deployment.revision]
         desired = deployment.replicas
-        changed = False
-
-        # Too many of the current revision: remove the least useful first.
-        if len(current) > desired:
-            surplus = sorted(current, key=lambda r: (_REMOVAL_ORDER.get(r.state, 9), r.id))[: len(current) - desired]
-            for replica in surplus:
-                await self._remove(replica, "scaled down")
-            current = [r for r in current if r not in surplus]
-            changed = True
-
-        # Too few: create, with at most ROLLING_SURGE extra while old revisions still run.
-        missing = desired - len(current)
-        if missing > 0:
-            room = missing if not old else max(0, desired + ROLLING_SURGE - len(current) - len(old))
-            for _ in range(min(missing, room)):
-                replica = ReplicaRecord(id=new_replica_id(name), deployment=name,
-                                        revision=deployment.revision, reason="waiting for placement")
-                cluster.replicas[replica.id] = replica
-                await self.writer.put(replica)
-                cluster.record_event(f"deployment/{name}",
-                                     f"created replica {replica.id} (revision {deployment.revision})")
-                changed = True
+        # While old revisions still run, at most ROLLING_SURGE replicas beyond the desired count.
+        room = None if not old else max(0, desired + ROLLING_SURGE - len(current) - len(old))
+        changed = await self._scale_revision(deployment, deployment.revision, current, desired, room)
+        current = [r for r in cluster.replicas_of(name) if r.revision == deployment.revision and r.state != DRAINING]
 
         # Old revisions: drop the ones not serving at once, the serving ones as new ones become ready.
         if old:
@@ -136,6 +120,43 @@ class Reconciler:
             for replica in sorted(serving_old, key=lambda r: r.id)[: max(0, excess)]:
                 await self._remove(replica, f"replaced by revision {deployment.revision}")
                 changed = True
+        return changed
+
+    async def _converge_canary(self, deployment, replicas: list[ReplicaRecord]) -> bool:
+        """The stable revision at full strength beside the canary's few replicas; nothing else."""
+        rollout = deployment.spec.get("rollout") or {}
+        targets = {deployment.stable_revision: deployment.replicas,
+                   deployment.revision: int(rollout.get("canary_replicas", 1))}
+        changed = False
+        for revision, count in targets.items():
+            of_revision = [r for r in replicas if r.revision == revision]
+            changed |= await self._scale_revision(deployment, revision, of_revision, count, None)
+        for replica in replicas:
+            if replica.revision not in targets:
+                await self._remove(replica, f"neither the stable revision {deployment.stable_revision} "
+                                            f"nor the canary {deployment.revision}")
+                changed = True
+        return changed
+
+    async def _scale_revision(self, deployment, revision: int, replicas: list[ReplicaRecord], count: int,
+                              room: int | None) -> bool:
+        """Make ``replicas`` (all of ``revision``) number ``count``: remove the least useful
+        surplus, or create up to ``room`` new ones (None: as many as missing)."""
+        changed = False
+        if len(replicas) > count:
+            surplus = sorted(replicas, key=lambda r: (_REMOVAL_ORDER.get(r.state, 9), r.id))[: len(replicas) - count]
+            for replica in surplus:
+                await self._remove(replica, "scaled down")
+            changed = True
+        missing = count - len(replicas)
+        for _ in range(max(0, min(missing, missing if room is None else room))):
+            replica = ReplicaRecord(id=new_replica_id(deployment.name), deployment=deployment.name,
+                                    revision=revision, reason="waiting for placement")
+            self.cluster.replicas[replica.id] = replica
+            await self.writer.put(replica)
+            self.cluster.record_event(f"deployment/{deployment.name}",
+                                      f"created replica {replica.id} (revision {revision})")
+            changed = True
         return changed
 
     async def _remove_orphans(self) -> bool:

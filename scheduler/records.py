@@ -52,6 +52,26 @@ class DeploymentRecord(_Json):
     replicas: int = 1                # desired; `scale` changes this without a new revision
     created_unix_ms: int = 0
     history: list = field(default_factory=list)   # [{"revision": n, "spec": {...}, "spec_yaml": "..."}]
+    # The revision that takes the traffic the canary does not; equal to `revision` unless a
+    # canary rollout is under way.
+    stable_revision: int = 0
+
+    def spec_of(self, revision: int) -> dict:
+        """The spec a revision was applied with (the current spec if it left the history)."""
+        for entry in self.history:
+            if entry.get("revision") == revision and "spec" in entry:
+                return entry["spec"]
+        return self.spec
+
+    @property
+    def canary_active(self) -> bool:
+        rollout = self.spec.get("rollout") or {}
+        return (rollout.get("strategy") == "canary" and 0 < self.stable_revision != self.revision
+                and any(entry.get("revision") == self.stable_revision for entry in self.history))
+
+    @property
+    def canary_weight(self) -> int:
+        return int((self.spec.get("rollout") or {}).get("canary_weight", 0)) if self.canary_active else 0
 
     @property
     def key(self) -> str:

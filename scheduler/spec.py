@@ -22,6 +22,13 @@ A spec file is YAML with one object per document (separate documents with
     revision_history: 5           # old revisions kept for rollback; default 5
     runtime_args: [--drain-delay, "2"]   # extra `python -m runtime` arguments; default none
     env: {OMP_NUM_THREADS: "4"}   # extra environment of the replica process; default none
+    rollout:                      # how a new revision replaces the running one
+      strategy: rolling           # rolling (default): one new replica at a time, an old one
+                                  # leaves when a new one is ready; canary: the new revision
+                                  # runs beside the stable one and takes canary_weight percent
+                                  # of requests until `scheduler ctl promote` (or `rollback`)
+      canary_weight: 10           # percent of requests to the new revision, 1..99
+      canary_replicas: 1          # replicas of the new revision while it is a canary
 
 Sizes are a whole number of bytes (``1073741824``) or a number and a unit:
 binary ``B KiB MiB GiB TiB`` (also Kubernetes' ``Ki Mi Gi Ti``) or decimal
@@ -86,7 +93,7 @@ _AGENT_ARGS = {"--model-repository": "from model.repository", "--model": "from m
 _AGENT_ENV = {"CUDA_VISIBLE_DEVICES": "to the GPUs placement picks"}
 
 _TOP_FIELDS = ("kind", "name", "model", "replicas", "resources", "placement", "revision_history",
-               "runtime_args", "env")
+               "runtime_args", "env", "rollout")
 _MODEL_FIELDS = ("repository", "name")
 _RESOURCE_FIELDS = ("gpus", "gpu_memory", "cpu", "memory")
 _PLACEMENT_FIELDS = ("strategy", "node_selector")
@@ -145,6 +152,13 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    strategy: str = "rolling"
+    canary_weight: int = 10       # percent of requests to the new revision while it is a canary
+    canary_replicas: int = 1
+
+
+@dataclass(frozen=True)
 class DeploymentSpec:
     kind: ClassVar[str] = KIND_DEPLOYMENT
 
@@ -156,6 +170,7 @@ class DeploymentSpec:
     revision_history: int = DEFAULT_REVISION_HISTORY
     runtime_args: tuple[str, ...] = ()
     env: FrozenMap = field(default_factory=FrozenMap)
+    rollout: Rollout = field(default_factory=Rollout)
 
     def to_dict(self) -> dict[str, Any]:
         """The complete spec in the documented shape; plain dicts, lists, str and numbers."""
@@ -175,6 +190,8 @@ class DeploymentSpec:
             "revision_history": self.revision_history,
             "runtime_args": list(self.runtime_args),
             "env": dict(self.env),
+            "rollout": {"strategy": self.rollout.strategy, "canary_weight": self.rollout.canary_weight,
+                        "canary_replicas": self.rollout.canary_replicas},
         }
 
     def to_yaml(self) -> str:
@@ -185,9 +202,9 @@ class DeploymentSpec:
         return _digest(self.to_dict())
 
     def revision_fingerprint(self) -> str:
-        """Like ``fingerprint`` without replicas and revision_history: equal means same revision."""
+        """Like ``fingerprint`` without replicas, revision_history and rollout: equal means same revision."""
         canonical = self.to_dict()
-        del canonical["replicas"], canonical["revision_history"]
+        del canonical["replicas"], canonical["revision_history"], canonical["rollout"]
         return _digest(canonical)
 
     def replace(self, **changes: Any) -> DeploymentSpec:
@@ -391,11 +408,36 @@ def _deployment(doc: Any, path: str, base_dir: str | None, check: _Checker) -> D
         if key in env:
             check.add(f"{path}.env.{key}", f"is set by the node agent ({why}); remove it")
 
+    rollout = _rollout(top.get("rollout"), f"{path}.rollout", check)
+
     if len(check.problems) > before or name is None or model is None:
         return None
     return DeploymentSpec(name=name, model=model, replicas=replicas, resources=resources,
                           placement=placement, revision_history=history, runtime_args=runtime_args,
-                          env=FrozenMap(env))
+                          env=FrozenMap(env), rollout=rollout)
+
+
+ROLLOUT_STRATEGIES = ("rolling", "canary")
+_ROLLOUT_FIELDS = ("strategy", "canary_weight", "canary_replicas")
+
+
+def _rollout(value: Any, path: str, check: _Checker) -> Rollout:
+    block = check.mapping(value, path, _ROLLOUT_FIELDS, "strategy: canary, canary_weight: 10")
+    if not block:
+        return Rollout()
+    strategy = block.get("strategy", "rolling")
+    if strategy not in ROLLOUT_STRATEGIES:
+        check.add(f"{path}.strategy", f"{_show(strategy)} is not a rollout strategy "
+                                      f"(use {' or '.join(ROLLOUT_STRATEGIES)})")
+        strategy = "rolling"
+    weight = check.integer(block.get("canary_weight"), f"{path}.canary_weight", Rollout.canary_weight, 99)
+    if weight < 1:
+        check.add(f"{path}.canary_weight", f"{weight} is not a percentage of requests between 1 and 99")
+    replicas = check.integer(block.get("canary_replicas"), f"{path}.canary_replicas", Rollout.canary_replicas,
+                             MAX_REPLICAS)
+    if replicas < 1:
+        check.add(f"{path}.canary_replicas", "a canary needs at least 1 replica")
+    return Rollout(strategy=strategy, canary_weight=weight, canary_replicas=replicas)
 
 
 def _model(top: dict, path: str, base_dir: str | None, check: _Checker) -> ModelRef | None:

@@ -258,3 +258,50 @@ def test_a_new_revision_rolls_out_and_removed_replicas_drain_first(cluster, tmp_
     admin.wait_for(lambda: ready(admin, "adder", 1), "1 ready after scaling down", mesh_=cluster)
     assert admin.stub.Get(mesh.GetRequest(kind="deployments"), timeout=10).deployments[0].revision == 2
     admin.close()
+
+
+def _routes(address: str) -> dict[int, tuple[int, int]]:
+    """revision -> (weight, endpoints) in the scheduler's current route table."""
+    from protos.mesh import control_pb2_grpc as mesh_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stream = mesh_grpc.RouteServiceStub(channel).WatchRoutes(mesh.WatchRoutesRequest(), timeout=10)
+        table = next(stream)
+        stream.cancel()
+    return {route.revision: (route.weight, len(route.endpoints)) for route in table.routes}
+
+
+def test_a_canary_takes_its_weight_until_promoted_or_rolled_back(cluster, tmp_path):
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    for name in ("node-a", "node-b"):
+        cluster.agent(name, scheduler.address)
+    admin = Admin(scheduler.address)
+    admin.wait_for(lambda: len(admin.nodes()) == 2, "2 nodes", mesh_=cluster)
+    canary = "rollout: {strategy: canary, canary_weight: 25, canary_replicas: 1}\n"
+    admin.apply(deployment_yaml("adder", replicas=2) + canary)
+    admin.wait_for(lambda: ready(admin, "adder", 2), "2 ready", mesh_=cluster)
+    assert _routes(scheduler.address) == {1: (2, 2)}
+
+    admin.apply(deployment_yaml("adder", replicas=2) + canary + "runtime_args: [--drain-delay, '1']\n")
+    admin.wait_for(lambda: ready(admin, "adder", 3), "2 stable and 1 canary ready", mesh_=cluster)
+    assert sorted(r.revision for r in admin.replicas("adder")) == [1, 1, 2]
+    assert admin.wait_for(lambda: _routes(scheduler.address) == {1: (75, 2), 2: (25, 1)}, "weights 75/25")
+    assert any("canary" in line for line in admin.explain("deployment", "adder"))
+
+    rolled = admin.stub.Rollback(mesh.RolloutRequest(name="adder"), timeout=10)
+    assert rolled.revision == 1
+    admin.wait_for(lambda: (r := ready(admin, "adder", 2)) and all(x.revision == 1 for x in r), "back to 1")
+
+    admin.apply(deployment_yaml("adder", replicas=2) + canary + "runtime_args: [--drain-delay, '1']\n")
+    admin.wait_for(lambda: ready(admin, "adder", 3), "the canary again", mesh_=cluster)
+    with pytest.raises(grpc.RpcError) as no_canary:
+        admin.stub.Promote(mesh.RolloutRequest(name="missing"), timeout=10)
+    assert no_canary.value.code() == grpc.StatusCode.NOT_FOUND
+    promoted = admin.stub.Promote(mesh.RolloutRequest(name="adder"), timeout=10)
+    admin.wait_for(lambda: (r := ready(admin, "adder", 2)) and all(x.revision == promoted.revision for x in r),
+                   "the promoted revision everywhere", mesh_=cluster)
+    assert admin.wait_for(lambda: _routes(scheduler.address) == {promoted.revision: (2, 2)}, "one route")
+    with pytest.raises(grpc.RpcError) as nothing_to_promote:
+        admin.stub.Promote(mesh.RolloutRequest(name="adder"), timeout=10)
+    assert nothing_to_promote.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    admin.close()

@@ -105,7 +105,8 @@ def test_to_dict_is_complete_and_round_trips():
     [spec] = parse_deployments(FULL)
     data = spec.to_dict()
     assert list(data) == ["kind", "name", "model", "replicas", "resources", "placement", "revision_history",
-                          "runtime_args", "env"]
+                          "runtime_args", "env", "rollout"]
+    assert data["rollout"] == {"strategy": "rolling", "canary_weight": 10, "canary_replicas": 1}
     assert data["resources"] == {"gpus": 1, "gpu_memory": "40GiB", "cpu": 1, "memory": "2GiB"}
     assert parse_deployments(spec.to_yaml()) == [spec]
     [minimal] = parse_deployments(MINIMAL)
@@ -178,8 +179,11 @@ def test_the_documented_size_error():
 
 @pytest.mark.parametrize("extra, expected", [
     ("replica: 2\n", 'deployments[0].replica: unknown field (did you mean "replicas"?)'),
-    ("colour: blue\n", "deployments[0].colour: unknown field (fields: kind, name, model, replicas, resources, "
-                       "placement, revision_history, runtime_args, env)"),
+    ("shade: blue\n", "deployments[0].shade: unknown field (fields: kind, name, model, replicas, resources, "
+                      "placement, revision_history, runtime_args, env, rollout)"),
+    ("rollout: {strategy: blue}\n",
+     'deployments[0].rollout.strategy: "blue" is not a rollout strategy (use rolling or canary)'),
+    ("rollout: {canary_weight: 100}\n", "deployments[0].rollout.canary_weight: 100 is more than 99"),
     ("resources: {gpu: 1}\n", 'deployments[0].resources.gpu: unknown field (did you mean "gpus"?)'),
     ("placement: {nodeSelector: {}}\n", 'deployments[0].placement.nodeSelector: unknown field '
                                         '(did you mean "node_selector"?)'),

@@ -208,7 +208,7 @@ class Node(_message.Message):
     def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., cordoned: _Optional[bool] = ..., draining: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_source: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., resources: _Optional[_Union[HostResources, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "spec_yaml", "replicas", "ready_replicas", "revision", "model", "created_unix_ms", "revision_history")
+    __slots__ = ("name", "spec_yaml", "replicas", "ready_replicas", "revision", "model", "created_unix_ms", "revision_history", "stable_revision", "canary_weight")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_YAML_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,8 @@ class Deployment(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     REVISION_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    STABLE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    CANARY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec_yaml: str
     replicas: int
@@ -225,7 +227,9 @@ class Deployment(_message.Message):
     model: str
     created_unix_ms: int
     revision_history: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., revision: _Optional[int] = ..., model: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., revision_history: _Optional[_Iterable[int]] = ...) -> None: ...
+    stable_revision: int
+    canary_weight: int
+    def __init__(self, name: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., revision: _Optional[int] = ..., model: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., revision_history: _Optional[_Iterable[int]] = ..., stable_revision: _Optional[int] = ..., canary_weight: _Optional[int] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("id", "deployment", "node", "gpu_indices", "address", "pid", "state", "reason", "restarts", "revision", "gpu_memory_bytes")
@@ -348,6 +352,20 @@ class ExplainResponse(_message.Message):
     LINES_FIELD_NUMBER: _ClassVar[int]
     lines: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, lines: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RolloutRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RolloutResponse(_message.Message):
+    __slots__ = ("revision", "message")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    message: str
+    def __init__(self, revision: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class LeaderRequest(_message.Message):
     __slots__ = ()

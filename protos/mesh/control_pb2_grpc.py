@@ -179,6 +179,16 @@ class AdminServiceStub:
                 request_serializer=protos_dot_mesh_dot_control__pb2.LeaderRequest.SerializeToString,
                 response_deserializer=protos_dot_mesh_dot_control__pb2.LeaderResponse.FromString,
                 _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/mesh.AdminService/Promote',
+                request_serializer=protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/mesh.AdminService/Rollback',
+                request_serializer=protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -246,6 +256,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Promote(self, request, context):
+        """End a canary: the new revision takes all traffic and replaces the stable one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Go back to the stable revision (during a canary) or to the previous one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +322,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Leader,
                     request_deserializer=protos_dot_mesh_dot_control__pb2.LeaderRequest.FromString,
                     response_serializer=protos_dot_mesh_dot_control__pb2.LeaderResponse.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=protos_dot_mesh_dot_control__pb2.RolloutRequest.FromString,
+                    response_serializer=protos_dot_mesh_dot_control__pb2.RolloutResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=protos_dot_mesh_dot_control__pb2.RolloutRequest.FromString,
+                    response_serializer=protos_dot_mesh_dot_control__pb2.RolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -572,6 +606,60 @@ class AdminService:
             '/mesh.AdminService/Leader',
             protos_dot_mesh_dot_control__pb2.LeaderRequest.SerializeToString,
             protos_dot_mesh_dot_control__pb2.LeaderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.AdminService/Promote',
+            protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
+            protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.AdminService/Rollback',
+            protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
+            protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,
