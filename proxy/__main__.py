@@ -1,0 +1,77 @@
+"""``mesh-proxy`` / ``python -m proxy``: the mesh's front door.
+
+Serves ``inference.GRPCInferenceService`` on ``--listen`` and forwards each
+call to a replica from the route table of ``--scheduler`` (or a static
+``--routes-file``, a ``mesh.RouteTable`` in protobuf text format). Prints
+"meshserve proxy listening on HOST:PORT" once serving; SIGTERM/SIGINT stop
+it, letting calls in flight finish for ``--grace-period`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from google.protobuf import text_format
+
+from protos.mesh import control_pb2 as mesh
+
+from .routes import RouteTable
+from .server import ProxyOptions, ProxyServer
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
+    parser = argparse.ArgumentParser(prog="mesh-proxy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scheduler", help="HOST:PORT[,HOST:PORT...]: schedulers to follow routes from")
+    source.add_argument("--routes-file", help="a static mesh.RouteTable in protobuf text format")
+    parser.add_argument("--listen", default=ProxyOptions.listen, help="HOST:PORT (port 0 picks a free one)")
+    parser.add_argument("--metrics-listen", help="HOST:PORT for Prometheus GET /metrics")
+    parser.add_argument("--max-message-bytes", type=int, default=ProxyOptions.max_message_bytes)
+    parser.add_argument("--max-retries", type=int, default=ProxyOptions.max_retries,
+                        help="retries per call of one that never reached a model")
+    parser.add_argument("--grace-period", type=float, default=5.0,
+                        help="seconds calls in flight get to finish on SIGTERM")
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    routes = None
+    if args.routes_file:
+        with open(args.routes_file, encoding="utf-8") as f:
+            routes = RouteTable.from_proto(text_format.Parse(f.read(), mesh.RouteTable()))
+    schedulers = [a.strip() for a in (args.scheduler or "").split(",") if a.strip()]
+    return args, ProxyOptions(
+        schedulers=schedulers, listen=args.listen, metrics_listen=args.metrics_listen,
+        max_message_bytes=args.max_message_bytes, routes=routes, max_retries=args.max_retries,
+    )
+
+
+async def run(options: ProxyOptions, grace_period_s: float) -> None:
+    server = ProxyServer(options)
+    await server.start()
+    metrics = f" (metrics on http://{server.metrics_address}/metrics)" if server.metrics_address else ""
+    print(f"meshserve proxy listening on {server.address}{metrics}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(grace_period_s)
+
+
+def main(argv=None) -> None:
+    args, options = parse_args(argv)
+    if args.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(run(options, args.grace_period))
+    else:
+        asyncio.run(run(options, args.grace_period))
+
+
+if __name__ == "__main__":
+    main()

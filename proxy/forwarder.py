@@ -1,0 +1,155 @@
+"""Forwarding one unary call: route, choose a replica, send the raw bytes, retry what never ran.
+
+Guarantees:
+- The request bytes go to the replica as they came and the response bytes
+  come back as they went; only fields 1-2 (model name, version) are read.
+- A call is retried on another replica only when the replica answered
+  UNAVAILABLE: refused, unreachable, draining, or gone before answering
+  (which for inference, free of side effects, is safe to run again). At
+  most ``max_retries`` times per call and within the ``RetryBudget``. Any
+  other status (DEADLINE_EXCEEDED, INTERNAL, INVALID_ARGUMENT, ...) is the
+  answer, passed through with its message.
+- A replica that answered UNAVAILABLE leaves rotation at once (its health
+  watch puts it back).
+- The client's remaining deadline is the upstream timeout; its metadata is
+  forwarded (with the proxy span's trace context).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from protos.errors import DeadlineExceeded, InvalidArgument, MeshError, NotFound, Unavailable, error_for_status
+
+from .balancer import Balancer
+from .endpoints import Endpoint, EndpointPool
+from .metrics import ProxyMetrics
+from .retry_budget import RetryBudget
+from .routes import Route, RouteTable
+from .tracing import ProxyTracing, forwarded_metadata
+from .wire import scan_request
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+@dataclass
+class Upstreams:
+    """What every forwarded call shares: the table, the replicas, the policies, the telemetry."""
+
+    table: Callable[[], RouteTable | None]
+    pool: EndpointPool
+    balancer: Balancer
+    budget: RetryBudget
+    metrics: ProxyMetrics
+    tracing: ProxyTracing
+    max_retries: int = 2
+
+    def routes(self, model: str, version: str) -> list[Route]:
+        """The routes of ``model`` (at ``version``); NotFound naming it, Unavailable with no table yet."""
+        table = self.table()
+        if table is None:
+            raise Unavailable("the proxy has no route table yet (no scheduler reached)")
+        routes = table.routes_for(model, version)
+        if not routes:
+            if version and table.routes_for(model):
+                raise NotFound(f"unknown version '{version}' of model '{model}'")
+            raise NotFound(f"unknown model '{model}'")
+        return routes
+
+
+def remaining_timeout(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("deadline exceeded before the call was forwarded")
+    return remaining
+
+
+def no_replica(model: str, last_error: grpc.aio.AioRpcError | None) -> Unavailable:
+    why = f": last answer {last_error.code().name}: {last_error.details()}" if last_error else ""
+    return Unavailable(f"no replica of model '{model}' is reachable{why}")
+
+
+class UnaryForwarder:
+    def __init__(self, upstreams: Upstreams):
+        self.up = upstreams
+
+    def reject(self, err: MeshError) -> MeshError:
+        self.up.metrics.rejected.labels(err.code.name).inc()
+        return err
+
+    async def forward(self, method: str, request: bytes, context: grpc.aio.ServicerContext,
+                      count: bool = False) -> bytes:
+        """Forward a model-scoped unary call (ModelInfer, ModelMetadata, ModelConfig); ``count``: metrics."""
+        incoming = context.invocation_metadata()
+        with self.up.tracing.server_span(method, incoming) as span:
+            try:
+                head = scan_request(request)
+                if not head.model:
+                    raise InvalidArgument(f"{method}: the request names no model")
+                routes = self.up.routes(head.model, head.version)
+            except MeshError as err:
+                raise self.reject(err) from None
+            span.set_attribute("meshserve.model", head.model)
+            metadata = forwarded_metadata(incoming)
+            return await self._attempts(method, request, context, head.model, head.version, routes,
+                                        self.up.tracing.upstream_metadata(metadata), span, count)
+
+    async def _attempts(self, method, request, context, model, version, routes, metadata, span, count) -> bytes:
+        up, metrics = self.up, self.up.metrics
+        tried: set[str] = set()
+        last_error: grpc.aio.AioRpcError | None = None
+        up.budget.record_call()
+        while True:
+            endpoint = up.balancer.pick(routes, up.pool, tried)
+            if endpoint is None:
+                raise self.reject(no_replica(model, last_error))
+            timeout = remaining_timeout(context)
+            span.set_attribute("meshserve.replica", endpoint.info.replica_id)
+            span.set_attribute("meshserve.node", endpoint.info.node)
+            try:
+                return await self._one(endpoint, method, request, timeout, metadata, model, version, count)
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in RETRYABLE:
+                    raise error_for_status(err.code(), err.details() or "") from None
+                endpoint.mark_failed()
+                last_error = err
+                tried.add(endpoint.address)
+                if len(tried) > up.max_retries:
+                    raise error_for_status(err.code(), err.details() or "") from None
+                if not up.budget.try_spend():
+                    metrics.retries_refused.labels(model).inc()
+                    raise error_for_status(err.code(), err.details() or "") from None
+                metrics.retries.labels(model, err.code().name).inc()
+                span.add_event("retry", {"meshserve.replica": endpoint.info.replica_id,
+                                         "rpc.grpc.status_code": err.code().value[0],
+                                         "error.message": err.details() or ""})
+
+    async def _one(self, endpoint: Endpoint, method: str, request: bytes, timeout: float | None,
+                   metadata, model: str, version: str, count: bool) -> bytes:
+        metrics = self.up.metrics
+        labels = (model, version, endpoint.info.replica_id)
+        endpoint.outstanding += 1
+        if count:
+            metrics.pending.labels(*labels).inc()
+            metrics.count.labels(*labels).inc()
+        start = time.monotonic()
+        try:
+            response = await endpoint.unary(method)(request, timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as err:
+            if count:
+                metrics.failure.labels(*labels, err.code().name).inc()
+            raise
+        finally:
+            endpoint.outstanding -= 1
+            if count:
+                metrics.pending.labels(*labels).dec()
+        if count:
+            elapsed = time.monotonic() - start
+            metrics.success.labels(*labels).inc()
+            metrics.duration_us.labels(*labels).inc(int(elapsed * 1e6))
+            metrics.latency.labels(model, version).observe(elapsed)
+        return response

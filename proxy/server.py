@@ -1,0 +1,141 @@
+"""Assembling the proxy: gRPC front, route source, replicas, metrics endpoint.
+
+``ProxyServer`` is the programmatic entry point (tests, ``scheduler dev``):
+``await start()``, then ``address`` (and ``metrics_address``) are known;
+``await stop()`` closes everything it opened.
+
+Lifecycle guarantees:
+- The proxy listens at once; ServerReady and ``grpc.health.v1`` say
+  SERVING from the first route table on (from the scheduler's watch, or
+  the static table given), and stay SERVING while the scheduler is away:
+  the last table is kept.
+- ``stop(grace)`` turns health NOT_SERVING, lets calls in flight finish
+  for ``grace`` seconds, then closes the replica channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import trace
+
+from runtime.status_interceptor import StatusInterceptor
+
+from .balancer import Balancer
+from .endpoints import SERVICE_NAME, EndpointPool
+from .follower import RouteFollower
+from .forwarder import UnaryForwarder, Upstreams
+from .metrics import ProxyMetrics
+from .metrics_http import MetricsHttpServer
+from .retry_budget import RetryBudget
+from .routes import RouteTable
+from .servicer import ProxyServicer, service_handler
+from .streams import StreamForwarder
+from .tracing import ProxyTracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProxyOptions:
+    schedulers: Sequence[str] = ()          # RouteService addresses; empty: static routes only
+    listen: str = "127.0.0.1:8001"          # Triton's gRPC port: clients find the mesh where they expect a server
+    metrics_listen: str | None = None       # HOST:PORT for GET /metrics; None: no metrics endpoint
+    # As the runtime: large image batches pass, a runaway client gets RESOURCE_EXHAUSTED.
+    max_message_bytes: int = 256 * 1024 * 1024
+    routes: RouteTable | None = None        # a static table (tests, --routes-file)
+    max_retries: int = 2                    # per call, on top of the first attempt
+    retry_budget_ratio: float = 0.2         # retries at most ~20 % of recent calls
+    tracer_provider: trace.TracerProvider | None = None   # default: the global one (no-op without an SDK)
+
+
+class ProxyServer:
+    def __init__(self, options: ProxyOptions):
+        self.options = options
+        self._table: RouteTable | None = None
+        self.metrics = ProxyMetrics()
+        self.metrics.registry.collectors.append(self._collect)
+        self.pool = EndpointPool(options.max_message_bytes)
+        self.upstreams = Upstreams(
+            table=lambda: self._table, pool=self.pool, balancer=Balancer(),
+            budget=RetryBudget(ratio=options.retry_budget_ratio), metrics=self.metrics,
+            tracing=ProxyTracing(options.tracer_provider), max_retries=options.max_retries,
+        )
+        self.health = health.aio.HealthServicer()
+        limit = options.max_message_bytes
+        self.server = grpc.aio.server(
+            interceptors=[StatusInterceptor()],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        servicer = ProxyServicer(self.upstreams, has_table=lambda: self._table is not None)
+        self.server.add_generic_rpc_handlers((
+            service_handler(servicer, UnaryForwarder(self.upstreams), StreamForwarder(self.upstreams)),
+        ))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(options.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {options.listen}")
+        self.address = f"{options.listen.rsplit(':', 1)[0]}:{self.port}"
+        self.metrics_server = MetricsHttpServer(options.metrics_listen, self.metrics.render) \
+            if options.metrics_listen else None
+        self.follower = RouteFollower(options.schedulers, self.set_routes) if options.schedulers else None
+        self._has_table = asyncio.Event()
+        self._background: set[asyncio.Task] = set()
+
+    @property
+    def metrics_address(self) -> str | None:
+        return self.metrics_server.address if self.metrics_server else None
+
+    @property
+    def routes(self) -> RouteTable | None:
+        return self._table
+
+    def set_routes(self, table: RouteTable) -> None:
+        """Serve from ``table`` from now on (the follower calls this; tests may too)."""
+        self._table = table
+        self.pool.update(table)
+        if not self._has_table.is_set():
+            self._has_table.set()
+            task = asyncio.create_task(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def wait_for_routes(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._has_table.wait(), timeout)
+
+    def _collect(self) -> None:
+        table = self._table
+        self.metrics.table_version.labels().set(table.version if table else 0)
+        endpoints = self.pool.all()
+        healthy = sum(e.healthy for e in endpoints)
+        self.metrics.endpoints.labels("true").set(healthy)
+        self.metrics.endpoints.labels("false").set(len(endpoints) - healthy)
+
+    async def start(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        if self.metrics_server:
+            await self.metrics_server.start()
+        if self.options.routes is not None:
+            self.set_routes(self.options.routes)
+        if self.follower:
+            self.follower.start()
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.follower:
+            await self.follower.stop()
+        await self.server.stop(grace)
+        if self.metrics_server:
+            await self.metrics_server.stop()
+        await self.pool.close()
