@@ -24,7 +24,7 @@ from .channel import channel_options as _channel_options
 from .encoding import build_infer_request, build_stream_request, decode_infer_response, decode_stream_response
 from .retry import DEFAULT_MAX_RETRIES, RetryPolicy, async_call_with_retries
 from .status import from_rpc_error
-from .tracing import trace_metadata
+from .tracing import StreamSpan, client_span
 
 
 class AsyncInferStream:
@@ -162,17 +162,16 @@ class AsyncInferenceClient:
         return self.timeout if timeout is None else timeout
 
     async def _unary(self, method, request, timeout: float | None):
-        metadata = trace_metadata()
+        with client_span(request, self.address) as metadata:  # the CLIENT span covers the retries
+            async def attempt(remaining: float | None):
+                try:
+                    return await method(request, timeout=remaining, metadata=metadata)
+                except grpc.RpcError as err:
+                    raise from_rpc_error(err) from err
 
-        async def attempt(remaining: float | None):
-            try:
-                return await method(request, timeout=remaining, metadata=metadata)
-            except grpc.RpcError as err:
-                raise from_rpc_error(err) from err
-
-        return await async_call_with_retries(
-            attempt, self.retry_policy, self._deadline(timeout), sleep=asyncio.sleep, clock=time.monotonic
-        )
+            return await async_call_with_retries(
+                attempt, self.retry_policy, self._deadline(timeout), sleep=asyncio.sleep, clock=time.monotonic
+            )
 
     # -- inference ---------------------------------------------------------
 
@@ -215,8 +214,9 @@ class AsyncInferenceClient:
             model, inputs, outputs, version=version, request_id=request_id,
             parameters=parameters, use_raw=use_raw,
         )
-        call = self._stub.ModelStreamInfer(timeout=self._deadline(timeout), metadata=trace_metadata())
-        return AsyncInferStream(call, request)
+        span = StreamSpan(request, self.address)
+        call = self._stub.ModelStreamInfer(timeout=self._deadline(timeout), metadata=span.metadata)
+        return AsyncInferStream(span.wrap(call), request)
 
     # -- server and model state ------------------------------------------
 

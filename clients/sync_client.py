@@ -31,7 +31,7 @@ from .channel import channel_options as _channel_options
 from .encoding import build_infer_request, build_stream_request, decode_infer_response, decode_stream_response
 from .retry import DEFAULT_MAX_RETRIES, RetryPolicy, call_with_retries
 from .status import from_rpc_error
-from .tracing import trace_metadata
+from .tracing import StreamSpan, client_span
 
 
 class InferStream:
@@ -145,17 +145,16 @@ class InferenceClient:
         return self.timeout if timeout is None else timeout
 
     def _unary(self, method, request, timeout: float | None):
-        metadata = trace_metadata()
+        with client_span(request, self.address) as metadata:  # the CLIENT span covers the retries
+            def attempt(remaining: float | None):
+                try:
+                    return method(request, timeout=remaining, metadata=metadata)
+                except grpc.RpcError as err:
+                    raise from_rpc_error(err) from err
 
-        def attempt(remaining: float | None):
-            try:
-                return method(request, timeout=remaining, metadata=metadata)
-            except grpc.RpcError as err:
-                raise from_rpc_error(err) from err
-
-        return call_with_retries(
-            attempt, self.retry_policy, self._deadline(timeout), sleep=time.sleep, clock=time.monotonic
-        )
+            return call_with_retries(
+                attempt, self.retry_policy, self._deadline(timeout), sleep=time.sleep, clock=time.monotonic
+            )
 
     # -- inference ---------------------------------------------------------
 
@@ -198,10 +197,9 @@ class InferenceClient:
             model, inputs, outputs, version=version, request_id=request_id,
             parameters=parameters, use_raw=use_raw,
         )
-        call = self._stub.ModelStreamInfer(
-            iter((request,)), timeout=self._deadline(timeout), metadata=trace_metadata()
-        )
-        return InferStream(call)
+        span = StreamSpan(request, self.address)
+        call = self._stub.ModelStreamInfer(iter((request,)), timeout=self._deadline(timeout), metadata=span.metadata)
+        return InferStream(span.wrap(call))
 
     # -- server and model state ------------------------------------------
 

@@ -7,6 +7,9 @@ import asyncio
 import logging
 
 from .server import ServerOptions, run
+from .telemetry import configure_tracing, shutdown_tracing
+
+SERVICE_NAME = "meshserve-runtime"  # OpenTelemetry service.name unless OTEL_SERVICE_NAME says otherwise
 
 
 def parse_args(argv=None) -> tuple[str, ServerOptions]:
@@ -34,13 +37,18 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
 
 
 def main(argv=None) -> None:
+    """Serve until SIGTERM/SIGINT. Tracing follows the OTEL_* environment (runtime/telemetry.py)."""
     event_loop, options = parse_args(argv)
-    if event_loop == "uvloop":
-        import uvloop
+    provider = configure_tracing(SERVICE_NAME)
+    try:
+        if event_loop == "uvloop":
+            import uvloop
 
-        uvloop.run(run(options))
-    else:
-        asyncio.run(run(options))
+            uvloop.run(run(options))
+        else:
+            asyncio.run(run(options))
+    finally:
+        shutdown_tracing(provider)  # flush the spans of the last requests
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from .devices import instance_devices
 from .instance_pool import InstancePool
 from .request import InferRequest, ModelSignature
 from .statistics import ModelStatisticsRecorder
+from .telemetry import RequestTrace
 from .tensor_spec import TensorSpec
 
 
@@ -117,14 +118,17 @@ class ServedModel:
     def in_flight(self) -> int:
         return self._pool.busy + (self._batcher.queued if self._batcher else 0)
 
-    async def infer(self, request: InferRequest) -> dict[str, np.ndarray]:
-        """Run one request through the batcher; raises MeshError on failure."""
+    async def infer(self, request: InferRequest, trace: RequestTrace | None = None) -> dict[str, np.ndarray]:
+        """Run one request through the batcher; raises MeshError on failure.
+
+        ``trace`` (tracing on) gets the request's queue and execute spans.
+        """
         if self.decoupled:
             raise FailedPrecondition(
                 f"model '{self.name}' is decoupled (it streams responses); call ModelStreamInfer"
             )
         try:
-            outputs = await self._batcher.submit(request)
+            outputs = await self._batcher.submit(request, trace)
         except MeshError:
             self.stats.record_request(False, time.perf_counter_ns() - request.arrival_ns)
             raise
@@ -138,14 +142,24 @@ class ServedModel:
         if missing:
             raise Internal(f"model '{self.name}' returned no output {', '.join(map(repr, missing))}")
 
-    async def stream(self, request: InferRequest) -> AsyncIterator[dict[str, np.ndarray]]:
-        """Responses of one request in order; a non-decoupled model yields exactly one."""
+    async def stream(self, request: InferRequest,
+                     trace: RequestTrace | None = None) -> AsyncIterator[dict[str, np.ndarray]]:
+        """Responses of one request in order; a non-decoupled model yields exactly one.
+
+        With ``trace``, a decoupled model's wait for an instance is the queue
+        span and the whole generation one execute span (a batch of one request).
+        """
         if not self.decoupled:
-            yield await self.infer(request)
+            yield await self.infer(request, trace)
             return
+        if trace is not None:
+            trace.queued()
         instance = await self._pool.acquire()
         started = time.perf_counter_ns()
         self.stats.record_queue(started - request.arrival_ns)
+        if trace is not None:
+            trace.started(time.time_ns(), request.batch_size, 1)
+        error = None
         ok = False
         self._streams += 1
         self._no_streams.clear()
@@ -153,11 +167,15 @@ class ServedModel:
             async for outputs in instance.stream(request.inputs):
                 yield outputs
             ok = True
-        except MeshError:
+        except MeshError as err:
+            error = err
             raise
         except Exception as err:
-            raise Internal(f"model '{self.name}' failed: {type(err).__name__}: {err}") from err
+            error = Internal(f"model '{self.name}' failed: {type(err).__name__}: {err}")
+            raise error from err
         finally:
+            if trace is not None:
+                trace.finished(time.time_ns(), error)
             self._streams -= 1
             if not self._streams:
                 self._no_streams.set()

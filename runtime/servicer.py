@@ -2,6 +2,12 @@
 
 Handlers decode, call the data plane, encode. Errors are raised as the
 project's error types and turned into statuses by ``StatusInterceptor``.
+
+Tracing (``runtime.telemetry``): when an SDK tracer provider is installed
+before the servicer is built, every ModelInfer request and every request of
+a ModelStreamInfer stream gets a SERVER span continuing the caller's W3C
+``traceparent`` metadata, with queue and execute children and, on streams,
+one ``response`` event per response. Otherwise no span work is done at all.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from .repository import READY, ModelRepository
 from .request import EMPTY_FINAL_PARAMETER, FINAL_RESPONSE_PARAMETER, decode_request, encode_response
+from .telemetry import RequestTrace, extract_context, runtime_tracer
 
 SERVER_NAME = "meshserve"
 # Only what this runtime really implements (Triton's load generator reads this).
@@ -38,6 +45,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.repository = repository
         self.ready = False  # false while loading and while draining
         self._version = _server_version()
+        self._tracer = runtime_tracer()  # None: tracing off, no span work on the hot path
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -73,9 +81,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(model_stats=[model.stats.to_proto() for model in models])
 
     async def ModelInfer(self, request, context):
+        if self._tracer is None:
+            return await self._infer(request, None)
+        trace = RequestTrace(self._tracer, "ModelInfer", request.model_name, request.id,
+                             extract_context(context.invocation_metadata()))
+        try:
+            response = await self._infer(request, trace)
+        except BaseException as err:
+            trace.end(err)
+            raise
+        trace.end()
+        return response
+
+    async def _infer(self, request: pb.ModelInferRequest, trace: RequestTrace | None) -> pb.ModelInferResponse:
         model = self.repository.get(request.model_name, request.model_version)
+        if trace is not None:
+            trace.model_version(model.version)
         infer_request = decode_request(request, model.signature)
-        outputs = await model.infer(infer_request)
+        outputs = await model.infer(infer_request, trace)
         return encode_response(model.name, model.version, request.id, outputs, model.signature,
                                infer_request.requested_outputs, model.labels)
 
@@ -92,15 +115,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """
         responses: asyncio.Queue = asyncio.Queue()
         running: set[asyncio.Task] = set()
+        parent = None if self._tracer is None else extract_context(context.invocation_metadata())
 
         async def answer(request: pb.ModelInferRequest) -> None:
+            trace = None if parent is None else RequestTrace(
+                self._tracer, "ModelStreamInfer", request.model_name, request.id, parent)
+            error = None
             try:
-                await self._stream_one(request, responses)
+                await self._stream_one(request, responses, trace)
             except MeshError as err:
+                error = err
                 await responses.put(pb.ModelStreamInferResponse(
                     error_message=f"{err.code.name}: {err.message}",
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
                 ))
+            except BaseException as err:
+                error = err
+                raise
+            finally:
+                if trace is not None:
+                    trace.end(error)
 
         async def read_requests() -> None:
             async for request in request_iterator:
@@ -121,19 +155,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(running):
                 task.cancel()
 
-    async def _stream_one(self, request: pb.ModelInferRequest, responses: asyncio.Queue) -> None:
+    async def _stream_one(self, request: pb.ModelInferRequest, responses: asyncio.Queue,
+                          trace: RequestTrace | None) -> None:
         model = self.repository.get(request.model_name, request.model_version)
+        if trace is not None:
+            trace.model_version(model.version)
         infer_request = decode_request(request, model.signature)
         empty_final = bool(infer_request.parameters.get(EMPTY_FINAL_PARAMETER)) and model.decoupled
 
         def response(outputs, final: bool) -> pb.ModelStreamInferResponse:
+            if trace is not None:
+                trace.response(final)
             return pb.ModelStreamInferResponse(infer_response=encode_response(
                 model.name, model.version, request.id, outputs, model.signature,
                 infer_request.requested_outputs, model.labels, _final_flag(final)))
 
         held = None
         try:
-            async for outputs in model.stream(infer_request):
+            async for outputs in model.stream(infer_request, trace):
                 if empty_final:
                     await responses.put(response(outputs, False))
                     continue
