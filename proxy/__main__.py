@@ -17,6 +17,7 @@ import signal
 from google.protobuf import text_format
 
 from protos.mesh import control_pb2 as mesh
+from runtime.telemetry import configure_tracing, shutdown_tracing
 
 from .routes import RouteTable
 from .server import ProxyOptions, ProxyServer
@@ -65,12 +66,16 @@ async def run(options: ProxyOptions, grace_period_s: float) -> None:
 
 def main(argv=None) -> None:
     args, options = parse_args(argv)
-    if args.event_loop == "uvloop":
-        import uvloop
+    provider = configure_tracing("meshserve-proxy")  # only when the OTEL_* environment asks for it
+    try:
+        if args.event_loop == "uvloop":
+            import uvloop
 
-        uvloop.run(run(options, args.grace_period))
-    else:
-        asyncio.run(run(options, args.grace_period))
+            uvloop.run(run(options, args.grace_period))
+        else:
+            asyncio.run(run(options, args.grace_period))
+    finally:
+        shutdown_tracing(provider)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """``scheduler dev``: the single-host mesh in one command.
 
 Starts, as child processes: a scheduler on the embedded SQLite store in
-``--state-dir``, and one node agent for this host — real NVML where there is
-a GPU, otherwise the fake GPUs of ``--fake-gpus`` (default 1x24GiB), and it
-says which. Then it applies ``examples/deployments/``, waits until the
-replicas are ready, prints them, calls two of them through the client
-library, and keeps running until Ctrl-C or SIGTERM,
-when it stops the agent (which drains its replicas) and the scheduler.
+``--state-dir``, one node agent for this host — real NVML where there is a
+GPU, otherwise the fake GPUs of ``--fake-gpus`` (default 1x24GiB), and it
+says which — and the front proxy on ``--proxy-listen``. Then it applies
+``examples/deployments/``, waits until the replicas are ready, prints them,
+calls the examples through the proxy with the client library (a unary call
+and a streaming one), and keeps running until Ctrl-C or SIGTERM, when it
+stops the proxy, the agent (which drains its replicas) and the scheduler.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_FAKE_GPUS = "1x24GiB"
 # Loading the examples (onnxruntime, the n-gram model) takes seconds on a small machine.
 READY_TIMEOUT_S = 120.0
+# The proxy learns of ready replicas from the scheduler's route watch within moments.
+ROUTES_TIMEOUT_S = 30.0
 
 
 def _gpu_present() -> bool:
@@ -69,24 +72,29 @@ def _replicas(server: str) -> list[dict]:
         return []
 
 
-def _show_calls(server: str) -> None:
-    """Call the example replicas the mesh placed, through the client library."""
+def _show_calls(proxy: str) -> None:
+    """Call the examples through the proxy, as any client of the mesh would."""
     import numpy as np
 
-    from clients import InferenceClient
+    from clients import InferenceClient, MeshError
 
-    ready = {r["deployment"]: r["address"] for r in _replicas(server) if r.get("state") == "ready"}
-    if "add-sub" in ready:
-        with InferenceClient(ready["add-sub"], timeout=10) as client:
+    with InferenceClient(proxy, timeout=30) as client:
+        deadline = time.monotonic() + ROUTES_TIMEOUT_S
+        while not (client.is_model_ready("add_sub") and client.is_model_ready("textgen")):
+            if time.monotonic() > deadline:
+                print("the proxy has no ready route for add_sub and textgen; skipping the calls")
+                return
+            time.sleep(0.2)  # the proxy follows the route table; nothing here to await
+        try:
             a = np.arange(16, dtype=np.float32)[None, :]
             out = client.infer("add_sub", {"INPUT0": a, "INPUT1": np.ones_like(a)})
-            print(f"\nadd_sub at {ready['add-sub']}: INPUT0+1 = {out['OUTPUT0'][0, :6]}...")
-    if "textgen" in ready:
-        with InferenceClient(ready["textgen"], timeout=30) as client:
+            print(f"\nadd_sub through the proxy {proxy}: INPUT0+1 = {out['OUTPUT0'][0, :6]}...")
             prompt = "The scheduler places"
             tokens = [r["TOKEN"][0].decode() for r in client.stream("textgen", {
                 "PROMPT": np.array([prompt.encode()], dtype=object), "MAX_TOKENS": np.array([16], np.int32)})]
-            print(f"textgen at {ready['textgen']} (streamed): {prompt}{''.join(tokens)}")
+            print(f"textgen through the proxy (streamed): {prompt}{''.join(tokens)}")
+        except MeshError as err:
+            print(f"a call through the proxy failed: {type(err).__name__}: {err}")
 
 
 def _settled(server: str) -> bool:
@@ -100,8 +108,7 @@ def _settled(server: str) -> bool:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="scheduler dev", description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:7070", help="the scheduler's address")
-    parser.add_argument("--proxy-listen", default="127.0.0.1:8001",
-                        help="the front proxy's address (the proxy arrives with the next brick)")
+    parser.add_argument("--proxy-listen", default="127.0.0.1:8001", help="the front proxy's address")
     parser.add_argument("--state-dir", default=str(REPO_ROOT / ".meshserve-dev"))
     parser.add_argument("--fake-gpus", default=None, help=f"fake GPUs when none is present "
                         f"(default {DEFAULT_FAKE_GPUS}); ignored with a real GPU unless given")
@@ -140,6 +147,9 @@ def main(argv: list[str]) -> int:
         agent = _start(agent_args, "node-agent")
         children.append(agent)
         _forward_output(agent, "node-agent")
+        proxy_process = _start(["-m", "proxy", "--scheduler", address, "--listen", args.proxy_listen], "proxy")
+        children.insert(0, proxy_process)  # stopped last: it keeps serving while replicas drain
+        proxy = _wait_for_line(proxy_process, r"proxy listening on (\S+)", "proxy")
         for path in sorted(pathlib.Path(args.deployments).glob("*.yaml")):
             _ctl(address, "apply", "-f", str(path))
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -147,10 +157,10 @@ def main(argv: list[str]) -> int:
             time.sleep(1.0)  # polling another process's state: there is no event to await
         _ctl(address, "get", "nodes")
         _ctl(address, "get", "replicas")
-        _show_calls(address)
+        _show_calls(proxy)
         if not args.once:
-            print(f"\nmesh running: scheduler {address}; `scheduler ctl --server {address} get replicas`; "
-                  f"Ctrl-C to stop", flush=True)
+            print(f"\nmesh running: clients use the proxy at {proxy} (KServe v2 gRPC); operators "
+                  f"`scheduler ctl --server {address} get replicas`; Ctrl-C to stop", flush=True)
             while all(child.poll() is None for child in children):
                 time.sleep(1.0)
     except KeyboardInterrupt:
