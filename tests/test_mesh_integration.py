@@ -151,8 +151,8 @@ def test_a_replica_that_fits_nowhere_stays_pending_and_explain_says_why(cluster,
     admin = Admin(scheduler.address)
     admin.wait_for(lambda: admin.nodes(), "the node")
     admin.apply(deployment_yaml("big", replicas=1, gpu_memory="40GiB"))
-    pending = admin.wait_for(lambda: [r for r in admin.replicas("big") if r.reason and r.state == "pending"],
-                             "a pending replica with a reason", mesh_=cluster)
+    pending = admin.wait_for(lambda: [r for r in admin.replicas("big") if "40 GiB" in r.reason and r.state == "pending"],
+                             "a pending replica whose reason names the 40 GiB it lacks", mesh_=cluster)
     lines = admin.explain("replica", pending[0].id)
     assert "pending" in lines[0] and "40 GiB" in "\n".join(lines), lines
     assert "pending" in "\n".join(admin.explain("deployment", "big"))
