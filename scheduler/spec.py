@@ -68,7 +68,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 
@@ -76,6 +76,9 @@ from protos import sizes
 from protos.errors import InvalidArgument
 
 KIND_DEPLOYMENT = "Deployment"
+KIND_PIPELINE = "Pipeline"
+KINDS = (KIND_DEPLOYMENT, KIND_PIPELINE)
+COLOCATE_MODES = ("required", "preferred", "none")
 STRATEGIES = ("spread", "pack")
 DEFAULT_REPLICAS = 1
 DEFAULT_REVISION_HISTORY = 5
@@ -93,7 +96,7 @@ _AGENT_ARGS = {"--model-repository": "from model.repository", "--model": "from m
 _AGENT_ENV = {"CUDA_VISIBLE_DEVICES": "to the GPUs placement picks"}
 
 _TOP_FIELDS = ("kind", "name", "model", "replicas", "resources", "placement", "revision_history",
-               "runtime_args", "env", "rollout")
+               "runtime_args", "env", "rollout", "colocate", "steps")
 _MODEL_FIELDS = ("repository", "name")
 _RESOURCE_FIELDS = ("gpus", "gpu_memory", "cpu", "memory")
 _PLACEMENT_FIELDS = ("strategy", "node_selector")
@@ -152,6 +155,14 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class PipelineStep:
+    """One step model of a pipeline and what one replica of it needs."""
+
+    model: str
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass(frozen=True)
 class Rollout:
     strategy: str = "rolling"
     canary_weight: int = 10       # percent of requests to the new revision while it is a canary
@@ -160,8 +171,6 @@ class Rollout:
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    kind: ClassVar[str] = KIND_DEPLOYMENT
-
     name: str
     model: ModelRef
     replicas: int = DEFAULT_REPLICAS
@@ -171,6 +180,10 @@ class DeploymentSpec:
     runtime_args: tuple[str, ...] = ()
     env: FrozenMap = field(default_factory=FrozenMap)
     rollout: Rollout = field(default_factory=Rollout)
+    kind: str = KIND_DEPLOYMENT
+    # Pipelines only: the step models with their resources, and where they may run.
+    steps: tuple[PipelineStep, ...] = ()
+    colocate: str = "required"
 
     def to_dict(self) -> dict[str, Any]:
         """The complete spec in the documented shape; plain dicts, lists, str and numbers."""
@@ -179,12 +192,7 @@ class DeploymentSpec:
             "name": self.name,
             "model": {"repository": self.model.repository, "name": self.model.name},
             "replicas": self.replicas,
-            "resources": {
-                "gpus": self.resources.gpus,
-                "gpu_memory": format_size(self.resources.gpu_memory),
-                "cpu": _plain_number(self.resources.cpu),
-                "memory": format_size(self.resources.memory),
-            },
+            "resources": _resources_dict(self.resources),
             "placement": {"strategy": self.placement.strategy,
                           "node_selector": dict(self.placement.node_selector)},
             "revision_history": self.revision_history,
@@ -192,6 +200,9 @@ class DeploymentSpec:
             "env": dict(self.env),
             "rollout": {"strategy": self.rollout.strategy, "canary_weight": self.rollout.canary_weight,
                         "canary_replicas": self.rollout.canary_replicas},
+            **({"colocate": self.colocate, "steps": [
+                {"model": step.model, "resources": _resources_dict(step.resources)} for step in self.steps]}
+               if self.kind == KIND_PIPELINE else {}),
         }
 
     def to_yaml(self) -> str:
@@ -209,6 +220,11 @@ class DeploymentSpec:
 
     def replace(self, **changes: Any) -> DeploymentSpec:
         return dataclasses.replace(self, **changes)
+
+
+def _resources_dict(resources: Resources) -> dict[str, Any]:
+    return {"gpus": resources.gpus, "gpu_memory": format_size(resources.gpu_memory),
+            "cpu": _plain_number(resources.cpu), "memory": format_size(resources.memory)}
 
 
 def _digest(canonical: dict[str, Any]) -> str:
@@ -388,8 +404,11 @@ def _deployment(doc: Any, path: str, base_dir: str | None, check: _Checker) -> D
     kind = top.get("kind")
     if kind is None:
         check.add(f"{path}.kind", f"required (kind: {KIND_DEPLOYMENT})")
-    elif kind != KIND_DEPLOYMENT:
-        check.add(f"{path}.kind", f"{_show(kind)} is not a kind this version knows (use {KIND_DEPLOYMENT})")
+    elif kind not in KINDS:
+        check.add(f"{path}.kind", f"{_show(kind)} is not a kind this version knows (use {' or '.join(KINDS)})")
+    for pipeline_only in ("colocate", "steps"):
+        if kind != KIND_PIPELINE and pipeline_only in top:
+            check.add(f"{path}.{pipeline_only}", f"only a {KIND_PIPELINE} has {pipeline_only}")
 
     name = check.string(top.get("name"), f"{path}.name", "a DNS label, e.g. add-sub")
     if name is not None and (len(name) > _NAME_MAX or not _NAME.match(name)):
@@ -409,12 +428,40 @@ def _deployment(doc: Any, path: str, base_dir: str | None, check: _Checker) -> D
             check.add(f"{path}.env.{key}", f"is set by the node agent ({why}); remove it")
 
     rollout = _rollout(top.get("rollout"), f"{path}.rollout", check)
+    steps, colocate = (), "required"
+    if kind == KIND_PIPELINE:
+        steps = _steps(top.get("steps"), f"{path}.steps", check)
+        colocate = top.get("colocate", "required")
+        if colocate not in COLOCATE_MODES:
+            check.add(f"{path}.colocate", f"{_show(colocate)} is not a mode (use {' | '.join(COLOCATE_MODES)})")
 
     if len(check.problems) > before or name is None or model is None:
         return None
     return DeploymentSpec(name=name, model=model, replicas=replicas, resources=resources,
                           placement=placement, revision_history=history, runtime_args=runtime_args,
-                          env=FrozenMap(env), rollout=rollout)
+                          env=FrozenMap(env), rollout=rollout, kind=kind, steps=steps, colocate=colocate)
+
+
+_STEP_FIELDS = ("model", "resources")
+
+
+def _steps(value: Any, path: str, check: _Checker) -> tuple[PipelineStep, ...]:
+    if not isinstance(value, list) or not value:
+        check.add(path, "required: a list of {model: NAME, resources: {...}}, one per step model")
+        return ()
+    steps, seen = [], set()
+    for index, item in enumerate(value):
+        where = f"{path}[{index}]"
+        block = check.mapping(item, where, _STEP_FIELDS, "model: preprocess, resources: {cpu: 250m}")
+        if block is None:
+            continue
+        model = check.string(block.get("model"), f"{where}.model", "the step model's folder name")
+        if model in seen:
+            check.add(f"{where}.model", f"{_show(model)} is listed twice")
+        if model is not None:
+            seen.add(model)
+            steps.append(PipelineStep(model, _resources(block.get("resources"), f"{where}.resources", check)))
+    return tuple(steps)
 
 
 ROLLOUT_STRATEGIES = ("rolling", "canary")

@@ -180,7 +180,7 @@ def test_the_documented_size_error():
 @pytest.mark.parametrize("extra, expected", [
     ("replica: 2\n", 'deployments[0].replica: unknown field (did you mean "replicas"?)'),
     ("shade: blue\n", "deployments[0].shade: unknown field (fields: kind, name, model, replicas, resources, "
-                      "placement, revision_history, runtime_args, env, rollout)"),
+                      "placement, revision_history, runtime_args, env, rollout, colocate, steps)"),
     ("rollout: {strategy: blue}\n",
      'deployments[0].rollout.strategy: "blue" is not a rollout strategy (use rolling or canary)'),
     ("rollout: {canary_weight: 100}\n", "deployments[0].rollout.canary_weight: 100 is more than 99"),
@@ -235,8 +235,14 @@ def test_each_error_names_its_field(extra, expected):
 
 @pytest.mark.parametrize("text, expected", [
     ("name: m\nmodel: {repository: r, name: m}\n", "deployments[0].kind: required (kind: Deployment)"),
+    ("kind: Pipelines\nname: m\nmodel: {repository: r, name: m}\n",
+     'deployments[0].kind: "Pipelines" is not a kind this version knows (use Deployment or Pipeline)'),
     ("kind: Pipeline\nname: m\nmodel: {repository: r, name: m}\n",
-     'deployments[0].kind: "Pipeline" is not a kind this version knows (use Deployment)'),
+     "deployments[0].steps: required: a list of {model: NAME, resources: {...}}, one per step model"),
+    ("kind: Pipeline\nname: m\nmodel: {repository: r, name: m}\ncolocate: always\nsteps: [{model: a}]\n",
+     'deployments[0].colocate: "always" is not a mode (use required | preferred | none)'),
+    ("kind: Pipeline\nname: m\nmodel: {repository: r, name: m}\nsteps: [{model: a}, {model: a}]\n",
+     'deployments[0].steps[1].model: "a" is listed twice'),
     ("kind: Deployment\nmodel: {repository: r, name: m}\n",
      "deployments[0].name: required (a DNS label, e.g. add-sub)"),
     ("kind: Deployment\nname: 7\nmodel: {repository: r, name: m}\n", "deployments[0].name: expected a string, got 7"),
@@ -441,3 +447,23 @@ def test_example_specifics():
     assert specs["mlp_onnx"].resources.gpus == 0
     assert specs["resnet50_torch"].resources.gpus == 1
     assert specs["resnet50_torch"].resources.gpu_memory == 4 * 2**30
+
+
+def test_a_pipeline_spec_lists_its_steps_and_round_trips():
+    [spec] = parse_deployments("""kind: Pipeline
+name: image
+model: {repository: /repo, name: image_pipeline}
+colocate: preferred
+steps:
+  - model: preprocess
+    resources: {cpu: 250m}
+  - model: classifier
+    resources: {gpus: 1, gpu_memory: 2GiB, cpu: 500m}
+""")
+    assert spec.kind == "Pipeline" and spec.colocate == "preferred"
+    assert [(s.model, s.resources.gpus, s.resources.cpu) for s in spec.steps] == [
+        ("preprocess", 0, 0.25), ("classifier", 1, 0.5)]
+    assert spec.to_dict()["steps"][1]["resources"]["gpu_memory"] == "2GiB"
+    assert parse_deployments(spec.to_yaml()) == [spec]
+    [plain] = parse_deployments(MINIMAL)
+    assert "steps" not in plain.to_dict() and "colocate" not in plain.to_dict()
