@@ -203,15 +203,31 @@ class SchedulerCore:
                 continue
             spec = deployment.spec_of(replica.revision)  # its own revision's, not the newest
             repository, model = model_of(spec)
+            pipeline_args = self._pipeline_args(replica)
+            if pipeline_args is None:
+                continue  # a split pipeline's leader waits until its remote steps are ready
+            models = replica.models or [model]
             assignments.replicas.add(
                 replica_id=replica.id, deployment=replica.deployment, revision=replica.revision,
-                model_repository=repository, model_name=model, gpu_indices=replica.gpu_indices,
+                model_repository=repository, model_name=models[0], gpu_indices=replica.gpu_indices,
                 env={**{str(k): str(v) for k, v in (spec.get("env") or {}).items()},
                      # what the replica may use on each of its GPUs (the fake GPU probe counts it)
                      GPU_MEMORY_ENV: str(replica.gpu_memory_bytes)},
-                runtime_args=[str(a) for a in spec.get("runtime_args") or []],
+                runtime_args=[str(a) for a in spec.get("runtime_args") or []] + pipeline_args,
             )
         return assignments
+
+    def _pipeline_args(self, replica) -> list[str] | None:
+        """The extra runtime flags of a pipeline replica: ``--model`` for each further model it
+        serves, ``--remote-model MODEL=ADDRESS`` for each step served elsewhere; None while a
+        remote step has no ready address yet."""
+        args = [flag for model in replica.models[1:] for flag in ("--model", model)]
+        for model, replica_id in sorted(replica.remote.items()):
+            step = self.cluster.replicas.get(replica_id)
+            if step is None or step.state != READY or not step.address:
+                return None
+            args += ["--remote-model", f"{model}={step.address}"]
+        return args
 
     def _push_assignments(self, only: str | None = None) -> None:
         for name, channel in list(self._node_channels.items()):
@@ -235,7 +251,7 @@ class SchedulerCore:
         table = mesh.RouteTable()
         for name in sorted(self.cluster.deployments):
             deployment = self.cluster.deployments[name]
-            ready = [r for r in self.cluster.replicas_of(name) if r.state == READY and r.address]
+            ready = [r for r in self.cluster.replicas_of(name) if r.state == READY and r.address and r.leads]
             for revision in sorted({r.revision for r in ready}):
                 endpoints = [r for r in ready if r.revision == revision]
                 if deployment.canary_active and revision in (deployment.revision, deployment.stable_revision):

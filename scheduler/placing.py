@@ -13,8 +13,9 @@ import collections
 
 from . import placement
 from .cluster import Cluster
-from .records import NODE_READY, PENDING, PLACED, READY, ReplicaRecord
-from .spec_fields import resources_of
+from .records import NODE_READY, PENDING, PLACED, READY, ReplicaRecord, new_replica_id
+from .pipelines import place_pipeline, step_needs
+from .spec_fields import Needs, resources_of
 from .writer import FencedWriter
 
 # Per-node detail kept on a replica for `explain`: enough to read, bounded on a big cluster.
@@ -52,9 +53,16 @@ def build_snapshot(cluster: Cluster) -> list[placement.NodeView]:
     return nodes
 
 
-def _needs(cluster: Cluster, replica: ReplicaRecord):
+def _needs(cluster: Cluster, replica: ReplicaRecord) -> Needs:
     deployment = cluster.deployments.get(replica.deployment)
-    return resources_of(deployment.spec_of(replica.revision) if deployment else {})
+    spec = deployment.spec_of(replica.revision) if deployment else {}
+    if spec.get("kind") != "Pipeline":
+        return resources_of(spec)
+    # A pipeline's replica needs what its steps need (a pending leader: nothing booked yet).
+    served = [needs for model, needs in step_needs(spec) if model in replica.models]
+    return Needs(gpus=max((n.gpus for n in served), default=0),
+                 gpu_memory=max((n.gpu_memory for n in served), default=0),
+                 cpu=sum(n.cpu for n in served), memory=sum(n.memory for n in served))
 
 
 def _request(cluster: Cluster, replica: ReplicaRecord) -> placement.ReplicaRequest:
@@ -70,9 +78,18 @@ async def place_pending(cluster: Cluster, writer: FencedWriter) -> bool:
     pending = sorted((r for r in cluster.replicas.values() if r.state == PENDING), key=lambda r: r.id)
     if not pending:
         return False
-    snapshot = build_snapshot(cluster)
-    decisions = placement.place(snapshot, [_request(cluster, r) for r in pending])
+    snapshot = placement.Snapshot.from_nodes(build_snapshot(cluster))  # one booking ledger per pass
     changed = []
+    plain = []
+    for replica in pending:
+        deployment = cluster.deployments.get(replica.deployment)
+        spec = deployment.spec_of(replica.revision) if deployment else {}
+        if spec.get("kind") == "Pipeline":
+            changed += place_pipeline(cluster, snapshot, replica, spec, new_replica_id)
+        else:
+            plain.append(replica)
+    pending = plain
+    decisions = placement.place(snapshot, [_request(cluster, r) for r in pending])
     for replica, decision in zip(pending, decisions):
         if isinstance(decision, placement.Placement):
             replica.state, replica.node = PLACED, decision.node

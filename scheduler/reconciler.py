@@ -19,13 +19,12 @@ placement engine's business.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 
 from .cluster import Cluster
 from .placing import place_pending
 from .records import (DRAINING, FAILED, NODE_LOST, NODE_READY, PENDING, PLACED, READY, STARTING,
-                      ReplicaRecord)
+                      ReplicaRecord, new_replica_id)
 from .writer import FencedWriter
 
 log = logging.getLogger(__name__)
@@ -33,10 +32,6 @@ log = logging.getLogger(__name__)
 ROLLING_SURGE = 1
 # Which replicas go first when there are too many: those doing nothing useful.
 _REMOVAL_ORDER = {PENDING: 0, FAILED: 1, PLACED: 2, STARTING: 3, DRAINING: 4, READY: 5}
-
-
-def new_replica_id(deployment: str) -> str:
-    return f"{deployment}-{secrets.token_hex(3)}"
 
 
 class Reconciler:
@@ -88,8 +83,11 @@ class Reconciler:
                 continue
             if why:
                 previous = replica.node
-                _reset_to_pending(replica, f"{why}; placing it again")
-                await self.writer.put(replica)
+                leader = cluster.replicas.get(replica.group, replica) if replica.group else replica
+                await self._forget_steps(leader)
+                if leader.id in cluster.replicas:
+                    _reset_to_pending(leader, f"{why}; placing it again")
+                    await self.writer.put(leader)
                 cluster.record_event(f"replica/{replica.id}", f"evicted from {previous}: {why}")
                 changed = True
         return changed
@@ -97,7 +95,7 @@ class Reconciler:
     async def _converge_deployment(self, name: str) -> bool:
         cluster = self.cluster
         deployment = cluster.deployments[name]
-        replicas = [r for r in cluster.replicas_of(name) if r.state != DRAINING]
+        replicas = [r for r in cluster.replicas_of(name) if r.state != DRAINING and r.leads]
         if deployment.canary_active:
             return await self._converge_canary(deployment, replicas)
         current = [r for r in replicas if r.revision == deployment.revision]
@@ -106,7 +104,8 @@ class Reconciler:
         # While old revisions still run, at most ROLLING_SURGE replicas beyond the desired count.
         room = None if not old else max(0, desired + ROLLING_SURGE - len(current) - len(old))
         changed = await self._scale_revision(deployment, deployment.revision, current, desired, room)
-        current = [r for r in cluster.replicas_of(name) if r.revision == deployment.revision and r.state != DRAINING]
+        current = [r for r in cluster.replicas_of(name)
+                   if r.revision == deployment.revision and r.state != DRAINING and r.leads]
 
         # Old revisions: drop the ones not serving at once, the serving ones as new ones become ready.
         if old:
@@ -160,18 +159,31 @@ class Reconciler:
         return changed
 
     async def _remove_orphans(self) -> bool:
-        """Replicas whose deployment was deleted."""
+        """Replicas whose deployment was deleted, and pipeline steps whose leader is gone."""
         changed = False
         for replica in list(self.cluster.replicas.values()):
-            if replica.deployment not in self.cluster.deployments and replica.state != DRAINING:
+            if replica.state == DRAINING:
+                continue
+            if replica.deployment not in self.cluster.deployments:
                 await self._remove(replica, "deployment deleted")
                 changed = True
+            elif not replica.leads and replica.group not in self.cluster.replicas:
+                await self._remove(replica, f"its pipeline replica {replica.group} is gone")
+                changed = True
         return changed
+
+    async def _forget_steps(self, leader: ReplicaRecord) -> None:
+        """Take a pipeline group's step replicas out of service (the leader is handled apart)."""
+        for replica in list(self.cluster.replicas.values()):
+            if replica.group == leader.id and replica.id != leader.id:
+                await self._remove(replica, f"its pipeline replica {leader.id} is being placed again")
 
     async def _remove(self, replica: ReplicaRecord, why: str) -> None:
         """Take a replica out of service. One that runs on a live node drains first: it leaves
         the routes and its node's assignments, so the agent stops it gracefully, and its record
         goes when the agent no longer reports it (SchedulerCore). Anything else goes at once."""
+        if replica.leads and replica.group:
+            await self._forget_steps(replica)
         node = self.cluster.nodes.get(replica.node) if replica.node else None
         if node is not None and node.state != NODE_LOST and replica.state != PENDING:
             replica.state, replica.reason = DRAINING, why
@@ -189,6 +201,7 @@ class Reconciler:
 def _reset_to_pending(replica: ReplicaRecord, reason: str) -> None:
     replica.state, replica.reason = PENDING, reason
     replica.node, replica.gpu_indices, replica.address, replica.pid = "", [], "", 0
+    replica.models, replica.remote = [], {}
 
 
 def now_ms() -> int:

@@ -15,6 +15,7 @@ reports after a restart. Only state changes are written.
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import asdict, dataclass, field, fields
 
 PREFIX = "/meshserve/"
@@ -28,6 +29,10 @@ NODES = PREFIX + "nodes/"
 PENDING, PLACED, STARTING, READY, DRAINING, FAILED = (
     "pending", "placed", "starting", "ready", "draining", "failed")
 NODE_READY, NODE_LOST = "ready", "lost"
+
+
+def new_replica_id(deployment: str) -> str:
+    return f"{deployment}-{secrets.token_hex(3)}"
 
 
 class _Json:
@@ -92,6 +97,17 @@ class ReplicaRecord(_Json):
     pid: int = 0
     restarts: int = 0
     decision: list = field(default_factory=list)   # explain lines of the last placement decision
+    # Pipelines: the models this process serves (empty: the deployment's model), the step models
+    # served by other replicas of its group ({model: replica id}), and the group's leader (the
+    # replica serving the pipeline's own model); "" for a plain deployment's replica.
+    models: list = field(default_factory=list)
+    remote: dict = field(default_factory=dict)
+    group: str = ""
+
+    @property
+    def leads(self) -> bool:
+        """Counts as one replica of its deployment (a pipeline's step replicas do not)."""
+        return not self.group or self.group == self.id
 
     @property
     def key(self) -> str:
