@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 
+from .ensemble_remote import parse_remote_model
 from .server import ServerOptions, run
 from .telemetry import configure_tracing, shutdown_tracing
 
@@ -23,16 +24,26 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
                         help="seconds in-flight requests get to finish on SIGTERM")
     parser.add_argument("--drain-delay", type=float, default=ServerOptions.drain_delay_s,
                         help="seconds to keep serving while reporting NOT_SERVING before stopping")
+    parser.add_argument("--remote-model", action="append", default=[], metavar="NAME=HOST:PORT",
+                        help="ensemble step model NAME is served by the replica at HOST:PORT; "
+                             "call it over gRPC instead of loading it (repeatable)")
     parser.add_argument("--strict", action="store_true", help="exit if any model fails to load")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="uvloop serves ~10%% more requests per second (bench/replica.py)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    remote_models = {}
+    for text in args.remote_model:
+        try:
+            name, address = parse_remote_model(text)
+        except ValueError as err:
+            parser.error(str(err))
+        remote_models[name] = address
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.event_loop, ServerOptions(
         repository=args.model_repository, models=args.models, listen=args.listen,
         max_message_bytes=args.max_message_bytes, grace_period_s=args.grace_period,
-        drain_delay_s=args.drain_delay, strict=args.strict,
+        drain_delay_s=args.drain_delay, strict=args.strict, remote_models=remote_models,
     )
 
 

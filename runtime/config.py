@@ -21,13 +21,13 @@ from protos.inference import model_config_pb2 as mc
 CONFIG_FILE = "config.pbtxt"
 PYTHON_BACKEND = "python"
 ONNX_PLATFORMS = ("onnxruntime_onnx", "onnxruntime")
+ENSEMBLE_PLATFORM = "ensemble"
 ONNX_FILE = "model.onnx"
 PYTHON_FILE = "model.py"
 
 # Fields that parse but that we do not honour, with what to do instead.
 _UNSUPPORTED_FIELDS = {
     "sequence_batching": "sequence batching is not supported",
-    "ensemble_scheduling": "ensembles are not supported by this runtime yet",
     "batch_input": "batch inputs are not supported",
     "batch_output": "batch outputs are not supported",
     "optimization": "optimization policies are not supported",
@@ -120,8 +120,9 @@ def validate(config: mc.ModelConfig, path: pathlib.Path) -> None:
     for field, why in _UNSUPPORTED_FIELDS.items():
         if _is_set(config, field):
             raise _refuse(path, field, why)
-    if config.platform == "ensemble":
-        raise _refuse(path, "platform", "ensembles are not supported by this runtime yet")
+    if config.platform == ENSEMBLE_PLATFORM or config.HasField("ensemble_scheduling"):
+        _validate_ensemble(config, path)
+        return
     if config.backend not in ("", PYTHON_BACKEND, "onnxruntime") or (
         config.platform and config.platform not in ONNX_PLATFORMS
     ):
@@ -146,6 +147,46 @@ def validate(config: mc.ModelConfig, path: pathlib.Path) -> None:
             raise _refuse(path, f"{where}.kind", "KIND_MODEL is not supported; use KIND_CPU or KIND_GPU")
         if group.profile or group.secondary_devices or group.passive or group.host_policy:
             raise _refuse(path, where, "profile, secondary_devices, passive and host_policy are not supported")
+    _validate_tensors(config, path)
+
+
+def is_ensemble(config: mc.ModelConfig) -> bool:
+    return config.platform == ENSEMBLE_PLATFORM
+
+
+def _validate_ensemble(config: mc.ModelConfig, path: pathlib.Path) -> None:
+    """What an ensemble's own file must hold; its steps are checked against their models at load."""
+    if config.platform != ENSEMBLE_PLATFORM:
+        raise ConfigError(f"{path}: field 'ensemble_scheduling' needs platform \"{ENSEMBLE_PLATFORM}\"")
+    if config.backend:
+        raise ConfigError(f"{path}: field 'backend' must be empty for platform \"{ENSEMBLE_PLATFORM}\"")
+    if not config.ensemble_scheduling.step:
+        raise ConfigError(f"{path}: platform \"{ENSEMBLE_PLATFORM}\" needs 'ensemble_scheduling' with at least one step")
+    for field, why in (
+        ("dynamic_batching", "an ensemble does not batch; set dynamic_batching on its step models"),
+        ("instance_group", "an ensemble runs no instances of its own; set instance_group on its step models"),
+        ("version_policy", "an ensemble serves one version"),
+    ):
+        if _is_set(config, field):
+            raise _refuse(path, field, why)
+    if config.response_cache.enable:
+        raise _refuse(path, "response_cache.enable", "the response cache is not supported")
+    if config.max_batch_size < 0:
+        raise ConfigError(f"{path}: field 'max_batch_size' must be >= 0, got {config.max_batch_size}")
+    for index, step in enumerate(config.ensemble_scheduling.step):
+        where = f"ensemble_scheduling.step[{index}]"
+        if not step.model_name:
+            raise ConfigError(f"{path}: field '{where}.model_name' is empty")
+        if step.model_namespace:
+            raise _refuse(path, f"{where}.model_namespace", "model namespaces are not supported")
+        if step.model_version < -1:  # -1 (or unset, 0): the latest version
+            raise ConfigError(f"{path}: field '{where}.model_version' must be -1 (latest) or a version "
+                              f"number, got {step.model_version}")
+        if not step.output_map:
+            raise ConfigError(f"{path}: field '{where}.output_map' is empty (step model '{step.model_name}')")
+    if not config.input or not config.output:
+        raise ConfigError(f"{path}: ensemble '{config.name}' declares no "
+                          f"{'inputs' if not config.input else 'outputs'}")
     _validate_tensors(config, path)
 
 

@@ -58,6 +58,18 @@ def _read_labels(model_dir: pathlib.Path, config: mc.ModelConfig) -> dict[str, l
     return labels
 
 
+def model_metadata(config: mc.ModelConfig, signature: ModelSignature,
+                   versions: list[str]) -> pb.ModelMetadataResponse:
+    """ModelMetadata of a model (served or ensemble): its tensors with the batch axis as -1."""
+    response = pb.ModelMetadataResponse(
+        name=config.name, versions=versions, platform=config.platform or config.backend
+    )
+    for specs, target in ((signature.inputs, response.inputs), (signature.outputs, response.outputs)):
+        for spec in specs.values():
+            target.add(name=spec.name, datatype=spec.datatype, shape=spec.wire_shape(config.max_batch_size))
+    return response
+
+
 class ServedModel:
     """A loaded model version. Create with ``await ServedModel.load(...)``."""
 
@@ -186,16 +198,7 @@ class ServedModel:
             self.stats.record_request(ok, done - request.arrival_ns)
 
     def metadata(self, versions: list[str]) -> pb.ModelMetadataResponse:
-        config = self.config
-        response = pb.ModelMetadataResponse(
-            name=self.name, versions=versions, platform=config.platform or config.backend
-        )
-        for specs, target in ((self.signature.inputs, response.inputs),
-                              (self.signature.outputs, response.outputs)):
-            for spec in specs.values():
-                target.add(name=spec.name, datatype=spec.datatype,
-                           shape=spec.wire_shape(config.max_batch_size))
-        return response
+        return model_metadata(self.config, self.signature, versions)
 
     async def close(self) -> None:
         """Drain: queued and running requests finish, then instances close."""

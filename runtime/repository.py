@@ -5,6 +5,13 @@ model that fails to load is kept in the index as UNAVAILABLE with the
 reason, and every other model keeps serving. Loading a model that is
 already loaded loads the new copy first and swaps it in, so requests never
 see a gap; the old copy drains before it is closed.
+
+An ensemble (``platform: "ensemble"``) loads after its step models: loading
+it first loads the step models of this repository that are not loaded yet
+(whatever ``--model`` says, as Triton does), then checks its graph against
+them. A model named by ``--remote-model`` is served by another replica: it
+is never loaded here, and ensembles reach it over gRPC. An ensemble that
+loads with warnings (an unused tensor) is READY with the warnings as reason.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from dataclasses import dataclass, field
 from protos.errors import InvalidArgument, NotFound, Unavailable
 
 from . import config as config_rules
+from .ensemble import EnsembleModel
+from .ensemble_remote import RemoteModels
 from .model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -35,21 +44,25 @@ class ModelEntry:
 class ModelRepository:
     """Loads and serves the models of one repository folder."""
 
-    def __init__(self, root: pathlib.Path, models: list[str] | None = None):
+    def __init__(self, root: pathlib.Path, models: list[str] | None = None,
+                 remote_models: dict[str, str] | None = None):
         self.root = pathlib.Path(root).resolve()
         if not self.root.is_dir():
             raise NotFound(f"model repository {self.root} is not a directory")
         self._allowed = set(models) if models else None
+        self.remote = RemoteModels(remote_models)
         self._entries: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     def available(self) -> list[str]:
         """Model folders on disk (restricted to ``--model`` names when given)."""
         names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        return [n for n in names if self._allowed is None or n in self._allowed]
+        return [n for n in names if (self._allowed is None or n in self._allowed) and n not in self.remote]
 
     async def load_all(self) -> None:
         for name in self.available():
+            if name in self._entries:  # loaded already, as a step of an ensemble
+                continue
             try:
                 await self.load(name)
             except Exception:  # reported in the index; the others still load
@@ -68,6 +81,13 @@ class ModelRepository:
 
     async def load(self, name: str) -> None:
         """Load (or reload) every selected version of ``name``; raises with the reason on failure."""
+        await self._load(name, ())
+
+    async def _load(self, name: str, ensembles: tuple[str, ...]) -> None:
+        """``ensembles``: the ensembles whose loading asked for this one (a cycle guard)."""
+        if name in self.remote:
+            raise InvalidArgument(f"model '{name}' is served by the remote replica at "
+                                  f"{self.remote.address(name)} (--remote-model); it is not loaded here")
         model_dir = self._model_dir(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
             entry = self._entries.setdefault(name, ModelEntry(name))
@@ -77,8 +97,12 @@ class ModelRepository:
             try:
                 config = config_rules.load_model_config(model_dir)
                 available = config_rules.version_folders(model_dir)
-                versions = config_rules.selected_versions(config, available)
-                if not versions:
+                if config_rules.is_ensemble(config):
+                    version = str(available[-1]) if available else "1"  # its version folder may be empty or absent
+                    loaded[version] = await self._load_ensemble(config, version, ensembles + (name,))
+                    available = []
+                versions = config_rules.selected_versions(config, available) if available else []
+                if not versions and not loaded:
                     raise config_rules.ConfigError(
                         f"{model_dir}: no version folder matches the version policy (found {available})"
                     )
@@ -92,10 +116,36 @@ class ModelRepository:
                     f"reload failed, still serving the previous copy: {err}"
                 log.error("model '%s' failed to load: %s", name, err)
                 raise Unavailable(f"model '{name}' failed to load: {err}") from err
-            entry.versions, entry.state, entry.reason = loaded, READY, ""
+            warnings = [w for model in loaded.values() for w in getattr(model, "warnings", ())]
+            entry.versions, entry.state = loaded, READY
+            entry.reason = "; ".join(f"WARNING: {w}" for w in warnings)
             log.info("model '%s' ready (versions %s)", name, ", ".join(loaded))
         for model in previous.values():
             await model.close()
+
+    async def _load_ensemble(self, config, version: str, ensembles: tuple[str, ...]) -> EnsembleModel:
+        for step in config.ensemble_scheduling.step:
+            dependency = step.model_name
+            if dependency in self.remote or not (self.root / dependency).is_dir():
+                continue  # remote, or unknown: the ensemble's check names it
+            if dependency in ensembles:
+                raise config_rules.ConfigError(
+                    f"ensemble '{config.name}': ensembles contain each other: "
+                    f"{' -> '.join(ensembles + (dependency,))}")
+            entry = self._entries.get(dependency)
+            if entry is None or (not entry.versions and entry.state != LOADING):
+                try:
+                    await self._load(dependency, ensembles)
+                except Exception:  # its reason is in the index; the ensemble's check names it
+                    pass
+        return await EnsembleModel.load(config, version, self.get, self.remote, self._step_config)
+
+    def _step_config(self, name: str, version: str):
+        """The config of a loaded local step model, or NotFound/Unavailable saying why not."""
+        if name not in self._entries and not (self.root / name).is_dir():
+            raise NotFound(f"model '{name}' is not in the repository {self.root} "
+                           f"and not served remotely (--remote-model)")
+        return self.get(name, version).config
 
     async def unload(self, name: str) -> None:
         entry = self._entries.get(name)
@@ -148,3 +198,4 @@ class ModelRepository:
             for model in versions.values():
                 await model.close()
             entry.state, entry.reason = UNAVAILABLE, "server shutting down"
+        await self.remote.close()

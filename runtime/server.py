@@ -48,6 +48,8 @@ class ServerOptions:
     # set it to a little more than the balancer's health-check interval.
     drain_delay_s: float = 0.0
     strict: bool = False
+    # Step models of ensembles served by other replicas: name -> HOST:PORT (--remote-model).
+    remote_models: dict[str, str] | None = None
 
 
 class RuntimeServer:
@@ -55,7 +57,7 @@ class RuntimeServer:
 
     def __init__(self, options: ServerOptions):
         self.options = options
-        self.repository = ModelRepository(options.repository, options.models)
+        self.repository = ModelRepository(options.repository, options.models, options.remote_models)
         self.servicer = InferenceServicer(self.repository)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         limit = options.max_message_bytes
