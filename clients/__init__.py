@@ -4,6 +4,8 @@
 and return numpy arrays, send ``raw_input_contents`` by default, stream
 decoupled models as iterators, apply deadlines, retry only what never reached
 a model, raise the mesh's error taxonomy and carry W3C trace context.
+``SharedMemory`` / ``AsyncSharedMemory`` move big tensors through a POSIX
+shared memory region instead (same host only; ``clients.shared_memory``).
 """
 
 from protos.errors import (
@@ -22,12 +24,14 @@ from protos.errors import (
 
 from .async_client import AsyncInferenceClient, AsyncInferStream
 from .retry import RetryPolicy
+from .shared_memory import AsyncSharedMemory, SharedMemory, SharedMemoryRegion
 from .sync_client import InferenceClient, InferStream
 
 __all__ = [
     "AlreadyExists",
     "AsyncInferStream",
     "AsyncInferenceClient",
+    "AsyncSharedMemory",
     "Cancelled",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -39,6 +43,8 @@ __all__ = [
     "NotFound",
     "ResourceExhausted",
     "RetryPolicy",
+    "SharedMemory",
+    "SharedMemoryRegion",
     "Unavailable",
     "Unimplemented",
 ]

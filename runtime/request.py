@@ -5,6 +5,18 @@ declared names, datatypes and shapes exactly (batch axis included), or raises
 ``InvalidArgument`` naming the tensor and the problem. Unknown request
 parameters are tolerated. ``encode_response`` always answers in
 ``raw_output_contents``, as Triton does, filtered to the requested outputs.
+
+Shared memory (``runtime.shared_memory``): an input whose parameters name a
+region is read from it, with the same size and shape checks as raw bytes;
+``raw_input_contents`` then holds one entry per *other* input, in order (as
+Triton reads them). Numeric inputs are read-only numpy views of the region,
+no copy, like raw inputs are views of the request; a predictor that writes
+into an input must copy it (``np.array(x)``) first, and batching (several
+requests stacked) copies anyway. The client must leave the region alone
+until its response arrives. A requested output whose parameters name a
+region is written into it; the response carries its name, datatype, shape
+and region parameters (``shared_memory_byte_size`` = bytes written) and an
+empty ``raw_output_contents`` entry, keeping entries one per output.
 """
 
 from __future__ import annotations
@@ -15,9 +27,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protos import tensors
-from protos.errors import InvalidArgument
+from protos.errors import InvalidArgument, NotFound
 from protos.inference import grpc_service_pb2 as pb
 
+from .shared_memory import (
+    BYTE_SIZE_PARAMETER,
+    OFFSET_PARAMETER,
+    REGION_PARAMETER,
+    SharedMemoryRegistry,
+    TensorLocation,
+    tensor_location,
+)
 from .tensor_spec import TensorSpec
 
 # Reserved request parameter names (KServe v2 / Triton).
@@ -38,6 +58,8 @@ class InferRequest:
     parameters: dict[str, object]
     deadline: float | None = None  # time.monotonic() after which it may not start
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
+    # Requested outputs to write into shared memory: name -> (location, the region's bytes there).
+    output_regions: dict[str, tuple[TensorLocation, memoryview]] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,17 +78,39 @@ def parameter_value(parameter: pb.InferParameter):
     return getattr(parameter, choice) if choice else None
 
 
-def decode_request(request: pb.ModelInferRequest, signature: ModelSignature) -> InferRequest:
-    """Validate and decode ``request`` against ``signature``; see the module guarantee."""
+def _locate(shared_memory: SharedMemoryRegistry | None, location: TensorLocation, tensor: str) -> memoryview:
+    if shared_memory is None:
+        raise NotFound(f"{tensor}: shared memory region '{location.region}' is not registered")
+    return shared_memory.locate(location, tensor)
+
+
+def _input_locations(request: pb.ModelInferRequest) -> list[TensorLocation | None] | None:
+    """Per input, its shared-memory location or None; None when no input uses shared memory."""
+    if not any(tensor.parameters for tensor in request.inputs):
+        return None  # the common case costs one pass over the inputs
+    locations = [tensor_location(tensor.parameters, f"input '{tensor.name}'") for tensor in request.inputs]
+    return locations if any(locations) else None
+
+
+def decode_request(request: pb.ModelInferRequest, signature: ModelSignature,
+                   shared_memory: SharedMemoryRegistry | None = None) -> InferRequest:
+    """Validate and decode ``request`` against ``signature``; see the module guarantee.
+
+    ``shared_memory`` resolves the regions that tensors name (none registered when None).
+    """
     model = signature.name
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    locations = _input_locations(request)
+    expected_raw = len(request.inputs) - (sum(1 for each in locations if each) if locations else 0)
+    if raw and len(raw) != expected_raw:
+        in_shm = f" ({len(request.inputs) - expected_raw} in shared memory)" if locations else ""
         raise InvalidArgument(
-            f"request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents entries; "
-            f"they must be one per input, in order"
+            f"request has {len(request.inputs)} inputs{in_shm} but {len(raw)} raw_input_contents entries; "
+            f"they must be one per input not in shared memory, in order"
         )
     inputs: dict[str, np.ndarray] = {}
     batch_size = None
+    raw_index = 0
     for index, tensor in enumerate(request.inputs):
         spec = signature.inputs.get(tensor.name)
         if spec is None:
@@ -83,15 +127,34 @@ def decode_request(request: pb.ModelInferRequest, signature: ModelSignature) -> 
             )
         shape = list(tensor.shape)
         spec.check_shape(model, shape, signature.max_batch_size)
+        location = locations[index] if locations else None
         try:
-            if raw:
+            if location is not None:
+                if tensor.HasField("contents"):
+                    raise ValueError("has typed contents as well as a shared memory region; send one or the other")
+                what = f"input '{tensor.name}'"
+                buffer = _locate(shared_memory, location, what)
+                dtype = tensors.NUMPY_DTYPES.get(tensor.datatype)
+                if tensor.datatype != "BYTES" and dtype is not None:
+                    needed = tensors.element_count(shape) * dtype.itemsize
+                    if len(buffer) != needed:
+                        raise InvalidArgument(
+                            f"{what}: shared_memory_byte_size {len(buffer)} in region '{location.region}' "
+                            f"does not match shape {shape} of {tensor.datatype}, which needs {needed} bytes"
+                        )
+                array = tensors.from_raw(tensor.datatype, shape, buffer)
+                if array.flags.writeable:
+                    array.flags.writeable = False  # the client's memory: a model must not write into it
+            elif raw:
                 if tensor.HasField("contents"):
                     raise ValueError("has typed contents as well as raw_input_contents; send one or the other")
-                array = tensors.from_raw(tensor.datatype, shape, raw[index])
+                array = tensors.from_raw(tensor.datatype, shape, raw[raw_index])
+                raw_index += 1
             else:
                 array = tensors.from_contents(tensor.datatype, shape, tensor.contents)
         except ValueError as err:
-            raise InvalidArgument(f"input '{tensor.name}': {err}") from None
+            where = f" (shared memory region '{location.region}')" if location is not None else ""
+            raise InvalidArgument(f"input '{tensor.name}'{where}: {err}") from None
         if signature.max_batch_size > 0:
             if batch_size is None:
                 batch_size = shape[0]
@@ -105,6 +168,7 @@ def decode_request(request: pb.ModelInferRequest, signature: ModelSignature) -> 
             raise InvalidArgument(f"missing input '{name}' for model '{model}'")
 
     requested = None
+    output_regions = None
     if request.outputs:
         requested = {}
         for output in request.outputs:
@@ -115,6 +179,14 @@ def decode_request(request: pb.ModelInferRequest, signature: ModelSignature) -> 
                 )
             top_k = output.parameters.get(CLASSIFICATION_PARAMETER)
             requested[output.name] = int(parameter_value(top_k)) if top_k is not None else 0
+            if not output.parameters:
+                continue
+            what = f"output '{output.name}'"
+            location = tensor_location(output.parameters, what)
+            if location is not None:
+                if output_regions is None:
+                    output_regions = {}
+                output_regions[output.name] = (location, _locate(shared_memory, location, what))
 
     parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
     timeout_us = parameters.get(TIMEOUT_PARAMETER) or signature.default_timeout_us
@@ -128,6 +200,7 @@ def decode_request(request: pb.ModelInferRequest, signature: ModelSignature) -> 
         requested_outputs=requested,
         parameters=parameters,
         deadline=deadline,
+        output_regions=output_regions,
     )
 
 
@@ -153,8 +226,13 @@ def encode_response(
     requested: dict[str, int] | None,
     labels: dict[str, list[str]] | None = None,
     parameters: dict[str, pb.InferParameter] | None = None,
+    output_regions: dict[str, tuple[TensorLocation, memoryview]] | None = None,
 ) -> pb.ModelInferResponse:
-    """Build a response carrying ``outputs`` (filtered to ``requested``) as raw contents."""
+    """Build a response carrying ``outputs`` (filtered to ``requested``) as raw contents.
+
+    Outputs in ``output_regions`` are written into their shared memory instead
+    (``InvalidArgument`` naming output and region if it is too small).
+    """
     response = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
     if parameters:
         for key, value in parameters.items():
@@ -172,5 +250,36 @@ def encode_response(
             datatype = "BYTES"
         tensor = response.outputs.add(name=name, datatype=datatype)
         tensor.shape.extend(array.shape)
-        response.raw_output_contents.append(tensors.to_raw(array, datatype))
+        region = output_regions.get(name) if output_regions else None
+        if region is None:
+            response.raw_output_contents.append(tensors.to_raw(array, datatype))
+            continue
+        location, window = region
+        written = write_to_region(name, array, datatype, location, window)
+        tensor.parameters[REGION_PARAMETER].string_param = location.region
+        tensor.parameters[OFFSET_PARAMETER].int64_param = location.offset
+        tensor.parameters[BYTE_SIZE_PARAMETER].int64_param = written
+        response.raw_output_contents.append(b"")  # Triton keeps one entry per output
     return response
+
+
+def write_to_region(name: str, array: np.ndarray, datatype: str, location: TensorLocation,
+                    window: memoryview) -> int:
+    """Write one output into its shared memory window; returns the bytes written."""
+    dtype = tensors.NUMPY_DTYPES[datatype]
+    if datatype == "BYTES":
+        data = tensors.to_raw(array, datatype)
+        size = len(data)
+    else:
+        size = array.size * dtype.itemsize
+    if size > len(window):
+        raise InvalidArgument(
+            f"output '{name}' needs {size} bytes but shared memory region '{location.region}' "
+            f"gives it {len(window)} (shared_memory_byte_size) at offset {location.offset}"
+        )
+    if datatype == "BYTES":
+        window[:size] = data
+    else:  # straight into the region: no intermediate bytes object
+        target = np.frombuffer(window, dtype=dtype, count=array.size).reshape(array.shape)
+        np.copyto(target, array, casting="unsafe")
+    return size

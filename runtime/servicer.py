@@ -21,12 +21,13 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from .repository import READY, ModelRepository
 from .request import EMPTY_FINAL_PARAMETER, FINAL_RESPONSE_PARAMETER, decode_request, encode_response
+from .shared_memory import SharedMemoryRegistry
 from .telemetry import RequestTrace, extract_context, runtime_tracer
 
 SERVER_NAME = "meshserve"
 # Only what this runtime really implements (Triton's load generator reads this).
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "schedule_policy",
-              "statistics", "parameters"]
+              "statistics", "parameters", "system_shared_memory"]
 
 
 def _server_version() -> str:
@@ -46,6 +47,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.ready = False  # false while loading and while draining
         self._version = _server_version()
         self._tracer = runtime_tracer()  # None: tracing off, no span work on the hot path
+        self.shared_memory = SharedMemoryRegistry()  # regions live as long as the servicer
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -97,10 +99,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.repository.get(request.model_name, request.model_version)
         if trace is not None:
             trace.model_version(model.version)
-        infer_request = decode_request(request, model.signature)
+        infer_request = decode_request(request, model.signature, self.shared_memory)
         outputs = await model.infer(infer_request, trace)
         return encode_response(model.name, model.version, request.id, outputs, model.signature,
-                               infer_request.requested_outputs, model.labels)
+                               infer_request.requested_outputs, model.labels,
+                               output_regions=infer_request.output_regions)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests on one stream run concurrently; each one's responses keep their order.
@@ -160,7 +163,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self.repository.get(request.model_name, request.model_version)
         if trace is not None:
             trace.model_version(model.version)
-        infer_request = decode_request(request, model.signature)
+        infer_request = decode_request(request, model.signature, self.shared_memory)
         empty_final = bool(infer_request.parameters.get(EMPTY_FINAL_PARAMETER)) and model.decoupled
 
         def response(outputs, final: bool) -> pb.ModelStreamInferResponse:
@@ -168,7 +171,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 trace.response(final)
             return pb.ModelStreamInferResponse(infer_response=encode_response(
                 model.name, model.version, request.id, outputs, model.signature,
-                infer_request.requested_outputs, model.labels, _final_flag(final)))
+                infer_request.requested_outputs, model.labels, _final_flag(final),
+                output_regions=infer_request.output_regions))
 
         held = None
         try:
@@ -221,15 +225,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         raise Unimplemented(f"{what} is not implemented by meshserve's runtime yet")
 
     async def SystemSharedMemoryStatus(self, request, context):
-        await self._unimplemented("system shared memory")
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.shared_memory.status(request.name):
+            response.regions[region.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size))
+        return response
 
     async def SystemSharedMemoryRegister(self, request, context):
-        await self._unimplemented("system shared memory")
+        self.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request, context):
-        await self._unimplemented("system shared memory")
+        self.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request, context):
+        # Needs a CUDA IPC handle opened in this process; system shared memory works on any host.
         await self._unimplemented("CUDA shared memory")
 
     async def CudaSharedMemoryRegister(self, request, context):

@@ -82,7 +82,7 @@ def test_server_metadata_lists_only_implemented_extensions(stub):
     extensions = set(response.extensions)
     assert {"model_repository", "model_configuration", "statistics", "classification"} <= extensions
     # Unimplemented RPC families must not be advertised.
-    assert not extensions & {"system_shared_memory", "cuda_shared_memory", "sequence", "trace", "logging"}
+    assert not extensions & {"cuda_shared_memory", "sequence", "trace", "logging"}
 
 
 def test_model_metadata_has_batch_axis_when_batching(stub):
@@ -249,9 +249,6 @@ def test_health_check_of_unknown_service_is_not_found(channel):
 
 
 @pytest.mark.parametrize("call, request_type, what", [
-    ("SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest, "shared memory"),
-    ("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest, "shared memory"),
-    ("SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest, "shared memory"),
     ("CudaSharedMemoryStatus", pb.CudaSharedMemoryStatusRequest, "CUDA shared memory"),
     ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest, "CUDA shared memory"),
     ("CudaSharedMemoryUnregister", pb.CudaSharedMemoryUnregisterRequest, "CUDA shared memory"),

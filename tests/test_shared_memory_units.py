@@ -1,0 +1,113 @@
+"""Shared memory without a server: the runtime's registry and the client's region, in one process."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from clients import SharedMemoryRegion
+from protos.errors import AlreadyExists, InvalidArgument, NotFound
+from protos.inference import grpc_service_pb2 as pb
+from runtime.request import ModelSignature, decode_request
+from runtime.shared_memory import SharedMemoryRegistry, TensorLocation, shm_path, tensor_location
+from runtime.tensor_spec import TensorSpec
+
+
+@pytest.fixture
+def region():
+    with SharedMemoryRegion(1 << 16) as region:
+        yield region
+    assert not os.path.exists(shm_path(region.key))
+
+
+@pytest.fixture
+def registry():
+    registry = SharedMemoryRegistry()
+    yield registry
+    registry.close()
+
+
+def test_keys_in_either_form_and_nothing_outside_the_namespace():
+    assert shm_path("/abc") == shm_path("abc") == "/dev/shm/abc"
+    for bad in ("", "/", "/a/b", "..", "/../etc/passwd"):
+        with pytest.raises(InvalidArgument):
+            shm_path(bad)
+
+
+def test_registry_maps_the_window_it_was_given(registry, region):
+    region.buffer[4096:4104] = b"abcdefgh"
+    registry.register("r", region.key, 4096, 1024)  # an offset past the first page
+    assert bytes(registry.locate(TensorLocation("r", 0, 8), "input 'X'")) == b"abcdefgh"
+    with pytest.raises(AlreadyExists, match="'r'"):
+        registry.register("r", region.key, 0, 8)
+    with pytest.raises(InvalidArgument, match="offset 1020 .* outside region 'r'"):
+        registry.locate(TensorLocation("r", 1020, 8), "input 'X'")
+    with pytest.raises(NotFound, match="input 'X': .*'s'"):
+        registry.locate(TensorLocation("s", 0, 8), "input 'X'")
+    with pytest.raises(InvalidArgument, match="byte_size must be positive"):
+        registry.register("zero", region.key, 0, 0)
+
+
+def test_unregister_while_a_request_holds_a_view(registry, region):
+    """The mapping outlives unregistering while a view is in flight; no warning, no crash."""
+    region.write(np.arange(16, dtype=np.float32))
+    registry.register("r", region.key, 0, 64)
+    view = np.frombuffer(registry.locate(TensorLocation("r", 0, 64), "input 'X'"), dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        registry.unregister("r")
+        registry.unregister("r")  # idempotent, as in Triton
+        np.testing.assert_array_equal(view, np.arange(16, dtype=np.float32))
+        del view  # the last view: the mapping goes now
+    assert registry.status() == []
+
+
+def test_client_region_close_with_live_views(region):
+    array = np.arange(8, dtype=np.int64)
+    region.write(array, offset=64)
+    view = region.read("INT64", [8], offset=64)
+    assert not view.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        region.close()
+        np.testing.assert_array_equal(view, array)  # still mapped
+        del view
+
+
+def test_bytes_tensors_round_trip_through_a_region(region):
+    words = np.array([b"alpha", b"", b"gamma"], dtype=object)
+    datatype, size = region.write(words, offset=128)
+    assert (datatype, size) == ("BYTES", 3 * 4 + 10)
+    assert list(region.read("BYTES", [3], offset=128, byte_size=size)) == list(words)
+
+
+def test_parameters_are_checked():
+    tensor = pb.ModelInferRequest.InferInputTensor(name="X")
+    assert tensor_location(tensor.parameters, "input 'X'") is None
+    tensor.parameters["shared_memory_region"].string_param = "r"
+    with pytest.raises(InvalidArgument, match="shared_memory_byte_size.*required"):
+        tensor_location(tensor.parameters, "input 'X'")
+    tensor.parameters["shared_memory_byte_size"].int64_param = -1
+    with pytest.raises(InvalidArgument, match="non-negative"):
+        tensor_location(tensor.parameters, "input 'X'")
+    tensor.parameters["shared_memory_byte_size"].uint64_param = 8
+    tensor.parameters["shared_memory_offset"].int64_param = 16
+    assert tensor_location(tensor.parameters, "input 'X'") == TensorLocation("r", 16, 8)
+
+
+def test_decoded_inputs_are_read_only_views_of_the_region(registry, region):
+    signature = ModelSignature("m", {"X": TensorSpec("X", "FP32", (4,))}, {"Y": TensorSpec("Y", "FP32", (4,))}, 0)
+    region.write(np.arange(4, dtype=np.float32))
+    registry.register("r", region.key, 0, region.byte_size)
+    request = pb.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="X", datatype="FP32", shape=[4])
+    tensor.parameters["shared_memory_region"].string_param = "r"
+    tensor.parameters["shared_memory_byte_size"].int64_param = 16
+    decoded = decode_request(request, signature, registry).inputs["X"]
+    assert not decoded.flags.writeable
+    region.buffer[0:4] = np.float32(9).tobytes()  # zero copy: the client's write shows through
+    assert decoded[0] == 9
+    del decoded
