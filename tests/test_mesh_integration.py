@@ -305,3 +305,67 @@ def test_a_canary_takes_its_weight_until_promoted_or_rolled_back(cluster, tmp_pa
         admin.stub.Promote(mesh.RolloutRequest(name="adder"), timeout=10)
     assert nothing_to_promote.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     admin.close()
+
+
+def pipeline_yaml(name: str, colocate: str, step_cpu: str) -> str:
+    from mesh_harness import REPO_ROOT
+
+    return f"""kind: Pipeline
+name: {name}
+model:
+  repository: {REPO_ROOT / "examples" / "pipelines" / "large_tensor"}
+  name: large_pipeline
+replicas: 1
+resources: {{cpu: 100m}}
+colocate: {colocate}
+steps:
+  - model: expand
+    resources: {{cpu: {step_cpu}}}
+  - model: reduce
+    resources: {{cpu: {step_cpu}}}
+"""
+
+
+def assert_pipeline_serves(address: str) -> None:
+    with InferenceClient(address, timeout=30) as client:
+        out = client.infer("large_pipeline", {"INPUT": np.arange(16, dtype=np.float32)})
+    np.testing.assert_allclose(out["SUMMARY"], [18_750_000.0, 18.75], rtol=1e-5)
+
+
+def test_a_pipeline_runs_co_located_in_one_process(cluster, tmp_path):
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    cluster.agent("node-a", scheduler.address)
+    admin = Admin(scheduler.address)
+    admin.wait_for(lambda: admin.nodes(), "the node", mesh_=cluster)
+    admin.apply(pipeline_yaml("pipe", "required", "250m"))
+    [leader] = admin.wait_for(lambda: ready(admin, "pipe", 1), "the pipeline replica", mesh_=cluster)
+    assert "co-located" in "\n".join(admin.explain("replica", leader.id))
+    assert_pipeline_serves(leader.address)
+    admin.close()
+
+
+def test_a_pipeline_that_fits_no_single_host_is_split_and_explained(cluster, tmp_path):
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    for name in ("node-a", "node-b"):
+        cluster.agent(name, scheduler.address)
+    admin = Admin(scheduler.address)
+    admin.wait_for(lambda: len(admin.nodes()) == 2, "2 nodes", mesh_=cluster)
+    # Each step wants 1.5 of the 2 cores every host reports: they cannot share a host.
+    admin.apply(pipeline_yaml("pipe", "preferred", "1500m"))
+
+    def split_and_ready():
+        replicas = admin.replicas("pipe")
+        return replicas if len(replicas) == 2 and all(r.state == "ready" for r in replicas) else None
+    replicas = admin.wait_for(split_and_ready, "the leader and its remote step ready", mesh_=cluster)
+    assert len({r.node for r in replicas}) == 2
+    leader = next(r for r in replicas if "split" in "\n".join(admin.explain("replica", r.id)))
+    lines = "\n".join(admin.explain("replica", leader.id))
+    assert "no single node fits every step" in lines and "step reduce on" in lines and "over gRPC" in lines
+    assert_pipeline_serves(leader.address)
+
+    # colocate: required on the same hosts waits, and says why.
+    admin.apply(pipeline_yaml("strict", "required", "1500m"))
+    waiting = admin.wait_for(lambda: [r for r in admin.replicas("strict") if "colocate is required" in r.reason],
+                             "the required pipeline to wait with a reason", mesh_=cluster)
+    assert waiting[0].state == "pending"
+    admin.close()
