@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from protos.backoff import Backoff
 from protos.mesh import control_pb2 as pb
 from protos.mesh import control_pb2_grpc as pb_grpc
 
 from . import __version__, messages
-from .backoff import Backoff
 from .gpu_probe import SOURCE_FAKE, SOURCE_NONE, GpuProbe
 from .host import read_host_resources
 from .replica import STOPPED

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .backoff import Backoff
+from protos.backoff import Backoff
 from protos.sizes import parse_size
 
 from .gpu_probe import GpuLoad

@@ -23,7 +23,8 @@ import logging
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .backoff import Backoff
+from protos.backoff import Backoff
+
 from .routes import EndpointInfo, RouteTable
 
 log = logging.getLogger(__name__)

@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from protos.backoff import Backoff
 from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 
-from .backoff import Backoff
 from .routes import RouteTable
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from clients import AsyncInferenceClient
-from node_agent.backoff import Backoff
+from protos.backoff import Backoff
 from node_agent.process import pid_alive
 from node_agent.replica import ReplicaOptions, ReplicaSpec
 from node_agent.supervisor import Supervisor

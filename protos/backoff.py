@@ -1,4 +1,5 @@
-"""Exponential backoff, capped: the one retry schedule of the agent (replica restarts, reconnects)."""
+"""Exponential backoff, capped: the one retry schedule of the daemons (agent restarts and reconnects,
+the proxy's route watch and health re-checks)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from dataclasses import dataclass
 class Backoff:
     """``delay(n)`` for the n-th consecutive failure (n >= 1): ``initial_s * factor**(n-1)``, at most ``max_s``.
 
-    Defaults: a crash-looping replica is retried after 0.5 s, 1 s, 2 s, ... and
-    then every 30 s, so a broken model costs little CPU yet recovers within
-    half a minute once its cause (a full GPU, a missing file) is gone.
+    Defaults (the agent's replica restarts): a crash-looping replica is
+    retried after 0.5 s, 1 s, 2 s, ... and then every 30 s, so a broken model
+    costs little CPU yet recovers within half a minute once its cause (a full
+    GPU, a missing file) is gone. Other users pass their own schedule.
     """
 
     initial_s: float = 0.5
