@@ -206,6 +206,24 @@ async def measure(
         await asyncio.gather(*(channel.close() for channel in opened))
 
 
+def measure_cell(address, request, checker, concurrency, duration_s, warmup_s) -> LoadResult:
+    """One closed-loop cell, run to completion on its own event loop."""
+    return asyncio.run(measure(address, request, concurrency=concurrency, duration_s=duration_s,
+                               warmup_s=warmup_s, checker=checker))
+
+
+def alternate(sides: dict[str, str], request, checker, concurrency, args) -> dict[str, LoadResult]:
+    """Measure each side (name -> address) in ``args.rounds`` alternating slices; pool them."""
+    slices: dict[str, list[LoadResult]] = {name: [] for name in sides}
+    names = list(sides)
+    for round_index in range(args.rounds):
+        order = names if round_index % 2 == 0 else names[::-1]  # ABBA: neither side always first
+        for name in order:
+            slices[name].append(measure_cell(sides[name], request, checker, concurrency,
+                                             args.duration / args.rounds, args.warmup))
+    return {name: LoadResult.merge(results) for name, results in slices.items()}
+
+
 def run_load(target: str, request: RequestSource, **options) -> dict:
     """Synchronous wrapper of ``measure``: the cell's figures as a dict."""
     return asyncio.run(measure(target, request, **options)).to_dict()

@@ -32,7 +32,6 @@ Human lines first; the last line is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import math
@@ -47,7 +46,7 @@ from google.protobuf import text_format
 
 from bench import workloads
 from bench.cli import add_cell_arguments, settle_cell_arguments
-from bench.loadgen import LoadResult, infer_request, measure, output_arrays
+from bench.loadgen import alternate, infer_request, output_arrays
 from bench.servers import REPO_ROOT, RuntimeServer, stop_on_signals
 from clients import InferenceClient, SharedMemory
 from protos import tensors
@@ -137,21 +136,6 @@ def success_count(address: str, model: str) -> int:
 
 # -- loads and lines --------------------------------------------------------------------------
 
-def _cell(address, request, checker, concurrency, duration_s, warmup_s) -> LoadResult:
-    return asyncio.run(measure(address, request, concurrency=concurrency, duration_s=duration_s,
-                               warmup_s=warmup_s, checker=checker))
-
-
-def alternate(sides: dict[str, str], request, checker, concurrency, args) -> dict[str, LoadResult]:
-    """Measure each side (name -> address) in ``args.rounds`` alternating slices; pool them."""
-    slices: dict[str, list[LoadResult]] = {name: [] for name in sides}
-    names = list(sides)
-    for round_index in range(args.rounds):
-        order = names if round_index % 2 == 0 else names[::-1]  # ABBA: neither side always first
-        for name in order:
-            slices[name].append(_cell(sides[name], request, checker, concurrency,
-                                      args.duration / args.rounds, args.warmup))
-    return {name: LoadResult.merge(results) for name, results in slices.items()}
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -18,7 +18,6 @@ Human lines first; the last line is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -28,28 +27,13 @@ from pathlib import Path
 
 from bench.cli import add_cell_arguments, settle_cell_arguments
 from bench import workloads
-from bench.loadgen import LoadResult, measure
+from bench.loadgen import LoadResult, alternate, measure_cell
 from bench.servers import RuntimeServer, stop_on_signals
 
 ECHO_ELEMENTS = 1_000_000  # 4 MB of FP32: under gRPC's 4 MiB default message limit with framing
 FIXED_COST_CONCURRENCY = 32
 
 
-def _cell(address, request, checker, concurrency, duration_s, warmup_s) -> LoadResult:
-    return asyncio.run(measure(address, request, concurrency=concurrency, duration_s=duration_s,
-                               warmup_s=warmup_s, checker=checker))
-
-
-def alternate(sides: dict[str, str], request, checker, concurrency, args) -> dict[str, LoadResult]:
-    """Measure each side (name -> address) in ``args.rounds`` alternating slices; pool them."""
-    slices: dict[str, list[LoadResult]] = {name: [] for name in sides}
-    names = list(sides)
-    for round_index in range(args.rounds):
-        order = names if round_index % 2 == 0 else names[::-1]  # ABBA: neither side always first
-        for name in order:
-            slices[name].append(_cell(sides[name], request, checker, concurrency,
-                                      args.duration / args.rounds, args.warmup))
-    return {name: LoadResult.merge(results) for name, results in slices.items()}
 
 
 def ratio(numerator: LoadResult, denominator: LoadResult) -> float | None:
@@ -96,8 +80,8 @@ def bench_echo(workdir: Path, args):
     cells = {}
     with RuntimeServer(repository, name="echo_fp32") as server:
         for concurrency in (1, 16):
-            result = _cell(server.address, request, workloads.check_echo, concurrency,
-                           args.duration, args.warmup)
+            result = measure_cell(server.address, request, workloads.check_echo, concurrency,
+                                  args.duration, args.warmup)
             cell = result.to_dict()
             cell["tensor_MB"] = megabytes
             cell["MB_per_s_each_way"] = round(result.throughput * megabytes, 1)

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
 from protos.backoff import Backoff
+from protos.mesh.leader import leader_named
 from protos.mesh import control_pb2 as pb
 from protos.mesh import control_pb2_grpc as pb_grpc
 
@@ -44,10 +44,6 @@ from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
-LEADER_METADATA_KEYS = ("leader-address", "mesh-leader")
-# The first HOST:PORT after the word "leader": "... the leader is sched-b at 10.0.0.2:7000".
-_LEADER_IN_TEXT = re.compile(r"leader\b.*?((?:\[[0-9a-fA-F:]+\]|[\w.\-]+):\d+)")
-_REFUSALS = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE)
 
 
 @dataclass
@@ -72,17 +68,6 @@ class Refused(Exception):
         super().__init__(f"{target}: {reason}" + (f" (leader: {leader})" if leader else ""))
         self.target = target
         self.leader = leader
-
-
-def leader_named(code: grpc.StatusCode, details: str, metadata=()) -> str | None:
-    """The leader address a refusing standby named (metadata first, then its message), or None."""
-    if code not in _REFUSALS:
-        return None
-    for key, value in metadata or ():
-        if key in LEADER_METADATA_KEYS and value:
-            return value if isinstance(value, str) else value.decode()
-    match = _LEADER_IN_TEXT.search(details or "")
-    return match.group(1) if match else None
 
 
 class Agent:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable, Sequence
 
 import grpc
 
 from protos.backoff import Backoff
+from protos.mesh.leader import leader_named
 from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 
@@ -29,23 +29,9 @@ from .routes import RouteTable
 
 log = logging.getLogger(__name__)
 
-LEADER_METADATA_KEYS = ("leader-address", "mesh-leader")
-_LEADER_IN_TEXT = re.compile(r"leader\b.*?((?:\[[0-9a-fA-F:]+\]|[\w.\-]+):\d+)")
-_REFUSALS = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE)
 # Reconnect quickly after a scheduler failover, but a scheduler down for
 # long is asked at most every 5 s per proxy.
 RECONNECT_BACKOFF = Backoff(initial_s=0.2, max_s=5.0)
-
-
-def leader_named(code: grpc.StatusCode, details: str, metadata=()) -> str | None:
-    """The leader address a refusing standby named, or None."""
-    if code not in _REFUSALS:
-        return None
-    for key, value in metadata or ():
-        if key in LEADER_METADATA_KEYS and value:
-            return value if isinstance(value, str) else value.decode()
-    match = _LEADER_IN_TEXT.search(details or "")
-    return match.group(1) if match else None
 
 
 class RouteFollower:

@@ -20,6 +20,7 @@ import time
 
 from protos.errors import InvalidArgument
 from protos.mesh import control_pb2 as mesh
+from protos.mesh.leader import not_leader_message
 
 from .cluster import Cluster, LiveNode
 from .records import DRAINING, FAILED, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
@@ -63,8 +64,7 @@ class SchedulerCore:
 
     def require_leader(self) -> None:
         if not self.leading:
-            where = f"; the leader is {self.leader_hint}" if self.leader_hint else ""
-            raise NotLeader(f"scheduler {self.scheduler_id} is not the leader{where}")
+            raise NotLeader(not_leader_message(self.scheduler_id, self.leader_hint))
 
     async def start_leading(self, store) -> None:
         await self.cluster.load(store)

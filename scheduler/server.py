@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from protos.mesh import control_pb2_grpc as mesh_grpc
+from protos.mesh.leader import leader_hint
 from runtime.status_interceptor import StatusInterceptor
 
 from .admin_service import AdminService
@@ -95,7 +96,7 @@ class SchedulerServer:
 
     async def _refresh_hint(self) -> None:
         leader = await self.election.leader()
-        self.core.leader_hint = f"{leader[0]} at {leader[1]}" if leader else ""
+        self.core.leader_hint = leader_hint(*leader) if leader else ""
 
     async def stop(self) -> None:
         if self._leadership:
