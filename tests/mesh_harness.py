@@ -68,8 +68,16 @@ class Process:
             pass
         self.proc.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP this process alone (not its replicas): alive, holding its sockets, answering nothing."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc.poll() is None:
+            self.resume()  # a paused process would sit on SIGTERM until killed
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
@@ -83,9 +91,11 @@ class Mesh:
     def __init__(self):
         self.processes: list[Process] = []
 
-    def scheduler(self, store_url: str, scheduler_id: str, wait_leading: bool = True) -> Process:
+    def scheduler(self, store_url: str, scheduler_id: str, wait_leading: bool = True,
+                  listen: str = "127.0.0.1:0") -> Process:
+        """``listen`` with a fixed port restarts a scheduler where its agents and proxies look for it."""
         process = Process(f"scheduler-{scheduler_id}", [
-            "-m", "scheduler", "serve", "--listen", "127.0.0.1:0", "--store", store_url, "--id", scheduler_id,
+            "-m", "scheduler", "serve", "--listen", listen, "--store", store_url, "--id", scheduler_id,
             "--report-interval", str(REPORT_INTERVAL_S), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S),
             "--election-ttl", str(ELECTION_TTL_S), "--log-level", "INFO"])
         self.processes.append(process)
@@ -100,6 +110,12 @@ class Mesh:
         process = Process(f"agent-{name}", ["-m", "node_agent", "--scheduler", schedulers, "--name", name,
                                             "--fake-gpus", fake_gpus, "--host", "127.0.0.1"])
         self.processes.append(process)
+        return process
+
+    def proxy(self, schedulers: str) -> Process:
+        process = Process("proxy", ["-m", "proxy", "--scheduler", schedulers, "--listen", "127.0.0.1:0"])
+        self.processes.append(process)
+        process.wait_listening()
         return process
 
     def close(self) -> None:
