@@ -49,7 +49,9 @@ class Upstreams:
     max_retries: int = 2
 
     def routes(self, model: str, version: str) -> list[Route]:
-        """The routes of ``model`` (at ``version``); NotFound naming it, Unavailable with no table yet."""
+        """The routes of ``model`` (at ``version``), kept even with no endpoint (a deployed model
+        with no ready replica: the caller answers Unavailable). NotFound only for a model (or
+        version) the table does not list at all; Unavailable with no table yet."""
         table = self.table()
         if table is None:
             raise Unavailable("the proxy has no route table yet (no scheduler reached)")
@@ -68,7 +70,11 @@ def remaining_timeout(context: grpc.aio.ServicerContext) -> float | None:
     return remaining
 
 
-def no_replica(model: str, last_error: grpc.aio.AioRpcError | None) -> Unavailable:
+def no_replica(model: str, routes: list[Route], last_error: grpc.aio.AioRpcError | None) -> Unavailable:
+    """Unavailable (clients retry it) for a model the table lists: none of its replicas is ready
+    (the route lists no endpoint, e.g. while replacements start), or none is reachable."""
+    if not any(route.endpoints for route in routes):
+        return Unavailable(f"no ready replica of model '{model}'")
     why = f": last answer {last_error.code().name}: {last_error.details()}" if last_error else ""
     return Unavailable(f"no replica of model '{model}' is reachable{why}")
 
@@ -106,7 +112,7 @@ class UnaryForwarder:
         while True:
             endpoint = up.balancer.pick(routes, up.pool, tried)
             if endpoint is None:
-                raise self.reject(no_replica(model, last_error))
+                raise self.reject(no_replica(model, routes, last_error))
             timeout = remaining_timeout(context)
             span.set_attribute("meshserve.replica", endpoint.info.replica_id)
             span.set_attribute("meshserve.node", endpoint.info.node)

@@ -5,11 +5,16 @@ Guarantees:
   a replica chosen as for a unary call; every later request of that model
   on this client stream goes to the same upstream stream, so a replica
   sees a stream's requests in order and in one place. Bytes pass through
-  undecoded, both ways; responses are relayed as they arrive.
-- A request naming an unknown model (or one with no reachable replica) is
-  answered in the stream, as the runtime answers a failing request:
-  ``error_message`` "NOT_FOUND: ..." with the request's model and id; the
-  stream goes on.
+  as they came, both ways; responses are relayed as they arrive.
+- A request naming no model, an unknown model, or one with no ready or
+  reachable replica is answered in the stream, as the runtime answers a
+  failing request: ``error_message`` "INVALID_ARGUMENT: ...", "NOT_FOUND:
+  ..." or "UNAVAILABLE: ..." with the request's model and id; the stream
+  goes on.
+- A request that is not a valid ``ModelInferRequest`` (garbage bytes) ends
+  the stream at once with INVALID_ARGUMENT naming the defect, whatever the
+  replica would make of it: each request is parsed here (protobuf's C
+  parser, a transient copy of its bytes) before it is forwarded.
 - An upstream stream that ends with an error status ends the client's
   stream with that status (the replica is taken out of rotation on
   UNAVAILABLE). Streams are not retried: part of one may have run.
@@ -25,6 +30,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos.errors import InvalidArgument, MeshError, error_for_status
 from protos.inference import grpc_service_pb2 as pb
@@ -87,11 +93,12 @@ class _Session:
         try:
             async for raw in requests:
                 head = scan_request(raw, with_id=True)
-                if not head.model:
-                    raise InvalidArgument(f"{METHOD}: a request names no model")
+                _check_parses(raw)
                 upstream = self.streams.get((head.model, head.version))
                 if upstream is None:
                     try:
+                        if not head.model:
+                            raise InvalidArgument(f"{METHOD}: the request names no model")
                         upstream = self._open(head.model, head.version)
                     except MeshError as err:
                         self.up.metrics.rejected.labels(err.code.name).inc()
@@ -114,9 +121,10 @@ class _Session:
         await self.out.put(None)
 
     def _open(self, model: str, version: str) -> _Upstream:
-        endpoint = self.up.balancer.pick(self.up.routes(model, version), self.up.pool)
+        routes = self.up.routes(model, version)
+        endpoint = self.up.balancer.pick(routes, self.up.pool)
         if endpoint is None:
-            raise no_replica(model, None)
+            raise no_replica(model, routes, None)
         call = endpoint.stream(METHOD)(timeout=remaining_timeout(self.context), metadata=self.metadata)
         upstream = self.streams[(model, version)] = _Upstream(endpoint, call, model)
         self.span.set_attribute("meshserve.model", model)
@@ -150,6 +158,14 @@ class _Session:
             upstream.call.cancel()
             if upstream.relay is not None:
                 upstream.relay.cancel()
+
+
+def _check_parses(raw: bytes) -> None:
+    """InvalidArgument unless ``raw`` is a ``ModelInferRequest`` protobuf would accept."""
+    try:
+        pb.ModelInferRequest.FromString(raw)
+    except DecodeError as err:
+        raise InvalidArgument(f"{METHOD}: malformed request: {err}") from None
 
 
 def _error_response(err: MeshError, model: str, request_id: str) -> bytes:
