@@ -32,11 +32,11 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from protos.errors import InvalidArgument, MeshError, error_for_status
+from protos.errors import InvalidArgument, MeshError
 from protos.inference import grpc_service_pb2 as pb
 
 from .endpoints import Endpoint
-from .forwarder import Upstreams, no_replica, remaining_timeout
+from .forwarder import UpstreamFailure, Upstreams, no_replica, remaining_timeout
 from .tracing import forwarded_metadata
 from .wire import scan_request
 
@@ -115,7 +115,8 @@ class _Session:
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     pass
         except Exception as err:  # a malformed request, or the client's stream failing
-            await self.out.put(err)
+            # Without its traceback: that holds this frame and the request bytes (see UpstreamFailure).
+            await self.out.put(err.with_traceback(None))
             return
         await asyncio.gather(*(u.relay for u in self.streams.values()), return_exceptions=True)
         await self.out.put(None)
@@ -144,10 +145,11 @@ class _Session:
                 await self.out.put(response)
             code = grpc.StatusCode.OK
         except grpc.aio.AioRpcError as err:
-            code = err.code()
+            failure = UpstreamFailure.of(err)
+            code = failure.code
             if code == grpc.StatusCode.UNAVAILABLE:
                 endpoint.mark_failed()
-            await self.out.put(error_for_status(code, err.details() or ""))
+            await self.out.put(failure.error().with_traceback(None))
         finally:
             endpoint.outstanding -= 1
             metrics.pending.labels(*labels).dec()
