@@ -11,6 +11,9 @@ Guarantees:
   answer, passed through with its message.
 - A replica that answered UNAVAILABLE leaves rotation at once (its health
   watch puts it back).
+- A replica takes a bounded number of calls at once from this proxy; more
+  wait their turn within their deadline, and beyond a bounded queue a call
+  is refused with RESOURCE_EXHAUSTED naming the replica (``proxy.admission``).
 - The client's remaining deadline is the upstream timeout; its metadata is
   forwarded (with the proxy span's trace context).
 """
@@ -139,11 +142,10 @@ class UnaryForwarder:
             endpoint = up.balancer.pick(routes, up.pool, tried)
             if endpoint is None:
                 raise self.reject(no_replica(model, routes, last))
-            timeout = remaining_timeout(context)
             span.set_attribute("meshserve.replica", endpoint.info.replica_id)
             span.set_attribute("meshserve.node", endpoint.info.node)
             try:
-                return await self._one(endpoint, method, request, timeout, metadata, model, version, count)
+                return await self._one(endpoint, method, request, context, metadata, model, version, count)
             except grpc.aio.AioRpcError as err:
                 last = UpstreamFailure.of(err)
             # Decided outside the except block, so no error raised below chains the upstream one.
@@ -161,22 +163,30 @@ class UnaryForwarder:
                                      "rpc.grpc.status_code": last.code.value[0],
                                      "error.message": last.details})
 
-    async def _one(self, endpoint: Endpoint, method: str, request: bytes, timeout: float | None,
+    async def _one(self, endpoint: Endpoint, method: str, request: bytes, context: grpc.aio.ServicerContext,
                    metadata, model: str, version: str, count: bool) -> bytes:
+        """One attempt on ``endpoint``, once its admission control lets the call through."""
         metrics = self.up.metrics
         labels = (model, version, endpoint.info.replica_id)
         endpoint.outstanding += 1
+        try:
+            await endpoint.admission.acquire(remaining_timeout(context), len(request),
+                                             f"replica {endpoint.info.replica_id} of model '{model}'")
+        except MeshError as err:
+            endpoint.outstanding -= 1
+            raise self.reject(err) from None
         if count:
             metrics.pending.labels(*labels).inc()
             metrics.count.labels(*labels).inc()
         start = time.monotonic()
         try:
-            response = await endpoint.unary(method)(request, timeout=timeout, metadata=metadata)
+            response = await endpoint.unary(method)(request, timeout=remaining_timeout(context), metadata=metadata)
         except grpc.aio.AioRpcError as err:
             if count:
                 metrics.failure.labels(*labels, err.code().name).inc()
             raise
         finally:
+            endpoint.admission.release()
             endpoint.outstanding -= 1
             if count:
                 metrics.pending.labels(*labels).dec()
