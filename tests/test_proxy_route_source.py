@@ -18,6 +18,8 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
+from etcd_server import EtcdServer, require_etcd
+from mesh_harness import ELECTION_TTL_S, Admin, Mesh
 from proxy import ProxyOptions, ProxyServer
 from proxy.follower import LIVENESS_INTERVAL_S, LIVENESS_TIMEOUT_S, RECONNECT_BACKOFF, jittered
 from scheduler.core import DEFAULT_HEARTBEAT_TIMEOUT_S
@@ -97,6 +99,43 @@ def test_a_paused_route_source_is_left_for_a_live_one_within_a_bounded_time(loop
         loop.run(proxy.stop(0))
         paused.stop()
         live.stop()
+
+
+def test_a_paused_leader_scheduler_is_left_for_the_standby_once_it_leads(loop):
+    """Two real schedulers on a real etcd; ``kill -STOP`` the leader: the proxy follows the new one."""
+    require_etcd()
+    etcd, cluster = EtcdServer().start(), Mesh()
+    proxy = None
+    try:
+        store = f"etcd://{etcd.endpoint}"
+        first = cluster.scheduler(store, "s1")
+        second = cluster.scheduler(store, "s2", wait_leading=False)
+
+        async def start():
+            started = ProxyServer(ProxyOptions(schedulers=[first.address, second.address], listen="127.0.0.1:0"))
+            await started.start()
+            await started.wait_for_routes(RPC_TIMEOUT_S)
+            return started
+        proxy = loop.run(start())
+        assert proxy.follower.connected_to == first.address
+        first.proc.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        # The standby leads after the election TTL; then the proxy must be with it.
+        bound = ELECTION_TTL_S + SWITCH_BOUND_S
+        while proxy.follower.connected_to != second.address and time.monotonic() - stopped_at < bound:
+            time.sleep(0.05)
+        assert proxy.follower.connected_to == second.address, f"not with the new leader after {bound:.0f} s"
+        admin = Admin(second.address)
+        assert admin.leader().is_leader
+        admin.close()
+        print(f"paused leader left for the new one after {time.monotonic() - stopped_at:.1f} s")
+    finally:
+        if proxy is not None:
+            loop.run(proxy.stop(0))
+        for process in cluster.processes:
+            process.proc.send_signal(signal.SIGCONT)
+        cluster.close()
+        etcd.cleanup()
 
 
 def test_reconnect_backoff_is_capped_below_the_heartbeat_timeout_and_jittered():
