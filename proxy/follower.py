@@ -47,9 +47,9 @@ log = logging.getLogger(__name__)
 RECONNECT_BACKOFF = Backoff(initial_s=0.2, max_s=2.0)
 # HTTP/2 keepalive pings would need the scheduler's server to allow them
 # (gRPC servers answer pings more often than every 5 min on an idle stream
-# with GOAWAY "too_many_pings"), and a ping is answered by gRPC's own thread
-# even when the scheduler's event loop is stuck. A health call needs the
-# loop: it proves the scheduler itself answers. Once a second costs nothing.
+# with GOAWAY "too_many_pings"), and gRPC core may answer a ping while the
+# scheduler's event loop is stuck. A health call needs the loop: it proves
+# the scheduler itself answers. Once a second costs nothing.
 LIVENESS_INTERVAL_S = 1.0
 # Long enough for a loaded scheduler (a store write, a GC pause) to answer;
 # short enough that a paused leader is left before its standby takes over
