@@ -34,6 +34,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
     parser.add_argument("--max-message-bytes", type=int, default=ProxyOptions.max_message_bytes)
     parser.add_argument("--max-retries", type=int, default=ProxyOptions.max_retries,
                         help="retries per call of one that never reached a model")
+    parser.add_argument("--channels-per-replica", type=int, default=ProxyOptions.channels_per_replica,
+                        help="HTTP/2 connections to each replica (measured: 1 is as fast as 4 for small calls)")
     parser.add_argument("--grace-period", type=float, default=5.0,
                         help="seconds calls in flight get to finish on SIGTERM")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
@@ -48,6 +50,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
     return args, ProxyOptions(
         schedulers=schedulers, listen=args.listen, metrics_listen=args.metrics_listen,
         max_message_bytes=args.max_message_bytes, routes=routes, max_retries=args.max_retries,
+        channels_per_replica=args.channels_per_replica,
     )
 
 

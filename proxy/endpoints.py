@@ -1,10 +1,14 @@
-"""Replicas as the proxy sees them: one channel each, outstanding requests, in or out of rotation.
+"""Replicas as the proxy sees them: a few channels each, outstanding requests, in or out of rotation.
 
 Guarantees:
-- One ``grpc.aio`` channel per replica address, shared by every request to
-  it (HTTP/2 multiplexes them); balancing is per request, not per connection.
-- ``outstanding`` counts the calls and streams now running on the replica;
-  the balancer reads it.
+- ``channels`` ``grpc.aio`` channels per replica address, each its own
+  HTTP/2 connection, shared by every request to it (calls take them in
+  turn); balancing is per request, not per connection.
+- ``outstanding`` counts the calls and streams now running on (or waiting
+  for) the replica; the balancer reads it.
+- ``admission`` bounds the unary calls running on the replica at once and
+  those waiting for it (``proxy.admission``); streams are long-lived and
+  are not counted there.
 - A replica is in rotation until it fails (``mark_failed``, called at once
   by the forwarder) or its ``grpc.health.v1`` status leaves SERVING (a
   draining replica says so before it stops taking calls). It comes back
@@ -18,6 +22,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 
 import grpc
@@ -25,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.backoff import Backoff
 
+from .admission import Admission
 from .routes import EndpointInfo, RouteTable
 
 log = logging.getLogger(__name__)
@@ -38,8 +44,25 @@ RETIRED_GRACE_S = 35.0
 HEALTH_BACKOFF = Backoff(initial_s=0.05, max_s=2.0)
 
 
+# Unary calls at once per replica through one proxy. grpc core's server queues
+# at most 1,000 calls its application has not picked up yet and sheds the
+# rest as a bare CANCELLED (the 696 of 3,000 of issue 8, item 10); 128 keeps
+# several proxies in front of one replica under that, and is far more than a
+# replica runs at once (its batcher's largest batch), so none is starved.
+MAX_CALLS_PER_REPLICA = 128
+# Calls waiting for a replica beyond those: a burst of a few thousand calls at
+# once waits its turn within each call's deadline instead of failing ...
+MAX_QUEUED_PER_REPLICA = 4096
+# ... as long as what the waiting requests hold in the proxy's memory stays
+# bounded (requests may be up to the 256 MiB message limit each).
+MAX_QUEUED_BYTES_PER_REPLICA = 1024 * 1024 * 1024
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
+        # Each channel its own connection: without this, channels with equal
+        # arguments share one subchannel (one TCP connection) process-wide.
+        ("grpc.use_local_subchannel_pool", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # gRPC's default reconnect backoff starts at 1 s and grows to 120 s; a
@@ -53,31 +76,37 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 class Endpoint:
     """One replica: its channel, its load and its health."""
 
-    def __init__(self, info: EndpointInfo, max_message_bytes: int):
+    def __init__(self, info: EndpointInfo, max_message_bytes: int, channels: int = 1):
         self.info = info
         self.address = info.address
-        self.channel = grpc.aio.insecure_channel(info.address, options=channel_options(max_message_bytes))
+        self.channels = [grpc.aio.insecure_channel(info.address, options=channel_options(max_message_bytes))
+                         for _ in range(channels)]
+        self.channel = self.channels[0]   # health watch and statistics
+        self.admission = Admission(MAX_CALLS_PER_REPLICA, MAX_QUEUED_PER_REPLICA, MAX_QUEUED_BYTES_PER_REPLICA)
         self.outstanding = 0
         self.healthy = True          # the scheduler listed it as ready
         self._watch_call = None
         self._watcher: asyncio.Task | None = None
-        self._methods: dict[tuple[str, bool], object] = {}
+        self._methods: dict[tuple[str, bool, int], object] = {}
+        self._turn = itertools.cycle(range(channels))
 
     def start(self) -> None:
         self._watcher = asyncio.create_task(self._watch_health(), name=f"health {self.address}")
 
     def unary(self, method: str):
-        """A raw-bytes unary callable for ``method`` (identity serializers)."""
-        key = (method, False)
-        if key not in self._methods:
-            self._methods[key] = self.channel.unary_unary(f"/{SERVICE_NAME}/{method}")
-        return self._methods[key]
+        """A raw-bytes unary callable for ``method`` (identity serializers), on the next channel."""
+        return self._callable(method, False)
 
     def stream(self, method: str):
-        """A raw-bytes bidirectional stream callable for ``method``."""
-        key = (method, True)
+        """A raw-bytes bidirectional stream callable for ``method``, on the next channel."""
+        return self._callable(method, True)
+
+    def _callable(self, method: str, streaming: bool):
+        key = (method, streaming, next(self._turn))
         if key not in self._methods:
-            self._methods[key] = self.channel.stream_stream(f"/{SERVICE_NAME}/{method}")
+            channel = self.channels[key[2]]
+            make = channel.stream_stream if streaming else channel.unary_unary
+            self._methods[key] = make(f"/{SERVICE_NAME}/{method}")
         return self._methods[key]
 
     def mark_failed(self) -> None:
@@ -119,14 +148,15 @@ class Endpoint:
             self._watcher.cancel()
         if self._watch_call is not None:
             self._watch_call.cancel()
-        await self.channel.close(grace)
+        await asyncio.gather(*(channel.close(grace) for channel in self.channels))
 
 
 class EndpointPool:
     """The endpoints of the current route table, by address; follows table updates."""
 
-    def __init__(self, max_message_bytes: int):
+    def __init__(self, max_message_bytes: int, channels_per_replica: int = 1):
         self.max_message_bytes = max_message_bytes
+        self.channels_per_replica = channels_per_replica
         self._endpoints: dict[str, Endpoint] = {}
         self._retiring: dict[Endpoint, asyncio.Task] = {}
 
@@ -142,7 +172,7 @@ class EndpointPool:
         for address, info in wanted.items():
             endpoint = self._endpoints.get(address)
             if endpoint is None:
-                endpoint = self._endpoints[address] = Endpoint(info, self.max_message_bytes)
+                endpoint = self._endpoints[address] = Endpoint(info, self.max_message_bytes, self.channels_per_replica)
                 endpoint.start()
             else:
                 endpoint.info = info

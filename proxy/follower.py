@@ -10,15 +10,26 @@ Guarantees:
   metadata ``leader-address`` or as the first HOST:PORT after "leader" in
   its message ("... the leader is ID at HOST:PORT") — and that leader is
   tried next, before the rest of the list.
+- A scheduler that goes silent (paused by SIGSTOP, wedged, cut off without
+  a reset) is left within ``LIVENESS_INTERVAL_S + LIVENESS_TIMEOUT_S``: while
+  a watch is open the follower asks the same connection a cheap question
+  (``grpc.health.v1.Health/Check``) every ``LIVENESS_INTERVAL_S``; any
+  answer, UNIMPLEMENTED included, proves it alive; no answer within
+  ``LIVENESS_TIMEOUT_S`` ends the watch, the silent scheduler goes to the
+  end of the list and the others (or the leader one names) are tried.
+- Reconnects back off exponentially, jittered and capped (``RECONNECT_BACKOFF``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.backoff import Backoff
 from protos.mesh.leader import leader_named
@@ -29,9 +40,27 @@ from .routes import RouteTable
 
 log = logging.getLogger(__name__)
 
-# Reconnect quickly after a scheduler failover, but a scheduler down for
-# long is asked at most every 5 s per proxy.
-RECONNECT_BACKOFF = Backoff(initial_s=0.2, max_s=5.0)
+# Reconnect quickly after a scheduler failover; a scheduler down for long is
+# asked at most every 2 s per proxy: capped well below the scheduler's 5 s
+# heartbeat timeout, so a restarted leader is found again long before it
+# judges anything by a missing report.
+RECONNECT_BACKOFF = Backoff(initial_s=0.2, max_s=2.0)
+# HTTP/2 keepalive pings would need the scheduler's server to allow them
+# (gRPC servers answer pings more often than every 5 min on an idle stream
+# with GOAWAY "too_many_pings"), and gRPC core may answer a ping while the
+# scheduler's event loop is stuck. A health call needs the loop: it proves
+# the scheduler itself answers. Once a second costs nothing.
+LIVENESS_INTERVAL_S = 1.0
+# Long enough for a loaded scheduler (a store write, a GC pause) to answer;
+# short enough that a paused leader is left before its standby takes over
+# (election TTL 5 s), so the proxy is at the new leader when it starts.
+LIVENESS_TIMEOUT_S = 3.0
+
+
+def jittered(delay_s: float) -> float:
+    """``delay_s`` spread uniformly over [delay/2, delay], so proxies restarted together do not
+    reconnect in step. Local until ``protos.backoff.Backoff`` jitters; then that replaces it."""
+    return delay_s * random.uniform(0.5, 1.0)
 
 
 class RouteFollower:
@@ -70,28 +99,72 @@ class RouteFollower:
             failures = 0 if received_any else failures + 1
             # A named leader is tried at once the first time; refusals beyond that back off.
             if failures and not (leader and failures == 1):
-                await asyncio.sleep(self.backoff.delay(failures))
+                await asyncio.sleep(jittered(self.backoff.delay(failures)))
 
     async def _watch(self, address: str) -> tuple[bool, str | None]:
-        """Follow one scheduler until its watch ends: (whether it sent a table, the leader it named)."""
-        received = False
+        """Follow one scheduler until its watch ends or it goes silent:
+        (whether it sent a table, the leader it named)."""
         async with grpc.aio.insecure_channel(address) as channel:
             call = mesh_grpc.RouteServiceStub(channel).WatchRoutes(mesh.WatchRoutesRequest())
+            state = _WatchState()
+            reader = asyncio.create_task(self._read(address, call, state), name=f"routes from {address}")
+            liveness = asyncio.create_task(_until_silent(channel), name=f"liveness of {address}")
             try:
-                async for table in call:
-                    if not received:
-                        log.info("following routes from scheduler %s", address)
-                    received = True
-                    self.connected_to = address
-                    self.on_table(RouteTable.from_proto(table))
-            except grpc.aio.AioRpcError as err:
-                leader = leader_named(err.code(), err.details(), await _trailing(call))
-                log.log(logging.INFO if received else logging.DEBUG,
-                        "route watch on %s ended: %s: %s", address, err.code().name, err.details())
-                self.connected_to = None
-                return received, leader if leader != address else None
-        self.connected_to = None
-        return received, None
+                await asyncio.wait((reader, liveness), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                liveness.cancel()
+                call.cancel()
+            self.connected_to = None
+            if not reader.done():
+                reader.cancel()
+                log.warning("scheduler %s did not answer for %.1f s: leaving its route watch",
+                            address, LIVENESS_TIMEOUT_S)
+                self._demote(address)
+                return state.received, None
+            leader = reader.result()
+            return state.received, leader if leader != address else None
+
+    async def _read(self, address: str, call, state: _WatchState) -> str | None:
+        """Hand every table on; when the watch ends, the leader it named (or None)."""
+        try:
+            async for table in call:
+                if not state.received:
+                    log.info("following routes from scheduler %s", address)
+                state.received = True
+                self.connected_to = address
+                self.on_table(RouteTable.from_proto(table))
+        except grpc.aio.AioRpcError as err:
+            log.log(logging.INFO if state.received else logging.DEBUG,
+                    "route watch on %s ended: %s: %s", address, err.code().name, err.details())
+            return leader_named(err.code(), err.details(), await _trailing(call))
+        return None
+
+    def _demote(self, address: str) -> None:
+        """Try a silent scheduler last from now on."""
+        if address in self.schedulers:
+            self.schedulers.remove(address)
+            self.schedulers.append(address)
+
+
+@dataclass
+class _WatchState:
+    received: bool = False
+
+
+async def _until_silent(channel: grpc.aio.Channel) -> None:
+    """Return once the scheduler behind ``channel`` leaves a liveness check unanswered.
+
+    Any answer proves it alive (it may not serve grpc.health.v1: UNIMPLEMENTED);
+    a broken connection (UNAVAILABLE) ends the watch itself, so only
+    DEADLINE_EXCEEDED counts as silence."""
+    check = health_pb2_grpc.HealthStub(channel).Check
+    while True:
+        try:
+            await check(health_pb2.HealthCheckRequest(), timeout=LIVENESS_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return
+        await asyncio.sleep(LIVENESS_INTERVAL_S)
 
 
 async def _trailing(call) -> tuple:

@@ -11,6 +11,9 @@ Guarantees:
   answer, passed through with its message.
 - A replica that answered UNAVAILABLE leaves rotation at once (its health
   watch puts it back).
+- A replica takes a bounded number of calls at once from this proxy; more
+  wait their turn within their deadline, and beyond a bounded queue a call
+  is refused with RESOURCE_EXHAUSTED naming the replica (``proxy.admission``).
 - The client's remaining deadline is the upstream timeout; its metadata is
   forwarded (with the proxy span's trace context).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 
@@ -49,7 +53,9 @@ class Upstreams:
     max_retries: int = 2
 
     def routes(self, model: str, version: str) -> list[Route]:
-        """The routes of ``model`` (at ``version``); NotFound naming it, Unavailable with no table yet."""
+        """The routes of ``model`` (at ``version``), kept even with no endpoint (a deployed model
+        with no ready replica: the caller answers Unavailable). NotFound only for a model (or
+        version) the table does not list at all; Unavailable with no table yet."""
         table = self.table()
         if table is None:
             raise Unavailable("the proxy has no route table yet (no scheduler reached)")
@@ -68,8 +74,37 @@ def remaining_timeout(context: grpc.aio.ServicerContext) -> float | None:
     return remaining
 
 
-def no_replica(model: str, last_error: grpc.aio.AioRpcError | None) -> Unavailable:
-    why = f": last answer {last_error.code().name}: {last_error.details()}" if last_error else ""
+class UpstreamFailure(NamedTuple):
+    """How a replica failed a call: its status, kept apart from the ``AioRpcError``.
+
+    Memory: grpc.aio keeps a failed call's error in a reference cycle (call,
+    task, error, traceback), and the traceback holds every frame the error
+    crossed, with the request bytes in them (up to the message limit). Only
+    the garbage collector frees such a cycle, late: refused large requests
+    piled up (2.9 GB after fifteen 250 MB ones). ``of`` cuts the traceback,
+    so the cycle holds no frame of the proxy, and errors raised from here
+    chain nothing.
+    """
+
+    code: grpc.StatusCode
+    details: str
+
+    @classmethod
+    def of(cls, err: grpc.aio.AioRpcError) -> UpstreamFailure:
+        failure = cls(err.code(), err.details() or "")
+        err.__traceback__ = None
+        return failure
+
+    def error(self) -> MeshError:
+        return error_for_status(self.code, self.details)
+
+
+def no_replica(model: str, routes: list[Route], last: UpstreamFailure | None) -> Unavailable:
+    """Unavailable (clients retry it) for a model the table lists: none of its replicas is ready
+    (the route lists no endpoint, e.g. while replacements start), or none is reachable."""
+    if not any(route.endpoints for route in routes):
+        return Unavailable(f"no ready replica of model '{model}'")
+    why = f": last answer {last.code.name}: {last.details}" if last else ""
     return Unavailable(f"no replica of model '{model}' is reachable{why}")
 
 
@@ -101,49 +136,57 @@ class UnaryForwarder:
     async def _attempts(self, method, request, context, model, version, routes, metadata, span, count) -> bytes:
         up, metrics = self.up, self.up.metrics
         tried: set[str] = set()
-        last_error: grpc.aio.AioRpcError | None = None
+        last: UpstreamFailure | None = None
         up.budget.record_call()
         while True:
             endpoint = up.balancer.pick(routes, up.pool, tried)
             if endpoint is None:
-                raise self.reject(no_replica(model, last_error))
-            timeout = remaining_timeout(context)
+                raise self.reject(no_replica(model, routes, last))
             span.set_attribute("meshserve.replica", endpoint.info.replica_id)
             span.set_attribute("meshserve.node", endpoint.info.node)
             try:
-                return await self._one(endpoint, method, request, timeout, metadata, model, version, count)
+                return await self._one(endpoint, method, request, context, metadata, model, version, count)
             except grpc.aio.AioRpcError as err:
-                if err.code() not in RETRYABLE:
-                    raise error_for_status(err.code(), err.details() or "") from None
-                endpoint.mark_failed()
-                last_error = err
-                tried.add(endpoint.address)
-                if len(tried) > up.max_retries:
-                    raise error_for_status(err.code(), err.details() or "") from None
-                if not up.budget.try_spend():
-                    metrics.retries_refused.labels(model).inc()
-                    raise error_for_status(err.code(), err.details() or "") from None
-                metrics.retries.labels(model, err.code().name).inc()
-                span.add_event("retry", {"meshserve.replica": endpoint.info.replica_id,
-                                         "rpc.grpc.status_code": err.code().value[0],
-                                         "error.message": err.details() or ""})
+                last = UpstreamFailure.of(err)
+            # Decided outside the except block, so no error raised below chains the upstream one.
+            if last.code not in RETRYABLE:
+                raise last.error()
+            endpoint.mark_failed()
+            tried.add(endpoint.address)
+            if len(tried) > up.max_retries:
+                raise last.error()
+            if not up.budget.try_spend():
+                metrics.retries_refused.labels(model).inc()
+                raise last.error()
+            metrics.retries.labels(model, last.code.name).inc()
+            span.add_event("retry", {"meshserve.replica": endpoint.info.replica_id,
+                                     "rpc.grpc.status_code": last.code.value[0],
+                                     "error.message": last.details})
 
-    async def _one(self, endpoint: Endpoint, method: str, request: bytes, timeout: float | None,
+    async def _one(self, endpoint: Endpoint, method: str, request: bytes, context: grpc.aio.ServicerContext,
                    metadata, model: str, version: str, count: bool) -> bytes:
+        """One attempt on ``endpoint``, once its admission control lets the call through."""
         metrics = self.up.metrics
         labels = (model, version, endpoint.info.replica_id)
         endpoint.outstanding += 1
+        try:
+            await endpoint.admission.acquire(remaining_timeout(context), len(request),
+                                             f"replica {endpoint.info.replica_id} of model '{model}'")
+        except MeshError as err:
+            endpoint.outstanding -= 1
+            raise self.reject(err) from None
         if count:
             metrics.pending.labels(*labels).inc()
             metrics.count.labels(*labels).inc()
         start = time.monotonic()
         try:
-            response = await endpoint.unary(method)(request, timeout=timeout, metadata=metadata)
+            response = await endpoint.unary(method)(request, timeout=remaining_timeout(context), metadata=metadata)
         except grpc.aio.AioRpcError as err:
             if count:
                 metrics.failure.labels(*labels, err.code().name).inc()
             raise
         finally:
+            endpoint.admission.release()
             endpoint.outstanding -= 1
             if count:
                 metrics.pending.labels(*labels).dec()

@@ -41,6 +41,16 @@ from .tracing import ProxyTracing
 log = logging.getLogger(__name__)
 
 
+# grpc core queues calls its application has not picked up yet, at most 1,000
+# by default (grpc.server.max_pending_requests), and sheds the rest with a
+# bare CANCELLED: 3,000 calls at once through the proxy lost ~600 so. The
+# proxy picks calls up quickly and bounds them per replica itself
+# (proxy.admission: waiting, or RESOURCE_EXHAUSTED with a message), so its
+# front door queues a burst of this size rather than dropping it.
+FRONT_DOOR_QUEUE = [("grpc.server.max_pending_requests", 20_000),
+                    ("grpc.server.max_pending_requests_hard_limit", 40_000)]
+
+
 @dataclass
 class ProxyOptions:
     schedulers: Sequence[str] = ()          # RouteService addresses; empty: static routes only
@@ -50,6 +60,7 @@ class ProxyOptions:
     max_message_bytes: int = 256 * 1024 * 1024
     routes: RouteTable | None = None        # a static table (tests, --routes-file)
     max_retries: int = 2                    # per call, on top of the first attempt
+    channels_per_replica: int = 1           # HTTP/2 connections to each replica
     retry_budget_ratio: float = 0.2         # retries at most ~20 % of recent calls
     tracer_provider: trace.TracerProvider | None = None   # default: the global one (no-op without an SDK)
 
@@ -60,7 +71,7 @@ class ProxyServer:
         self._table: RouteTable | None = None
         self.metrics = ProxyMetrics()
         self.metrics.registry.collectors.append(self._collect)
-        self.pool = EndpointPool(options.max_message_bytes)
+        self.pool = EndpointPool(options.max_message_bytes, options.channels_per_replica)
         self.upstreams = Upstreams(
             table=lambda: self._table, pool=self.pool, balancer=Balancer(),
             budget=RetryBudget(ratio=options.retry_budget_ratio), metrics=self.metrics,
@@ -70,7 +81,8 @@ class ProxyServer:
         limit = options.max_message_bytes
         self.server = grpc.aio.server(
             interceptors=[StatusInterceptor()],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     *FRONT_DOOR_QUEUE],
         )
         servicer = ProxyServicer(self.upstreams, has_table=lambda: self._table is not None)
         self.server.add_generic_rpc_handlers((

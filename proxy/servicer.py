@@ -20,7 +20,7 @@ from importlib import metadata
 
 import grpc
 
-from protos.errors import InvalidArgument, NotFound, Unavailable, Unimplemented, error_for_status
+from protos.errors import InvalidArgument, MeshError, NotFound, Unavailable, Unimplemented, error_for_status
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -188,8 +188,23 @@ def service_handler(servicer: ProxyServicer, unary: UnaryForwarder,
 
 
 def _raw_unary(unary: UnaryForwarder, method: str, count: bool):
+    """A forwarded call's handler: a refusal (``MeshError``) becomes its status here, with no
+    exception leaving the handler.
+
+    grpc.aio keeps an aborted call's exception on the call's state, in a
+    reference cycle with the frames it crossed; those frames hold the request
+    bytes (up to the message limit), which only the garbage collector would
+    then free, late. Setting the status and returning keeps no frame: the
+    request is freed when the call ends.
+    """
     async def handle(request: bytes, context):
-        return await unary.forward(method, request, context, count=count)
+        try:
+            return await unary.forward(method, request, context, count=count)
+        except MeshError as err:
+            context.set_code(err.code)
+            context.set_details(err.message)
+            err.__traceback__ = None
+        return b""
     return handle
 
 

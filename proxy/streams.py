@@ -5,11 +5,16 @@ Guarantees:
   a replica chosen as for a unary call; every later request of that model
   on this client stream goes to the same upstream stream, so a replica
   sees a stream's requests in order and in one place. Bytes pass through
-  undecoded, both ways; responses are relayed as they arrive.
-- A request naming an unknown model (or one with no reachable replica) is
-  answered in the stream, as the runtime answers a failing request:
-  ``error_message`` "NOT_FOUND: ..." with the request's model and id; the
-  stream goes on.
+  as they came, both ways; responses are relayed as they arrive.
+- A request naming no model, an unknown model, or one with no ready or
+  reachable replica is answered in the stream, as the runtime answers a
+  failing request: ``error_message`` "INVALID_ARGUMENT: ...", "NOT_FOUND:
+  ..." or "UNAVAILABLE: ..." with the request's model and id; the stream
+  goes on.
+- A request that is not a valid ``ModelInferRequest`` (garbage bytes) ends
+  the stream at once with INVALID_ARGUMENT naming the defect, whatever the
+  replica would make of it: each request is parsed here (protobuf's C
+  parser, a transient copy of its bytes) before it is forwarded.
 - An upstream stream that ends with an error status ends the client's
   stream with that status (the replica is taken out of rotation on
   UNAVAILABLE). Streams are not retried: part of one may have run.
@@ -25,12 +30,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from protos.errors import InvalidArgument, MeshError, error_for_status
+from protos.errors import InvalidArgument, MeshError
 from protos.inference import grpc_service_pb2 as pb
 
 from .endpoints import Endpoint
-from .forwarder import Upstreams, no_replica, remaining_timeout
+from .forwarder import UpstreamFailure, Upstreams, no_replica, remaining_timeout
 from .tracing import forwarded_metadata
 from .wire import scan_request
 
@@ -87,11 +93,12 @@ class _Session:
         try:
             async for raw in requests:
                 head = scan_request(raw, with_id=True)
-                if not head.model:
-                    raise InvalidArgument(f"{METHOD}: a request names no model")
+                _check_parses(raw)
                 upstream = self.streams.get((head.model, head.version))
                 if upstream is None:
                     try:
+                        if not head.model:
+                            raise InvalidArgument(f"{METHOD}: the request names no model")
                         upstream = self._open(head.model, head.version)
                     except MeshError as err:
                         self.up.metrics.rejected.labels(err.code.name).inc()
@@ -108,15 +115,17 @@ class _Session:
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     pass
         except Exception as err:  # a malformed request, or the client's stream failing
-            await self.out.put(err)
+            # Without its traceback: that holds this frame and the request bytes (see UpstreamFailure).
+            await self.out.put(err.with_traceback(None))
             return
         await asyncio.gather(*(u.relay for u in self.streams.values()), return_exceptions=True)
         await self.out.put(None)
 
     def _open(self, model: str, version: str) -> _Upstream:
-        endpoint = self.up.balancer.pick(self.up.routes(model, version), self.up.pool)
+        routes = self.up.routes(model, version)
+        endpoint = self.up.balancer.pick(routes, self.up.pool)
         if endpoint is None:
-            raise no_replica(model, None)
+            raise no_replica(model, routes, None)
         call = endpoint.stream(METHOD)(timeout=remaining_timeout(self.context), metadata=self.metadata)
         upstream = self.streams[(model, version)] = _Upstream(endpoint, call, model)
         self.span.set_attribute("meshserve.model", model)
@@ -136,10 +145,11 @@ class _Session:
                 await self.out.put(response)
             code = grpc.StatusCode.OK
         except grpc.aio.AioRpcError as err:
-            code = err.code()
+            failure = UpstreamFailure.of(err)
+            code = failure.code
             if code == grpc.StatusCode.UNAVAILABLE:
                 endpoint.mark_failed()
-            await self.out.put(error_for_status(code, err.details() or ""))
+            await self.out.put(failure.error().with_traceback(None))
         finally:
             endpoint.outstanding -= 1
             metrics.pending.labels(*labels).dec()
@@ -150,6 +160,14 @@ class _Session:
             upstream.call.cancel()
             if upstream.relay is not None:
                 upstream.relay.cancel()
+
+
+def _check_parses(raw: bytes) -> None:
+    """InvalidArgument unless ``raw`` is a ``ModelInferRequest`` protobuf would accept."""
+    try:
+        pb.ModelInferRequest.FromString(raw)
+    except DecodeError as err:
+        raise InvalidArgument(f"{METHOD}: malformed request: {err}") from None
 
 
 def _error_response(err: MeshError, model: str, request_id: str) -> bytes:
