@@ -26,6 +26,7 @@ from .cluster import Cluster, LiveNode
 from .records import DRAINING, FAILED, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
 from .reconciler import Reconciler
 from .spec_fields import model_of
+from .store import StoreError
 from .writer import FencedWriter, NotLeader
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class SchedulerCore:
                 log.error("lost leadership while writing; stepping down")
                 await self.stop_leading()
                 return
+            except StoreError as exc:  # an outage, not a bug: one line, no traceback
+                log.warning("reconcile pass failed: %s; retrying on the next tick", exc)
             except Exception:
                 log.exception("reconcile pass failed; retrying on the next tick")
             self._push_assignments()

@@ -57,6 +57,7 @@ from protos.mesh import control_pb2_grpc as pb_grpc
 
 from . import output
 from .spec import MAX_REPLICAS, SpecError, parse_deployments, specs_to_yaml
+from .store.base import names_an_unavailable_store
 
 SERVER_ENV = "MESHSERVE_SCHEDULER"
 DEFAULT_SERVER = "127.0.0.1:7070"
@@ -183,6 +184,8 @@ class Session:
         # all (another gRPC or HTTP/2 server). Used last; its next call tells which.
         unimplemented: list[str] = []
         broken: list[str] = []                 # reachable, but Leader failed with a server error
+        # Reachable, but the scheduler itself says it cannot serve now (its store is down).
+        unavailable: list[str] = []
         chosen = None
         for address in self.servers:
             answer = answers.get(address)
@@ -196,6 +199,8 @@ class Session:
                              else (grpc.StatusCode.DEADLINE_EXCEEDED, ""))
             if code is grpc.StatusCode.UNIMPLEMENTED:
                 unimplemented.append(address)
+            elif code is grpc.StatusCode.UNAVAILABLE and names_an_unavailable_store(details):
+                unavailable.append(f"{address} ({details.splitlines()[0]})")
             elif code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 broken.append(f"{address} ({code.name}: {details.splitlines()[0] if details else 'no details'})")
             else:
@@ -216,6 +221,9 @@ class Session:
             if broken:
                 raise CtlError(f"the scheduler at {', '.join(broken)} failed to say which scheduler leads; "
                                "see its log")
+            if unavailable:
+                raise CtlError(f"the scheduler at {', '.join(unavailable)} is unavailable; "
+                               "retry once it recovers", EXIT_UNREACHABLE)
             where = "the scheduler" if len(unreachable) == 1 else "any scheduler"
             raise CtlError(f"cannot reach {where} at {', '.join(unreachable)}; is `scheduler serve` running?",
                            EXIT_UNREACHABLE)
@@ -240,6 +248,8 @@ class Session:
         if isinstance(error, errors.DeadlineExceeded):
             return CtlError(f"the scheduler at {self.address} did not answer {method} in {self.timeout_s:g}s "
                             f"(a longer --timeout may help)", EXIT_UNREACHABLE)
+        if isinstance(error, errors.Unavailable) and names_an_unavailable_store(details):
+            return CtlError(f"the scheduler at {self.address} is unavailable: {error.message}", EXIT_UNREACHABLE)
         if isinstance(error, errors.Unavailable):
             reason = _transport_reason(details)
             if reason:
