@@ -9,12 +9,14 @@ from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .core import SchedulerCore
-from .records import PENDING, READY, DeploymentRecord
+from .records import NODE_LOST, PENDING, READY, DeploymentRecord
 from .spec import parse_deployments
 from .spec_fields import model_of
 
 KINDS = ("nodes", "deployments", "replicas")
 _SINGULAR = {"node": "nodes", "deployment": "deployments", "replica": "replicas"}
+# Replica ids named in a refusal: enough to recognise them, bounded for a node with hundreds.
+NAMES_SHOWN = 5
 
 
 def _kind(kind: str) -> str:
@@ -237,6 +239,27 @@ class AdminService(mesh_grpc.AdminServiceServicer):
     async def Drain(self, request, context):
         await self._set_node_flags(request.name, cordoned=True, draining=True)
         return mesh.NodeResponse()
+
+    async def DeleteNode(self, request, context):
+        """Forget a node that is gone for good. Without ``force`` only a node that holds no
+        replica and whose agent does not report (never connected, stream closed, or lost)."""
+        self.core.require_leader()
+        name = request.name
+        record = self.cluster.nodes.get(name)
+        if record is None:
+            raise NotFound(f"no node named {name!r}")
+        held = [replica.id for replica in self.cluster.replicas_on(name)]
+        live = self.cluster.live.get(name)
+        if not request.force:
+            if live is not None and live.connected and record.state != NODE_LOST:
+                raise FailedPrecondition(f"node {name!r} is connected: its agent still reports; stop the agent "
+                                         f"first, or force (its agent would register again as a new node)")
+            if held:
+                shown = ", ".join(held[:NAMES_SHOWN]) + (", ..." if len(held) > NAMES_SHOWN else "")
+                raise FailedPrecondition(f"node {name!r} holds {len(held)} replica(s) ({shown}); drain it first, "
+                                         f"or force (they are placed again elsewhere)")
+        await self.core.delete_node(name)
+        return mesh.DeleteNodeResponse(replicas=held)
 
     async def Explain(self, request, context):
         kind = _kind(request.kind)

@@ -164,6 +164,21 @@ class SchedulerCore:
                 live.connected = False
             self.cluster.record_event(f"node/{name}", "stream closed")
 
+    async def delete_node(self, name: str) -> None:
+        """Forget a node: its record, live usage and agent stream (closed: a live agent registers
+        again as a new node). Its replicas are evicted at once, as from any unknown node, so a
+        re-registering agent cannot adopt them back."""
+        await self.writer.delete(self.cluster.nodes[name])
+        del self.cluster.nodes[name]
+        self.cluster.live.pop(name, None)
+        self._sent_assignments.pop(name, None)
+        channel = self._node_channels.pop(name, None)
+        if channel is not None:
+            channel.put_nowait(None)
+        self.cluster.record_event(f"node/{name}", "deleted")
+        await self.reconciler.evict_from_unusable_nodes()
+        self.poke()
+
     def _apply_usage(self, name, gpus, resources, replicas) -> None:
         live = self.cluster.live.setdefault(name, LiveNode())
         live.last_report = self.cluster.clock()

@@ -5,7 +5,7 @@
       apply -f FILE|DIR|- [-f ...] [--dry-run]
       get nodes|deployments|replicas [NAME]
       describe node|deployment|replica NAME
-      delete deployment NAME
+      delete deployment NAME | delete node NAME [--force]
       scale NAME --replicas N
       promote NAME | rollback NAME
       cordon NODE | uncordon NODE | drain NODE
@@ -391,9 +391,18 @@ def _describe(args: argparse.Namespace, session: Session) -> int:
 
 
 def _delete(args: argparse.Namespace, session: Session) -> int:
-    kind, name = _kind_and_name(args.target, ("deployment",), True)
-    session.call("Delete", pb.DeleteRequest(kind=kind, name=name))
-    return _done(args, kind, name, "deleted")
+    kind, name = _kind_and_name(args.target, ("deployment", "node"), True)
+    if kind == "deployment":
+        if args.force:
+            raise CtlError("--force applies to `delete node` only", EXIT_USAGE)
+        session.call("Delete", pb.DeleteRequest(kind=kind, name=name))
+        return _done(args, kind, name, "deleted")
+    reply = session.call("DeleteNode", pb.DeleteNodeRequest(name=name, force=args.force))
+    moved = list(reply.replicas)
+    if args.output != "table":
+        return _done(args, kind, name, "deleted", replicas=moved)
+    return _done(args, kind, name, f"deleted; its replicas are placed again: {', '.join(moved)}" if moved
+                 else "deleted")
 
 
 def _scale(args: argparse.Namespace, session: Session) -> int:
@@ -508,8 +517,12 @@ def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     describe = verbs.add_parser("describe", parents=[common], help="show one object in detail, with events")
     describe.add_argument("target", nargs="+", metavar="KIND NAME", help="node | deployment | replica, and a name")
 
-    delete = verbs.add_parser("delete", parents=[common], help="delete a deployment and stop its replicas")
-    delete.add_argument("target", nargs="+", metavar="deployment NAME")
+    delete = verbs.add_parser("delete", parents=[common],
+                              help="delete a deployment (its replicas stop) or a node that is gone for good")
+    delete.add_argument("target", nargs="+", metavar="deployment|node NAME")
+    delete.add_argument("--force", action="store_true",
+                        help="node: delete even while it holds replicas (placed again elsewhere) or its "
+                             "agent is connected (it registers again as a new node)")
 
     scale = verbs.add_parser("scale", parents=[common], help="set a deployment's number of replicas")
     scale.add_argument("target", nargs="+", metavar="NAME")

@@ -45,7 +45,7 @@ class Reconciler:
     async def reconcile_once(self) -> bool:
         """One pass; returns True when it changed anything."""
         changed = await self._mark_lost_nodes()
-        changed |= await self._evict_from_unusable_nodes()
+        changed |= await self.evict_from_unusable_nodes()
         for name in sorted(self.cluster.deployments):
             changed |= await self._converge_deployment(name)
             changed |= await self._retire_lost(name)
@@ -66,7 +66,9 @@ class Reconciler:
                 changed = True
         return changed
 
-    async def _evict_from_unusable_nodes(self) -> bool:
+    async def evict_from_unusable_nodes(self) -> bool:
+        """Replicas on a lost, draining or unknown node: placed again, or kept as stand-ins (lost),
+        or forgotten (leaving anyway). Idempotent; True when it changed anything."""
         cluster, changed = self.cluster, False
         for replica in list(cluster.replicas.values()):
             if not replica.node:
