@@ -106,8 +106,10 @@ class SchedulerCore:
                 log.warning("reconcile pass failed: %s; retrying on the next tick", exc)
             except Exception:
                 log.exception("reconcile pass failed; retrying on the next tick")
-            self._push_assignments()
+            # Routes first: a replica leaving (draining) is out of every proxy's table before
+            # its agent is told to stop it (and its runtime's drain delay covers the rest).
             self._publish_routes()
+            self._push_assignments()
 
     # -- agents --------------------------------------------------------------
 
