@@ -1,22 +1,26 @@
-"""Removed replicas leave the routes, then finish what they hold: no call fails (issue 8, item 18).
+"""Serving through the proxy while the control plane changes things: no call fails.
 
-Real processes on loopback: a scheduler, one node agent with fake GPUs, its
-runtime replicas and a proxy following the scheduler's routes, with a few
-client threads calling add_sub through the proxy the whole time (no client
-retries: every failure the proxy answers is counted).
+- Removed replicas leave the routes, then finish what they hold (issue 8, item 18).
+- A frozen agent's healthy replicas stay routed until their replacements serve (item 6).
+
+Real processes on loopback: a scheduler, node agents with fake GPUs, their
+runtime replicas and a proxy following the scheduler's routes, with client
+threads calling add_sub through the proxy the whole time (no client retries:
+every failure the proxy answers is counted).
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import signal
 import threading
 
 import numpy as np
 import pytest
 
 from clients import InferenceClient
-from mesh_harness import Admin, Mesh, Process, deployment_yaml
+from mesh_harness import HEARTBEAT_TIMEOUT_S, Admin, Mesh, Process, deployment_yaml
 from protos.errors import MeshError
 from protos.mesh import control_pb2 as mesh
 
@@ -121,3 +125,47 @@ def test_scaling_down_and_rolling_out_under_load_fails_no_call(cluster, tmp_path
     print(f"scale 3 -> 1 and a rollout under load: {load.ok} calls succeeded, failed: {dict(load.failed)}")
     assert not load.failed, (dict(load.failed), load.examples)
     admin.close()
+
+
+def test_a_frozen_agents_healthy_replica_serves_until_its_replacement_is_ready(cluster, tmp_path):
+    """SIGSTOP the agent of the only replica past the heartbeat timeout: its process still serves,
+    so it stays routed until the replacement on the other node is ready; then the agent wakes
+    up and stops it gracefully. Before: the route vanished and calls failed NOT_FOUND."""
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    agents = {name: cluster.agent(name, scheduler.address) for name in ("node-a", "node-b")}
+    proxy = Process("proxy", ["-m", "proxy", "--scheduler", scheduler.address, "--listen", "127.0.0.1:0"])
+    cluster.processes.append(proxy)
+    admin = Admin(scheduler.address)
+    admin.wait_for(lambda: len(admin.nodes()) == 2, "2 nodes", mesh_=cluster)
+    admin.apply(deployment_yaml("adder", replicas=1))
+    [first] = admin.wait_for(lambda: ready_replicas(admin, 1), "1 ready replica", mesh_=cluster)
+    proxy.wait_listening()
+    frozen = agents[first.node]
+
+    def flowing(what: str) -> None:
+        before = load.ok
+        admin.wait_for(lambda: load.ok >= before + STEADY_CALLS, f"calls to flow {what}", mesh_=cluster)
+
+    load = Load(proxy.address).start()
+    try:
+        flowing("through the proxy")
+        os.kill(frozen.proc.pid, signal.SIGSTOP)   # the agent only: its replica keeps running
+        try:
+            admin.wait_for(lambda: {n.name: n.state for n in admin.nodes()}[first.node] == "lost",
+                           f"{first.node} to be lost", timeout=HEARTBEAT_TIMEOUT_S * 10, mesh_=cluster)
+            [replacement] = admin.wait_for(
+                lambda: (r := ready_replicas(admin, 1)) and r[0].node != first.node and r,
+                "the replacement to be ready on the other node", mesh_=cluster)
+            flowing("while the agent is frozen")
+        finally:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+        admin.wait_for(lambda: _gone(first.pid), "the replaced replica to be stopped", mesh_=cluster)
+        flowing("after the agent woke up")
+    finally:
+        load.stop()
+    print(f"agent SIGSTOP past the heartbeat timeout under load: {load.ok} calls succeeded, "
+          f"failed: {dict(load.failed)}")
+    assert not load.failed, (dict(load.failed), load.examples)
+    assert [r.id for r in admin.replicas("adder")] == [replacement.id]
+    admin.close()
+
