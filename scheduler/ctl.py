@@ -33,8 +33,8 @@ Requests: ``Get.kind`` is plural (nodes|deployments|replicas), as the proto
 says; ``Describe``, ``Delete`` and ``Explain`` take the singular kind.
 
 Exit codes: 0 done; 1 the request failed (invalid spec, not found, refused by
-the scheduler); 2 usage error; 3 no scheduler reachable, no leader, or no
-answer in time. Every failure is one ``error: ...`` on stderr, never a
+the scheduler); 2 usage error; 3 no scheduler reachable, no leader, its store
+unavailable, or no answer in time. Every failure is one ``error: ...`` on stderr, never a
 traceback.
 """
 

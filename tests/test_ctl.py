@@ -771,6 +771,15 @@ def test_an_internal_error(admin, capsys):
     assert code == 1 and err == "error: the scheduler failed (INTERNAL): store: database is locked\n"
 
 
+def test_a_scheduler_whose_store_is_down_is_unavailable_not_unreachable(admin, capsys):
+    """The store's words embed a transport failure ("connection refused"): still the scheduler answered."""
+    store_down = ("store etcd at 127.0.0.1:2379 unavailable: txn: failed to connect to all addresses; "
+                  "last error: UNKNOWN: ipv4:127.0.0.1:2379: Failed to connect to remote host: Connection refused")
+    admin.fail_on = ("Scale", grpc.StatusCode.UNAVAILABLE, store_down)
+    code, _, err = ctl_on(admin, capsys, "scale", "add-sub", "--replicas", "2")
+    assert (code, err) == (3, f"error: the scheduler at {admin.address} is unavailable: {store_down}\n")
+
+
 def test_a_failed_precondition_is_the_servers_message(admin, capsys):
     admin.fail_on = ("Get", grpc.StatusCode.FAILED_PRECONDITION, 'node "cpu-1" is lost; it cannot be drained')
     code, _, err = ctl_on(admin, capsys, "get", "nodes")
