@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -9,7 +10,7 @@ from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .core import SchedulerCore
-from .records import NODE_LOST, PENDING, READY, DeploymentRecord
+from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord
 from .spec import parse_deployments
 from .spec_fields import model_of
 
@@ -35,6 +36,15 @@ class AdminService(mesh_grpc.AdminServiceServicer):
     def cluster(self):
         return self.core.cluster
 
+    async def _commit(self, record: DeploymentRecord | NodeRecord, **changes) -> DeploymentRecord | NodeRecord:
+        """``record`` with ``changes``, written; memory takes it only once the store has, so a call
+        that fails (the store unavailable, leadership lost) has changed nothing."""
+        updated = dataclasses.replace(record, **changes)
+        await self.core.writer.put(updated)
+        target = self.cluster.deployments if isinstance(updated, DeploymentRecord) else self.cluster.nodes
+        target[updated.name] = updated
+        return updated
+
     async def Leader(self, request, context):
         is_leader, leader_id, address = await self._leader_info()
         return mesh.LeaderResponse(is_leader=is_leader, leader_id=leader_id, leader_address=address)
@@ -54,9 +64,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                 applied.append(f"deployment/{spec.name} {verb} (dry run)")
                 continue
             if record is not None and record.revision_fingerprint == spec.revision_fingerprint():
-                record.replicas, record.fingerprint = spec.replicas, fingerprint  # a scale: no new revision
-                record.spec, record.spec_yaml = spec.to_dict(), spec.to_yaml()
-                await self.core.writer.put(record)
+                await self._commit(record, replicas=spec.replicas, fingerprint=fingerprint,  # a scale: no new revision
+                                   spec=spec.to_dict(), spec_yaml=spec.to_yaml())
                 self.cluster.record_event(f"deployment/{spec.name}", f"configured: {spec.replicas} replica(s)")
                 applied.append(f"deployment/{spec.name} configured")
                 continue
@@ -100,8 +109,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         if not record.canary_active:
             raise FailedPrecondition(f"deployment {request.name!r} has no canary to promote "
                                      f"(revision {record.revision} serves all traffic)")
-        stable, record.stable_revision = record.stable_revision, record.revision
-        await self.core.writer.put(record)
+        stable = record.stable_revision
+        record = await self._commit(record, stable_revision=record.revision)
         message = f"revision {record.revision} promoted: it replaces revision {stable} replica by replica"
         self.cluster.record_event(f"deployment/{request.name}", message)
         self.core.poke()
@@ -122,10 +131,9 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         [spec] = parse_deployments(entry["spec_yaml"])
         spec = spec.replace(replicas=record.replicas)
         previous = record.revision
-        record.revision, record.stable_revision = target, target
-        record.spec, record.spec_yaml = spec.to_dict(), spec.to_yaml()
-        record.fingerprint, record.revision_fingerprint = spec.fingerprint(), spec.revision_fingerprint()
-        await self.core.writer.put(record)
+        await self._commit(record, revision=target, stable_revision=target, spec=spec.to_dict(),
+                           spec_yaml=spec.to_yaml(), fingerprint=spec.fingerprint(),
+                           revision_fingerprint=spec.revision_fingerprint())
         message = f"rolled back from revision {previous} to revision {target}"
         self.cluster.record_event(f"deployment/{request.name}", message)
         self.core.poke()
@@ -211,8 +219,7 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         if record is None:
             raise NotFound(f"no deployment named {request.name!r}")
         if record.replicas != request.replicas:
-            record.replicas = request.replicas
-            await self.core.writer.put(record)
+            await self._commit(record, replicas=request.replicas)
             self.cluster.record_event(f"deployment/{request.name}", f"scaled to {request.replicas}")
             self.core.poke()
         return mesh.ScaleResponse()
@@ -222,9 +229,7 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         record = self.cluster.nodes.get(name)
         if record is None:
             raise NotFound(f"no node named {name!r}")
-        for flag, value in flags.items():
-            setattr(record, flag, value)
-        await self.core.writer.put(record)
+        await self._commit(record, **flags)
         self.cluster.record_event(f"node/{name}", ", ".join(f"{k}={v}" for k, v in flags.items()))
         self.core.poke()
 

@@ -10,6 +10,7 @@ import pytest
 
 from etcd_server import EtcdServer, require_etcd
 from mesh_harness import Admin, Mesh, deployment_yaml
+from protos.mesh import control_pb2 as mesh
 from scheduler import ctl
 
 # The status interceptor's line for an exception it did not expect (runtime/status_interceptor.py).
@@ -34,14 +35,20 @@ def cluster():
 def test_admin_calls_while_etcd_is_down_answer_unavailable_naming_the_store(cluster, etcd, capsys):
     scheduler = cluster.scheduler(f"etcd://{etcd.endpoint}", "s1")
     admin = Admin(scheduler.address)
+    admin.apply(deployment_yaml("adder", replicas=0))
     store_named = f"store etcd at {etcd.endpoint} unavailable"
     etcd.stop()
 
-    # A change on the leader: its fenced write cannot reach etcd.
-    with pytest.raises(grpc.RpcError) as refused:
-        admin.apply(deployment_yaml("adder", replicas=1))
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
-    assert store_named in refused.value.details()
+    # Changes on the leader: their fenced writes cannot reach etcd.
+    for change in (lambda: admin.apply(deployment_yaml("other", replicas=1)),
+                   lambda: admin.stub.Scale(mesh.ScaleRequest(name="adder", replicas=2), timeout=10)):
+        with pytest.raises(grpc.RpcError) as refused:
+            change()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+        assert store_named in refused.value.details()
+    # A refused change changed nothing, not even in the scheduler's memory.
+    deployments = admin.stub.Get(mesh.GetRequest(kind="deployments"), timeout=10).deployments
+    assert [(d.name, d.replicas) for d in deployments] == [("adder", 0)]
 
     # Once the lease is gone it no longer leads, and asking who does needs the store.
     def leader_call_fails():
