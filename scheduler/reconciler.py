@@ -171,7 +171,7 @@ class Reconciler:
 
     async def _retire_lost(self, name: str) -> bool:
         """Forget the lost replicas of a deployment that are no longer needed as stand-ins: as many
-        stay as its in-service replicas are not ready yet (their replacements), the oldest first."""
+        stay (the first by id) as its in-service replicas that are not ready yet (replacements)."""
         replicas = self.cluster.replicas_of(name)
         lost = [r for r in replicas if r.state == LOST]
         if not lost:
