@@ -139,6 +139,7 @@ class SchedulerCore:
         self._node_channels[name] = channel
         self._sent_assignments.pop(name, None)
         await self._apply_replica_states(name, register.replicas)
+        self._publish_routes()  # before its assignments, as in every pass (see _reconcile_loop)
         self._push_assignments(only=name)
         self.poke()
         return channel
