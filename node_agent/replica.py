@@ -5,6 +5,9 @@ Lifecycle of a ``Replica`` (states as reported to the scheduler):
     starting -> ready -> (exit) failed -> starting -> ...      restarts with backoff
     any      -> draining (SIGTERM; SIGKILL after the grace period) -> stopped
 
+A draining runtime says NOT_SERVING at once but keeps answering calls for
+``drain_delay_s`` (``--drain-delay``), then finishes the calls it holds.
+
 Guarantees:
 - At most one process per replica at any time; a replacement (new spec,
   same id) starts only after its predecessor's process has exited.
@@ -135,8 +138,15 @@ class ReplicaOptions:
     # A replica fails to load its model -> exit 1 -> failed, restarted: rather
     # than a replica that is "ready" with nothing to serve.
     strict: bool = True
-    # More than the runtime's own default grace period (30 s) plus a little,
-    # so a draining replica finishes its in-flight requests before SIGKILL.
+    # How long a stopped replica keeps serving after SIGTERM while it says NOT_SERVING
+    # (the runtime's --drain-delay), so that calls proxies send before they see it go
+    # are still answered. Proxies learn of it at once twice over (the route table the
+    # scheduler pushed before it told this agent to stop, and the replica's own health
+    # watch), within milliseconds; 2 s covers a proxy whose event loop is busy under
+    # load many times over, and costs a removal only 2 s of a process that serves anyway.
+    drain_delay_s: float = 2.0
+    # More than the drain delay plus the runtime's own default grace period (30 s)
+    # plus a little, so a draining replica finishes its in-flight requests before SIGKILL.
     stop_grace_s: float = 40.0
     # A large model can take minutes to load onto a GPU; past this it is stuck.
     startup_timeout_s: float = 600.0
@@ -284,7 +294,8 @@ class Replica:
                 "--model", spec.model_name, "--listen", f"{options.listen_host}:0"]
         if options.strict:
             argv.append("--strict")
-        argv.extend(spec.runtime_args)
+        argv += ["--drain-delay", f"{options.drain_delay_s:g}"]
+        argv.extend(spec.runtime_args)  # after ours: a deployment's runtime_args may override them
         env = {**options.base_env, "PYTHONUNBUFFERED": "1", **dict(spec.env)}
         # gpu_indices decide, whatever the env says: the scheduler placed the replica there.
         env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices

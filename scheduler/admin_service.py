@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from protos.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -9,12 +10,14 @@ from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .core import SchedulerCore
-from .records import PENDING, READY, DeploymentRecord
+from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord
 from .spec import parse_deployments
 from .spec_fields import model_of
 
 KINDS = ("nodes", "deployments", "replicas")
 _SINGULAR = {"node": "nodes", "deployment": "deployments", "replica": "replicas"}
+# Replica ids named in a refusal: enough to recognise them, bounded for a node with hundreds.
+NAMES_SHOWN = 5
 
 
 def _kind(kind: str) -> str:
@@ -32,6 +35,15 @@ class AdminService(mesh_grpc.AdminServiceServicer):
     @property
     def cluster(self):
         return self.core.cluster
+
+    async def _commit(self, record: DeploymentRecord | NodeRecord, **changes) -> DeploymentRecord | NodeRecord:
+        """``record`` with ``changes``, written; memory takes it only once the store has, so a call
+        that fails (the store unavailable, leadership lost) has changed nothing."""
+        updated = dataclasses.replace(record, **changes)
+        await self.core.writer.put(updated)
+        target = self.cluster.deployments if isinstance(updated, DeploymentRecord) else self.cluster.nodes
+        target[updated.name] = updated
+        return updated
 
     async def Leader(self, request, context):
         is_leader, leader_id, address = await self._leader_info()
@@ -52,9 +64,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                 applied.append(f"deployment/{spec.name} {verb} (dry run)")
                 continue
             if record is not None and record.revision_fingerprint == spec.revision_fingerprint():
-                record.replicas, record.fingerprint = spec.replicas, fingerprint  # a scale: no new revision
-                record.spec, record.spec_yaml = spec.to_dict(), spec.to_yaml()
-                await self.core.writer.put(record)
+                await self._commit(record, replicas=spec.replicas, fingerprint=fingerprint,  # a scale: no new revision
+                                   spec=spec.to_dict(), spec_yaml=spec.to_yaml())
                 self.cluster.record_event(f"deployment/{spec.name}", f"configured: {spec.replicas} replica(s)")
                 applied.append(f"deployment/{spec.name} configured")
                 continue
@@ -98,8 +109,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         if not record.canary_active:
             raise FailedPrecondition(f"deployment {request.name!r} has no canary to promote "
                                      f"(revision {record.revision} serves all traffic)")
-        stable, record.stable_revision = record.stable_revision, record.revision
-        await self.core.writer.put(record)
+        stable = record.stable_revision
+        record = await self._commit(record, stable_revision=record.revision)
         message = f"revision {record.revision} promoted: it replaces revision {stable} replica by replica"
         self.cluster.record_event(f"deployment/{request.name}", message)
         self.core.poke()
@@ -120,10 +131,9 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         [spec] = parse_deployments(entry["spec_yaml"])
         spec = spec.replace(replicas=record.replicas)
         previous = record.revision
-        record.revision, record.stable_revision = target, target
-        record.spec, record.spec_yaml = spec.to_dict(), spec.to_yaml()
-        record.fingerprint, record.revision_fingerprint = spec.fingerprint(), spec.revision_fingerprint()
-        await self.core.writer.put(record)
+        await self._commit(record, revision=target, stable_revision=target, spec=spec.to_dict(),
+                           spec_yaml=spec.to_yaml(), fingerprint=spec.fingerprint(),
+                           revision_fingerprint=spec.revision_fingerprint())
         message = f"rolled back from revision {previous} to revision {target}"
         self.cluster.record_event(f"deployment/{request.name}", message)
         self.core.poke()
@@ -209,8 +219,7 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         if record is None:
             raise NotFound(f"no deployment named {request.name!r}")
         if record.replicas != request.replicas:
-            record.replicas = request.replicas
-            await self.core.writer.put(record)
+            await self._commit(record, replicas=request.replicas)
             self.cluster.record_event(f"deployment/{request.name}", f"scaled to {request.replicas}")
             self.core.poke()
         return mesh.ScaleResponse()
@@ -220,9 +229,7 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         record = self.cluster.nodes.get(name)
         if record is None:
             raise NotFound(f"no node named {name!r}")
-        for flag, value in flags.items():
-            setattr(record, flag, value)
-        await self.core.writer.put(record)
+        await self._commit(record, **flags)
         self.cluster.record_event(f"node/{name}", ", ".join(f"{k}={v}" for k, v in flags.items()))
         self.core.poke()
 
@@ -237,6 +244,27 @@ class AdminService(mesh_grpc.AdminServiceServicer):
     async def Drain(self, request, context):
         await self._set_node_flags(request.name, cordoned=True, draining=True)
         return mesh.NodeResponse()
+
+    async def DeleteNode(self, request, context):
+        """Forget a node that is gone for good. Without ``force`` only a node that holds no
+        replica and whose agent does not report (never connected, stream closed, or lost)."""
+        self.core.require_leader()
+        name = request.name
+        record = self.cluster.nodes.get(name)
+        if record is None:
+            raise NotFound(f"no node named {name!r}")
+        held = [replica.id for replica in self.cluster.replicas_on(name)]
+        live = self.cluster.live.get(name)
+        if not request.force:
+            if live is not None and live.connected and record.state != NODE_LOST:
+                raise FailedPrecondition(f"node {name!r} is connected: its agent still reports; stop the agent "
+                                         f"first, or force (its agent would register again as a new node)")
+            if held:
+                shown = ", ".join(held[:NAMES_SHOWN]) + (", ..." if len(held) > NAMES_SHOWN else "")
+                raise FailedPrecondition(f"node {name!r} holds {len(held)} replica(s) ({shown}); drain it first, "
+                                         f"or force (they are placed again elsewhere)")
+        await self.core.delete_node(name)
+        return mesh.DeleteNodeResponse(replicas=held)
 
     async def Explain(self, request, context):
         kind = _kind(request.kind)

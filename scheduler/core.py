@@ -9,7 +9,9 @@ Guarantees:
 - A replica is assigned to at most one node at a time: a returning agent
   gets only what the store says is its own, and stops anything else.
 - Route watchers get a complete table whenever the set of ready replicas
-  changes.
+  changes. Every deployment has a route, with no endpoints while none is
+  ready (so a proxy answers UNAVAILABLE, not NOT_FOUND); a lost node's
+  replicas stay routed until their replacements are ready.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from protos.mesh import control_pb2 as mesh
 from protos.mesh.leader import not_leader_message
 
 from .cluster import Cluster, LiveNode
-from .records import DRAINING, FAILED, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
+from .records import DRAINING, FAILED, LEAVING, LOST, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
 from .reconciler import Reconciler
 from .spec_fields import model_of
+from .store import StoreError
 from .writer import FencedWriter, NotLeader
 
 log = logging.getLogger(__name__)
@@ -99,10 +102,14 @@ class SchedulerCore:
                 log.error("lost leadership while writing; stepping down")
                 await self.stop_leading()
                 return
+            except StoreError as exc:  # an outage, not a bug: one line, no traceback
+                log.warning("reconcile pass failed: %s; retrying on the next tick", exc)
             except Exception:
                 log.exception("reconcile pass failed; retrying on the next tick")
-            self._push_assignments()
+            # Routes first: a replica leaving (draining) is out of every proxy's table before
+            # its agent is told to stop it (and its runtime's drain delay covers the rest).
             self._publish_routes()
+            self._push_assignments()
 
     # -- agents --------------------------------------------------------------
 
@@ -132,6 +139,7 @@ class SchedulerCore:
         self._node_channels[name] = channel
         self._sent_assignments.pop(name, None)
         await self._apply_replica_states(name, register.replicas)
+        self._publish_routes()  # before its assignments, as in every pass (see _reconcile_loop)
         self._push_assignments(only=name)
         self.poke()
         return channel
@@ -159,6 +167,21 @@ class SchedulerCore:
                 live.connected = False
             self.cluster.record_event(f"node/{name}", "stream closed")
 
+    async def delete_node(self, name: str) -> None:
+        """Forget a node: its record, live usage and agent stream (closed: a live agent registers
+        again as a new node). Its replicas are evicted at once, as from any unknown node, so a
+        re-registering agent cannot adopt them back."""
+        await self.writer.delete(self.cluster.nodes[name])
+        del self.cluster.nodes[name]
+        self.cluster.live.pop(name, None)
+        self._sent_assignments.pop(name, None)
+        channel = self._node_channels.pop(name, None)
+        if channel is not None:
+            channel.put_nowait(None)
+        self.cluster.record_event(f"node/{name}", "deleted")
+        await self.reconciler.evict_from_unusable_nodes()
+        self.poke()
+
     def _apply_usage(self, name, gpus, resources, replicas) -> None:
         live = self.cluster.live.setdefault(name, LiveNode())
         live.last_report = self.cluster.clock()
@@ -170,12 +193,13 @@ class SchedulerCore:
         """Take the agent's word for the replicas the store places on its node; ignore the rest.
 
         A draining replica stays draining until the agent reports it stopped or stops
-        reporting it; then its record goes."""
+        reporting it; then its record goes. A lost replica whose node reports again is
+        adopted back with the state the agent reports, or goes if the agent no longer runs it."""
         changed = []
         reported = {status.replica_id: status for status in statuses}
         for replica in self.cluster.replicas_on(node):
             status = reported.get(replica.id)
-            if replica.state == DRAINING and (status is None or status.state == "stopped"):
+            if replica.state in LEAVING and (status is None or status.state == "stopped"):
                 await self.reconciler.forget(replica)
                 self.cluster.record_event(f"replica/{replica.id}", "stopped and removed")
                 changed.append(None)
@@ -247,11 +271,20 @@ class SchedulerCore:
     def route_table(self) -> mesh.RouteTable:
         """One route per ready revision of each deployment. During a canary the canary's route
         weighs canary_weight and the stable one the rest; otherwise a route weighs its number
-        of ready replicas, so every ready replica gets an equal share."""
+        of ready replicas, so every ready replica gets an equal share.
+
+        A lost replica (its node stopped reporting) counts as ready until it is replaced: the
+        proxies' health checks, not the scheduler, decide whether it still answers. A deployment
+        with nothing routable has one route without endpoints (its current revision, weight 0),
+        so a proxy knows the model and answers UNAVAILABLE, never NOT_FOUND."""
         table = mesh.RouteTable()
         for name in sorted(self.cluster.deployments):
             deployment = self.cluster.deployments[name]
-            ready = [r for r in self.cluster.replicas_of(name) if r.state == READY and r.address and r.leads]
+            ready = [r for r in self.cluster.replicas_of(name)
+                     if r.state in (READY, LOST) and r.address and r.leads]
+            if not ready:
+                table.routes.add(model=model_of(deployment.spec_of(deployment.revision))[1], deployment=name,
+                                 revision=deployment.revision, weight=0)
             for revision in sorted({r.revision for r in ready}):
                 endpoints = [r for r in ready if r.revision == revision]
                 if deployment.canary_active and revision in (deployment.revision, deployment.stable_revision):

@@ -5,7 +5,7 @@
       apply -f FILE|DIR|- [-f ...] [--dry-run]
       get nodes|deployments|replicas [NAME]
       describe node|deployment|replica NAME
-      delete deployment NAME
+      delete deployment NAME | delete node NAME [--force]
       scale NAME --replicas N
       promote NAME | rollback NAME
       cordon NODE | uncordon NODE | drain NODE
@@ -33,8 +33,8 @@ Requests: ``Get.kind`` is plural (nodes|deployments|replicas), as the proto
 says; ``Describe``, ``Delete`` and ``Explain`` take the singular kind.
 
 Exit codes: 0 done; 1 the request failed (invalid spec, not found, refused by
-the scheduler); 2 usage error; 3 no scheduler reachable, no leader, or no
-answer in time. Every failure is one ``error: ...`` on stderr, never a
+the scheduler); 2 usage error; 3 no scheduler reachable, no leader, its store
+unavailable, or no answer in time. Every failure is one ``error: ...`` on stderr, never a
 traceback.
 """
 
@@ -57,6 +57,7 @@ from protos.mesh import control_pb2_grpc as pb_grpc
 
 from . import output
 from .spec import MAX_REPLICAS, SpecError, parse_deployments, specs_to_yaml
+from .store.base import names_an_unavailable_store
 
 SERVER_ENV = "MESHSERVE_SCHEDULER"
 DEFAULT_SERVER = "127.0.0.1:7070"
@@ -183,6 +184,8 @@ class Session:
         # all (another gRPC or HTTP/2 server). Used last; its next call tells which.
         unimplemented: list[str] = []
         broken: list[str] = []                 # reachable, but Leader failed with a server error
+        # Reachable, but the scheduler itself says it cannot serve now (its store is down).
+        unavailable: list[str] = []
         chosen = None
         for address in self.servers:
             answer = answers.get(address)
@@ -196,6 +199,8 @@ class Session:
                              else (grpc.StatusCode.DEADLINE_EXCEEDED, ""))
             if code is grpc.StatusCode.UNIMPLEMENTED:
                 unimplemented.append(address)
+            elif code is grpc.StatusCode.UNAVAILABLE and names_an_unavailable_store(details):
+                unavailable.append(f"{address} ({details.splitlines()[0]})")
             elif code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 broken.append(f"{address} ({code.name}: {details.splitlines()[0] if details else 'no details'})")
             else:
@@ -216,6 +221,9 @@ class Session:
             if broken:
                 raise CtlError(f"the scheduler at {', '.join(broken)} failed to say which scheduler leads; "
                                "see its log")
+            if unavailable:
+                raise CtlError(f"the scheduler at {', '.join(unavailable)} is unavailable; "
+                               "retry once it recovers", EXIT_UNREACHABLE)
             where = "the scheduler" if len(unreachable) == 1 else "any scheduler"
             raise CtlError(f"cannot reach {where} at {', '.join(unreachable)}; is `scheduler serve` running?",
                            EXIT_UNREACHABLE)
@@ -240,6 +248,8 @@ class Session:
         if isinstance(error, errors.DeadlineExceeded):
             return CtlError(f"the scheduler at {self.address} did not answer {method} in {self.timeout_s:g}s "
                             f"(a longer --timeout may help)", EXIT_UNREACHABLE)
+        if isinstance(error, errors.Unavailable) and names_an_unavailable_store(details):
+            return CtlError(f"the scheduler at {self.address} is unavailable: {error.message}", EXIT_UNREACHABLE)
         if isinstance(error, errors.Unavailable):
             reason = _transport_reason(details)
             if reason:
@@ -381,9 +391,18 @@ def _describe(args: argparse.Namespace, session: Session) -> int:
 
 
 def _delete(args: argparse.Namespace, session: Session) -> int:
-    kind, name = _kind_and_name(args.target, ("deployment",), True)
-    session.call("Delete", pb.DeleteRequest(kind=kind, name=name))
-    return _done(args, kind, name, "deleted")
+    kind, name = _kind_and_name(args.target, ("deployment", "node"), True)
+    if kind == "deployment":
+        if args.force:
+            raise CtlError("--force applies to `delete node` only", EXIT_USAGE)
+        session.call("Delete", pb.DeleteRequest(kind=kind, name=name))
+        return _done(args, kind, name, "deleted")
+    reply = session.call("DeleteNode", pb.DeleteNodeRequest(name=name, force=args.force))
+    moved = list(reply.replicas)
+    if args.output != "table":
+        return _done(args, kind, name, "deleted", replicas=moved)
+    return _done(args, kind, name, f"deleted; its replicas are placed again: {', '.join(moved)}" if moved
+                 else "deleted")
 
 
 def _scale(args: argparse.Namespace, session: Session) -> int:
@@ -498,8 +517,12 @@ def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     describe = verbs.add_parser("describe", parents=[common], help="show one object in detail, with events")
     describe.add_argument("target", nargs="+", metavar="KIND NAME", help="node | deployment | replica, and a name")
 
-    delete = verbs.add_parser("delete", parents=[common], help="delete a deployment and stop its replicas")
-    delete.add_argument("target", nargs="+", metavar="deployment NAME")
+    delete = verbs.add_parser("delete", parents=[common],
+                              help="delete a deployment (its replicas stop) or a node that is gone for good")
+    delete.add_argument("target", nargs="+", metavar="deployment|node NAME")
+    delete.add_argument("--force", action="store_true",
+                        help="node: delete even while it holds replicas (placed again elsewhere) or its "
+                             "agent is connected (it registers again as a new node)")
 
     scale = verbs.add_parser("scale", parents=[common], help="set a deployment's number of replicas")
     scale.add_argument("target", nargs="+", metavar="NAME")

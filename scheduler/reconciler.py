@@ -5,11 +5,13 @@ only differences through the fenced writer, so running it twice, or after a
 crash halfway, is harmless. In order:
 
 1. Nodes whose agents have been silent past the heartbeat timeout are lost;
-   their replicas, and those on drained nodes, go back to pending.
+   their ready replicas become ``lost`` (still routed until replaced), the
+   others, and those on drained nodes, go back to pending.
 2. Each deployment gets exactly ``replicas`` replicas of its current
    revision. A new revision rolls: one extra replica at a time (surge 1),
    and an old replica is removed only once a new one is ready.
-3. Pending replicas are placed (scheduler/placing.py); those that fit
+3. Lost replicas go once their deployment's replacements are ready.
+4. Pending replicas are placed (scheduler/placing.py); those that fit
    nowhere stay pending with the reason.
 
 How many replicas a deployment has is decided here; where they go is the
@@ -23,7 +25,7 @@ import time
 
 from .cluster import Cluster
 from .placing import place_pending
-from .records import (DRAINING, FAILED, NODE_LOST, NODE_READY, PENDING, PLACED, READY, STARTING,
+from .records import (DRAINING, FAILED, LEAVING, LOST, NODE_LOST, NODE_READY, PENDING, PLACED, READY, STARTING,
                       ReplicaRecord, new_replica_id)
 from .writer import FencedWriter
 
@@ -43,9 +45,10 @@ class Reconciler:
     async def reconcile_once(self) -> bool:
         """One pass; returns True when it changed anything."""
         changed = await self._mark_lost_nodes()
-        changed |= await self._evict_from_unusable_nodes()
+        changed |= await self.evict_from_unusable_nodes()
         for name in sorted(self.cluster.deployments):
             changed |= await self._converge_deployment(name)
+            changed |= await self._retire_lost(name)
         changed |= await self._remove_orphans()
         changed |= await place_pending(self.cluster, self.writer)
         return changed
@@ -63,7 +66,9 @@ class Reconciler:
                 changed = True
         return changed
 
-    async def _evict_from_unusable_nodes(self) -> bool:
+    async def evict_from_unusable_nodes(self) -> bool:
+        """Replicas on a lost, draining or unknown node: placed again, or kept as stand-ins (lost),
+        or forgotten (leaving anyway). Idempotent; True when it changed anything."""
         cluster, changed = self.cluster, False
         for replica in list(cluster.replicas.values()):
             if not replica.node:
@@ -76,10 +81,16 @@ class Reconciler:
                 why = f"node {replica.node} was lost"
             elif node.draining:
                 why = f"node {replica.node} is draining"
-            if why and replica.state == DRAINING:
-                if node is None or node.state == NODE_LOST:
+            if why and replica.state in LEAVING:
+                if node is None or (node.state == NODE_LOST and replica.state == DRAINING):
                     await self.forget(replica)  # nothing left to drain
                     changed = True
+                continue  # a lost one waits for its replacement (_retire_lost)
+            if why and node is not None and node.state == NODE_LOST and _routable(replica):
+                replica.state, replica.reason = LOST, f"{why}; routed until its replacement is ready"
+                await self.writer.put(replica)
+                cluster.record_event(f"replica/{replica.id}", f"lost with {replica.node}: routed until replaced")
+                changed = True
                 continue
             if why:
                 previous = replica.node
@@ -95,7 +106,7 @@ class Reconciler:
     async def _converge_deployment(self, name: str) -> bool:
         cluster = self.cluster
         deployment = cluster.deployments[name]
-        replicas = [r for r in cluster.replicas_of(name) if r.state != DRAINING and r.leads]
+        replicas = [r for r in cluster.replicas_of(name) if r.state not in LEAVING and r.leads]
         if deployment.canary_active:
             return await self._converge_canary(deployment, replicas)
         current = [r for r in replicas if r.revision == deployment.revision]
@@ -105,7 +116,7 @@ class Reconciler:
         room = None if not old else max(0, desired + ROLLING_SURGE - len(current) - len(old))
         changed = await self._scale_revision(deployment, deployment.revision, current, desired, room)
         current = [r for r in cluster.replicas_of(name)
-                   if r.revision == deployment.revision and r.state != DRAINING and r.leads]
+                   if r.revision == deployment.revision and r.state not in LEAVING and r.leads]
 
         # Old revisions: drop the ones not serving at once, the serving ones as new ones become ready.
         if old:
@@ -158,6 +169,20 @@ class Reconciler:
             changed = True
         return changed
 
+    async def _retire_lost(self, name: str) -> bool:
+        """Forget the lost replicas of a deployment that are no longer needed as stand-ins: as many
+        stay (the first by id) as its in-service replicas that are not ready yet (replacements)."""
+        replicas = self.cluster.replicas_of(name)
+        lost = [r for r in replicas if r.state == LOST]
+        if not lost:
+            return False
+        waiting = sum(1 for r in replicas if r.state not in LEAVING and r.leads and r.state != READY)
+        for replica in lost[waiting:]:
+            await self.forget(replica)
+            self.cluster.record_event(f"replica/{replica.id}", "replaced: removed from the routes")
+            self.cluster.record_event(f"deployment/{name}", f"lost replica {replica.id} replaced")
+        return len(lost) > waiting
+
     async def _remove_orphans(self) -> bool:
         """Replicas whose deployment was deleted, and pipeline steps whose leader is gone."""
         changed = False
@@ -196,6 +221,11 @@ class Reconciler:
     async def forget(self, replica: ReplicaRecord) -> None:
         self.cluster.replicas.pop(replica.id, None)
         await self.writer.delete(replica)
+
+
+def _routable(replica: ReplicaRecord) -> bool:
+    """A replica the proxies may be sending calls to (a pipeline group is placed again as a whole)."""
+    return replica.state == READY and bool(replica.address) and not replica.group
 
 
 def _reset_to_pending(replica: ReplicaRecord, reason: str) -> None:

@@ -25,9 +25,15 @@ NODES = PREFIX + "nodes/"
 
 # Replica lifecycle. pending: not placed (reason says why); placed: assigned to a
 # node that has not reported it yet; starting/ready/failed: as the agent reports;
-# draining: leaving (scaled down, replaced, or its node drained).
-PENDING, PLACED, STARTING, READY, DRAINING, FAILED = (
-    "pending", "placed", "starting", "ready", "draining", "failed")
+# draining: leaving (scaled down, replaced, or its node drained); lost: it was ready
+# when its node stopped reporting. A lost replica no longer counts as one of its
+# deployment's replicas (a replacement is made), but it stays routed (the proxies'
+# own health checks decide whether it answers) and assigned to its node until the
+# replacements are ready; then it goes. If its node returns first, it is adopted back.
+PENDING, PLACED, STARTING, READY, DRAINING, FAILED, LOST = (
+    "pending", "placed", "starting", "ready", "draining", "failed", "lost")
+# Replicas on their way out: not counted against a deployment's desired replicas.
+LEAVING = (DRAINING, LOST)
 NODE_READY, NODE_LOST = "ready", "lost"
 
 

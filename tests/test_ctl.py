@@ -182,6 +182,15 @@ class FakeAdmin(pb_grpc.AdminServiceServicer):
         self._deployment_must_exist(request.name, context)
         return pb.DeleteResponse()
 
+    def DeleteNode(self, request, context):
+        self._record("DeleteNode", request, context)
+        self._node_must_exist(request.name, context)
+        if request.name == "gpu-1" and not request.force:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "node 'gpu-1' holds 1 replica(s) (add-sub-7f9c2-1); drain it first, or force")
+        held = [r.id for r in REPLICAS if r.node == request.name] if request.force else []
+        return pb.DeleteNodeResponse(replicas=held)
+
     def Scale(self, request, context):
         self._record("Scale", request, context)
         self._deployment_must_exist(request.name, context)
@@ -484,10 +493,32 @@ def test_delete_json_and_missing(admin, capsys):
     assert (code, out, err) == (1, "", 'error: deployment "ghost" not found\n')
 
 
-def test_delete_only_deployments(admin, capsys):
-    code, _, err = ctl_on(admin, capsys, "delete", "node", "gpu-1")
-    assert code == 2 and err == "error: unknown kind 'node' here (use deployment)\n"
+def test_delete_only_deployments_and_nodes(admin, capsys):
+    code, _, err = ctl_on(admin, capsys, "delete", "replica", "add-sub-7f9c2-1")
+    assert code == 2 and err == "error: unknown kind 'replica' here (use deployment or node)\n"
+    code, _, err = ctl_on(admin, capsys, "delete", "deployment", "add-sub", "--force")
+    assert code == 2 and err == "error: --force applies to `delete node` only\n"
     assert admin.requests == []
+
+
+def test_delete_node_that_is_gone(admin, capsys):
+    code, out, err = ctl_on(admin, capsys, "delete", "node", "gpu-2")
+    assert (code, out, err) == (0, "node/gpu-2 deleted\n", "")
+    assert request_of(admin, "DeleteNode") == pb.DeleteNodeRequest(name="gpu-2", force=False)
+
+
+def test_delete_node_refused_while_it_holds_replicas_then_forced(admin, capsys):
+    code, out, err = ctl_on(admin, capsys, "delete", "node/gpu-1")
+    assert (code, out) == (1, "") and err.startswith("error: node 'gpu-1' holds 1 replica(s)")
+    code, out, err = ctl_on(admin, capsys, "delete", "node", "gpu-1", "--force")
+    assert (code, err) == (0, "")
+    assert out == "node/gpu-1 deleted; its replicas are placed again: add-sub-7f9c2-1, resnet50-torch-a1b2c-0\n"
+    assert [r.force for m, r in admin.requests if m == "DeleteNode"] == [False, True]
+    code, out, _ = ctl_on(admin, capsys, "-o", "json", "delete", "node", "gpu-1", "--force")
+    assert json.loads(out) == {"kind": "node", "name": "gpu-1", "result": "deleted",
+                               "replicas": ["add-sub-7f9c2-1", "resnet50-torch-a1b2c-0"]}
+    code, out, err = ctl_on(admin, capsys, "delete", "node", "nowhere")
+    assert (code, out, err) == (1, "", 'error: node "nowhere" not found\n')
 
 
 @pytest.mark.parametrize("target", [["add-sub"], ["deployment/add-sub"], ["deployment", "add-sub"]])
@@ -738,6 +769,15 @@ def test_an_internal_error(admin, capsys):
     admin.fail_on = ("Get", grpc.StatusCode.INTERNAL, "store: database is locked")
     code, _, err = ctl_on(admin, capsys, "get", "nodes")
     assert code == 1 and err == "error: the scheduler failed (INTERNAL): store: database is locked\n"
+
+
+def test_a_scheduler_whose_store_is_down_is_unavailable_not_unreachable(admin, capsys):
+    """The store's words embed a transport failure ("connection refused"): still the scheduler answered."""
+    store_down = ("store etcd at 127.0.0.1:2379 unavailable: txn: failed to connect to all addresses; "
+                  "last error: UNKNOWN: ipv4:127.0.0.1:2379: Failed to connect to remote host: Connection refused")
+    admin.fail_on = ("Scale", grpc.StatusCode.UNAVAILABLE, store_down)
+    code, _, err = ctl_on(admin, capsys, "scale", "add-sub", "--replicas", "2")
+    assert (code, err) == (3, f"error: the scheduler at {admin.address} is unavailable: {store_down}\n")
 
 
 def test_a_failed_precondition_is_the_servers_message(admin, capsys):

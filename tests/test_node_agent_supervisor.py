@@ -12,8 +12,10 @@ import os
 import pathlib
 import signal
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients import AsyncInferenceClient
 from protos.backoff import Backoff
@@ -145,7 +147,7 @@ def test_command_line_and_environment():
         await supervisor.wait_for(state_of("r1", state="ready"), 5)
         argv, env = launcher.commands[0]
         assert argv == ["/opt/py", "-m", "runtime", "--model-repository", "/models", "--model", "m",
-                        "--listen", "10.1.2.3:0", "--strict", "--grace-period", "5"]
+                        "--listen", "10.1.2.3:0", "--strict", "--drain-delay", "2", "--grace-period", "5"]
         assert env["CUDA_VISIBLE_DEVICES"] == "2,0"  # gpu_indices win over the assignment's env
         assert env["A"] == "b" and env["PATH"] == "/usr/bin" and env["PYTHONUNBUFFERED"] == "1"
         assert supervisor.status("r1").address == "10.1.2.3:40100"
@@ -310,5 +312,34 @@ def test_real_replica_crash_is_restarted_with_exit_code_and_output_reported():
         finally:
             await supervisor.drain_all()
         assert supervisor.status("crashy").state == "stopped"
+
+    asyncio.run(main())
+
+
+def test_a_stopped_real_replica_still_answers_calls_sent_after_it_said_not_serving():
+    """What a proxy relies on when a replica is removed: the agent stops it (SIGTERM), the replica
+    says NOT_SERVING at once, and a call sent after that (by a proxy that has not routed away
+    yet) is still answered, for the drain delay; then it stops on its own."""
+    async def main():
+        supervisor = real_supervisor()
+        spec = ReplicaSpec.create("leaving", model_repository=AGENT_MODELS, model_name="env_echo")
+        try:
+            supervisor.apply([spec])
+            [ready] = await supervisor.wait_for(lambda s: s[0].state == "ready", READY_TIMEOUT_S)
+            async with grpc.aio.insecure_channel(ready.address) as channel:
+                watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+                assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+                supervisor.apply([])                                # no longer assigned: SIGTERM
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    while (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING:
+                        pass
+                watch.cancel()
+                async with AsyncInferenceClient(ready.address, timeout=10, retries=0) as client:
+                    answer = await client.infer("env_echo", {"NAME": np.array([b"MESHSERVE_TEST"], dtype=object)})
+            assert list(answer["VALUE"]) == [b"<unset>"]
+            stopped = (await supervisor.wait_for(state_of("leaving", state="stopped"), 30))[0]
+            assert stopped.exit_code == 0
+        finally:
+            await supervisor.drain_all()
 
     asyncio.run(main())

@@ -339,6 +339,20 @@ class NodeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class DeleteNodeRequest(_message.Message):
+    __slots__ = ("name", "force")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class DeleteNodeResponse(_message.Message):
+    __slots__ = ("replicas",)
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, replicas: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ExplainRequest(_message.Message):
     __slots__ = ("kind", "name")
     KIND_FIELD_NUMBER: _ClassVar[int]

@@ -169,6 +169,11 @@ class AdminServiceStub:
                 request_serializer=protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
                 response_deserializer=protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
                 _registered_method=True)
+        self.DeleteNode = channel.unary_unary(
+                '/mesh.AdminService/DeleteNode',
+                request_serializer=protos_dot_mesh_dot_control__pb2.DeleteNodeRequest.SerializeToString,
+                response_deserializer=protos_dot_mesh_dot_control__pb2.DeleteNodeResponse.FromString,
+                _registered_method=True)
         self.Explain = channel.unary_unary(
                 '/mesh.AdminService/Explain',
                 request_serializer=protos_dot_mesh_dot_control__pb2.ExplainRequest.SerializeToString,
@@ -244,6 +249,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteNode(self, request, context):
+        """Forget a node (a decommissioned host). Refused with FAILED_PRECONDITION while it
+        holds replicas or its agent is connected, unless force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Explain(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -312,6 +325,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=protos_dot_mesh_dot_control__pb2.NodeRequest.FromString,
                     response_serializer=protos_dot_mesh_dot_control__pb2.NodeResponse.SerializeToString,
+            ),
+            'DeleteNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNode,
+                    request_deserializer=protos_dot_mesh_dot_control__pb2.DeleteNodeRequest.FromString,
+                    response_serializer=protos_dot_mesh_dot_control__pb2.DeleteNodeResponse.SerializeToString,
             ),
             'Explain': grpc.unary_unary_rpc_method_handler(
                     servicer.Explain,
@@ -552,6 +570,33 @@ class AdminService:
             '/mesh.AdminService/Drain',
             protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
             protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.AdminService/DeleteNode',
+            protos_dot_mesh_dot_control__pb2.DeleteNodeRequest.SerializeToString,
+            protos_dot_mesh_dot_control__pb2.DeleteNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

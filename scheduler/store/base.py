@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
+from protos.errors import Unavailable
+
 
 @dataclass(frozen=True)
 class KeyValue:
@@ -89,8 +91,22 @@ def prefix_end(prefix: bytes) -> bytes | None:
     return None
 
 
-class StoreError(Exception):
-    """The store could not be reached or answered an error; safe to retry."""
+class StoreError(Unavailable):
+    """The store could not be reached or answered an error; safe to retry.
+
+    It is the taxonomy's ``Unavailable``: a call that fails on the store reaches
+    its client as UNAVAILABLE with this message (which names the store), through
+    the one status interceptor, never as INTERNAL with a traceback."""
+
+
+def store_unavailable(backend: str, where: str, why: str) -> StoreError:
+    """The error of a call the store did not answer: ``store etcd at 127.0.0.1:2379 unavailable: WHY``."""
+    return StoreError(f"store {backend} at {where} unavailable: {why}")
+
+
+def names_an_unavailable_store(message: str) -> bool:
+    """Whether a status message is a ``store_unavailable`` one (a scheduler up, its store down)."""
+    return message.startswith("store ") and " unavailable: " in message
 
 
 class Compacted(StoreError):

@@ -40,7 +40,7 @@ import grpc
 from aetcd import rpc
 
 from .base import (Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, StoreError, TxnResult, WatchEvent,
-                   prefix_end)
+                   prefix_end, store_unavailable)
 
 T = TypeVar("T")
 
@@ -108,14 +108,14 @@ def _never_sent(exc: BaseException) -> bool:
     return _is_unavailable(exc) and any(text in _details(exc).lower() for text in _NEVER_SENT)
 
 
-def _translate(exc: BaseException, what: str) -> Exception:
-    """The seam's error for a client or gRPC error."""
+def _translate(exc: BaseException, what: str, endpoint: str) -> Exception:
+    """The seam's error for a client or gRPC error; a StoreError names the endpoint that failed."""
     details = _details(exc)
     if "lease not found" in details:
         return LeaseExpired(f"{what}: {details}")
     if "duplicate key" in details or "future revision" in details or isinstance(exc, aetcd.InvalidArgumentError):
         return ValueError(f"{what}: {details}")
-    return StoreError(f"{what}: {details}")
+    return store_unavailable("etcd", endpoint, f"{what}: {details}")
 
 
 RetryRule = Callable[[BaseException], bool]
@@ -184,7 +184,7 @@ class EtcdStore:
                         continue
                 if isinstance(exc, (StoreError, ValueError)):
                     raise
-                raise _translate(exc, what) from exc
+                raise _translate(exc, what, self.endpoints[index]) from exc
         raise AssertionError("unreachable")
 
     # -- the Store protocol ------------------------------------------------------------------------
