@@ -49,6 +49,8 @@ CONTENTS_FIELDS: dict[str, str] = {
     "BYTES": "bytes_contents",
 }
 
+_CONTENTS_FIELD_NAMES = tuple(dict.fromkeys(CONTENTS_FIELDS.values()))
+
 # Config enum names (TYPE_FP32, TYPE_STRING, ...) <-> protocol datatype names.
 CONFIG_TO_DATATYPE: dict[str, str] = {f"TYPE_{name}": name for name in NUMPY_DTYPES if name != "BYTES"}
 CONFIG_TO_DATATYPE["TYPE_STRING"] = "BYTES"
@@ -156,6 +158,11 @@ def from_contents(datatype: str, shape, contents) -> np.ndarray:
         if datatype in NUMPY_DTYPES:
             raise ValueError(f"{datatype} has no typed contents field; send it in raw_input_contents")
         raise ValueError(f"unknown datatype {datatype!r}")
+    others = [name for name in _CONTENTS_FIELD_NAMES if name != field and len(getattr(contents, name))]
+    if others:
+        raise ValueError(
+            f"has {', '.join(others)} as well as {field}; a {datatype} tensor sends its values in {field} only"
+        )
     values = getattr(contents, field)
     count = element_count(shape)
     if len(values) != count:

@@ -113,6 +113,16 @@ def _raw_and_contents():
     return request
 
 
+def _typed_contents_of_two_types():
+    """FP32 values in fp32_contents plus stray bytes_contents: which one did the client mean?"""
+    request = pb.ModelInferRequest(model_name="add_sub")
+    for name in ("INPUT0", "INPUT1"):
+        tensor = request.inputs.add(name=name, datatype="FP32", shape=[1, 16])
+        tensor.contents.fp32_contents.extend([1.0] * 16)
+    request.inputs[0].contents.bytes_contents.append(b"stray")
+    return request
+
+
 def _contents_count_mismatch():
     request = pb.ModelInferRequest(model_name="add_sub")
     for name in ("INPUT0", "INPUT1"):
@@ -171,6 +181,8 @@ CASES = {
     "raw size mismatch": (_raw_size_mismatch, INVALID, ["'INPUT1'", "60 bytes", "64"]),
     "raw count != input count": (_raw_count_mismatch, INVALID, ["2 inputs", "1 raw_input_contents"]),
     "raw and typed contents": (_raw_and_contents, INVALID, ["'INPUT0'", "raw_input_contents"]),
+    "typed contents of two types": (_typed_contents_of_two_types, INVALID,
+                                    ["'INPUT0'", "bytes_contents", "fp32_contents"]),
     "contents count mismatch": (_contents_count_mismatch, INVALID, ["'INPUT0'", "15 elements", "16"]),
     "BYTES truncated length prefix": (_bytes_truncated_prefix, INVALID, ["'INPUT0'", "truncated"]),
     "BYTES length past the end": (_bytes_length_past_end, INVALID, ["'INPUT0'", "10 bytes"]),
