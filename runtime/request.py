@@ -129,6 +129,8 @@ def decode_request(request: pb.ModelInferRequest, signature: ModelSignature,
         spec.check_shape(model, shape, signature.max_batch_size)
         location = locations[index] if locations else None
         try:
+            if tensor.datatype == "BYTES":
+                tensors.check_bytes_elements(shape)  # before any decoding work
             if location is not None:
                 if tensor.HasField("contents"):
                     raise ValueError("has typed contents as well as a shared memory region; send one or the other")

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+from protos import tensors
 from protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     EXAMPLES,
@@ -153,6 +154,11 @@ def _bytes_too_many_elements():
     return _bytes([1], struct.pack("<I", 1) + b"a" + struct.pack("<I", 1) + b"b")
 
 
+def _bytes_more_elements_than_a_request_may_create():
+    count = tensors.MAX_BYTES_ELEMENTS + 1  # 16 MiB of empty elements
+    return _bytes([count], bytes(4 * count))
+
+
 def _unknown_output():
     return _add_sub(outputs=["OUTPUT9"])
 
@@ -188,6 +194,8 @@ CASES = {
     "BYTES length past the end": (_bytes_length_past_end, INVALID, ["'INPUT0'", "10 bytes"]),
     "BYTES too few elements": (_bytes_too_few_elements, INVALID, ["'INPUT0'", "2 elements", "[3]"]),
     "BYTES too many elements": (_bytes_too_many_elements, INVALID, ["'INPUT0'", "2 elements", "[1]"]),
+    "BYTES elements over the limit": (_bytes_more_elements_than_a_request_may_create, INVALID,
+                                      ["'INPUT0'", f"at most {tensors.MAX_BYTES_ELEMENTS}"]),
     "unknown requested output": (_unknown_output, INVALID, ["'OUTPUT9'", "OUTPUT0"]),
     "non-numeric timeout": (_bad_timeout_parameter, INVALID, ["timeout"]),
     "ModelInfer on a decoupled model": (_decoupled_model, grpc.StatusCode.FAILED_PRECONDITION,
