@@ -12,9 +12,10 @@ region is read from it, with the same size and shape checks as raw bytes;
 Triton reads them). Inputs are read-only arrays over one copy of the
 region's bytes, read when the request is decoded (a client may shrink its
 region at any time; the server never maps it). A requested output whose
-parameters name a region is written into it; the response carries its name, datatype, shape
-and region parameters (``shared_memory_byte_size`` = bytes written) and an
-empty ``raw_output_contents`` entry, keeping entries one per output.
+parameters name a region is written into it; the response carries its
+name, datatype, shape and region parameters (``shared_memory_byte_size`` =
+bytes written) and an empty ``raw_output_contents`` entry, keeping entries
+one per output.
 """
 
 from __future__ import annotations
