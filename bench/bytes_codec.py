@@ -17,7 +17,7 @@ are dropped and collected:
 ``--codec`` loads ``protos/tensors.py`` from another file (e.g. the old one,
 ``git show main:protos/tensors.py > /tmp/old_tensors.py``) to compare.
 ``--server`` also starts a runtime serving ``examples/models/echo_bytes`` and
-sends it one request of N empty elements and one of ``MAX_BYTES_ELEMENTS``
+sends it one request of N empty elements and two of ``MAX_BYTES_ELEMENTS``
 empty elements, reporting the answer, its time and the server's peak and
 final RSS (``VmHWM``/``VmRSS`` of the runtime process). The last line is one
 JSON object with every figure.
@@ -120,7 +120,8 @@ def _server_cases(elements: int) -> list[dict]:
             ("grpc.max_send_message_length", 300 << 20), ("grpc.max_receive_message_length", 300 << 20)])
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         grpc.channel_ready_future(channel).result(timeout=60)
-        for count in (elements, getattr(tensors, "MAX_BYTES_ELEMENTS", 1 << 22)):
+        largest_allowed = getattr(tensors, "MAX_BYTES_ELEMENTS", 1 << 22)
+        for count in (elements, largest_allowed, largest_allowed):  # twice: does RSS settle?
             request = pb.ModelInferRequest(model_name="echo_bytes")
             request.inputs.add(name="INPUT0", datatype="BYTES", shape=[count])
             request.raw_input_contents.append(bytes(4 * count))
