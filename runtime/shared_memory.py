@@ -158,10 +158,6 @@ class SharedMemoryRegion:
         self.offset = offset
         self.byte_size = byte_size
 
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
     def check_window(self, location: TensorLocation, tensor: str) -> None:
         """Refuse a window that does not fit in this region as registered."""
         if location.offset + location.byte_size > self.byte_size:
@@ -190,18 +186,15 @@ class SharedMemoryRegion:
         self.check_window(location, tensor)
         fd = self._usable(tensor)
         start = self.offset + location.offset
-        if location.byte_size <= _MAX_TRANSFER:
-            data = os.pread(fd, location.byte_size, start)
-        else:
-            data = bytearray(location.byte_size)
-            view = memoryview(data)
-            done = 0
-            while done < len(data):
-                count = os.preadv(fd, [view[done:done + _MAX_TRANSFER]], start + done)
-                if count == 0:
-                    break
-                done += count
-            data = bytes(view[:done]) if done < len(data) else bytes(data)
+        parts = []
+        done = 0
+        while done < location.byte_size:
+            part = os.pread(fd, min(location.byte_size - done, _MAX_TRANSFER), start + done)
+            if not part:
+                break
+            parts.append(part)
+            done += len(part)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         if len(data) < location.byte_size:  # shrunk between fstat and pread
             raise self._shrunk(tensor, os.fstat(fd).st_size)
         return data
