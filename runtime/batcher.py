@@ -2,7 +2,13 @@
 
 Guarantees:
 - A batch never holds more than ``max_batch_size`` items (the sum of the
-  requests' batch sizes) and never mixes requests with different input sets.
+  requests' batch sizes) and holds only requests that can be stacked: the
+  same input names, each input with the same shape past the batch axis (as
+  Triton's dynamic batcher). A variable dim (``dims: [-1]``) is therefore
+  batched only with requests of the same length. A request that cannot join
+  the batch being formed is skipped, not failed: it stays at its place in the
+  queue and heads a later batch, so no request fails for its neighbour's
+  shape and none waits behind more than one batch of others.
 - A batch is formed only when an instance is free, so under load the queue
   grows while instances work and the next batch is larger (adaptive
   batching). A request waits at most ``max_queue_delay`` for company, and
@@ -45,6 +51,11 @@ log = logging.getLogger(__name__)
 # Weight of the newest gap in the moving average of inter-arrival times: about
 # the last ten arrivals count, so the batcher adapts within a few requests.
 _GAP_SMOOTHING = 0.2
+# How many queued requests a batch being formed looks at for company that
+# fits (skipping those of other shapes). Beyond this the queue is deep enough
+# that the next batches fill anyway; it bounds the work per batch in a long
+# queue of mixed shapes.
+_SCAN_LIMIT = 256
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,12 @@ class _Pending:
     request: InferRequest
     future: asyncio.Future
     trace: RequestTrace | None = None
+    shapes: tuple = ()  # what must match to share a batch (``_stack_key``)
+
+
+def _stack_key(request: InferRequest) -> tuple:
+    """Requests can be stacked along the batch axis only if these are equal."""
+    return tuple(sorted((name, array.shape[1:]) for name, array in request.inputs.items()))
 
 
 class Batcher:
@@ -110,7 +127,8 @@ class Batcher:
         future = asyncio.get_running_loop().create_future()
         if trace is not None:
             trace.queued()
-        self._queue.append(_Pending(request, future, trace))
+        shapes = _stack_key(request) if self._policy.enabled else ()
+        self._queue.append(_Pending(request, future, trace, shapes))
         self._arrived.set()
         return future
 
@@ -157,6 +175,27 @@ class Batcher:
             return pending
         return None
 
+    def _take_company(self, shapes: tuple, room: int) -> tuple[_Pending | None, bool]:
+        """Remove and return the oldest live queued request (within ``_SCAN_LIMIT``) that
+        stacks with ``shapes`` in at most ``room`` items; also whether a live request that
+        cannot join was seen (it is waiting, so the batch should not wait any longer)."""
+        now = self._clock()
+        queue = self._queue
+        blocked = False
+        index = 0
+        while index < len(queue) and index < _SCAN_LIMIT:
+            pending = queue[index]
+            if self._is_dead(pending, now):
+                del queue[index]
+                self._progress.set()
+                continue
+            if pending.shapes == shapes and pending.request.batch_size <= room:
+                del queue[index]
+                return pending, blocked
+            blocked = True
+            index += 1
+        return None, blocked
+
     async def _next_batch(self) -> list[_Pending]:
         while self._pop_live() is None:
             await self._wait_for_arrival(None)
@@ -165,21 +204,17 @@ class Batcher:
         batch, size = [first], first.request.batch_size
         if not policy.enabled:
             return batch
-        keys = first.request.inputs.keys()
         flush_at = self._clock() + policy.max_queue_delay_s
         while size < policy.preferred_size:
-            candidate = self._pop_live()
-            if candidate is None:
-                remaining = flush_at - self._clock()
-                if remaining <= 0 or self._arrival_gap_s > policy.max_queue_delay_s:
-                    break
-                await self._wait_for_arrival(remaining)
+            candidate, blocked = self._take_company(first.shapes, policy.max_batch_size - size)
+            if candidate is not None:
+                batch.append(candidate)
+                size += candidate.request.batch_size
                 continue
-            if size + candidate.request.batch_size > policy.max_batch_size \
-                    or candidate.request.inputs.keys() != keys:
+            remaining = flush_at - self._clock()
+            if blocked or remaining <= 0 or self._arrival_gap_s > policy.max_queue_delay_s:
                 break
-            batch.append(self._queue.popleft())
-            size += candidate.request.batch_size
+            await self._wait_for_arrival(remaining)
         return batch
 
     async def _drain(self) -> None:

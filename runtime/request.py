@@ -9,14 +9,13 @@ parameters are tolerated. ``encode_response`` always answers in
 Shared memory (``runtime.shared_memory``): an input whose parameters name a
 region is read from it, with the same size and shape checks as raw bytes;
 ``raw_input_contents`` then holds one entry per *other* input, in order (as
-Triton reads them). Numeric inputs are read-only numpy views of the region,
-no copy, like raw inputs are views of the request; a predictor that writes
-into an input must copy it (``np.array(x)``) first, and batching (several
-requests stacked) copies anyway. The client must leave the region alone
-until its response arrives. A requested output whose parameters name a
-region is written into it; the response carries its name, datatype, shape
-and region parameters (``shared_memory_byte_size`` = bytes written) and an
-empty ``raw_output_contents`` entry, keeping entries one per output.
+Triton reads them). Inputs are read-only arrays over one copy of the
+region's bytes, read when the request is decoded (a client may shrink its
+region at any time; the server never maps it). A requested output whose
+parameters name a region is written into it; the response carries its
+name, datatype, shape and region parameters (``shared_memory_byte_size`` =
+bytes written) and an empty ``raw_output_contents`` entry, keeping entries
+one per output.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from .shared_memory import (
     BYTE_SIZE_PARAMETER,
     OFFSET_PARAMETER,
     REGION_PARAMETER,
+    SharedMemoryRegion,
     SharedMemoryRegistry,
     TensorLocation,
     tensor_location,
@@ -58,8 +58,8 @@ class InferRequest:
     parameters: dict[str, object]
     deadline: float | None = None  # time.monotonic() after which it may not start
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
-    # Requested outputs to write into shared memory: name -> (location, the region's bytes there).
-    output_regions: dict[str, tuple[TensorLocation, memoryview]] | None = None
+    # Requested outputs to write into shared memory: name -> (location, its region).
+    output_regions: dict[str, tuple[TensorLocation, SharedMemoryRegion]] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,11 @@ def parameter_value(parameter: pb.InferParameter):
     return getattr(parameter, choice) if choice else None
 
 
-def _locate(shared_memory: SharedMemoryRegistry | None, location: TensorLocation, tensor: str) -> memoryview:
+def _region(shared_memory: SharedMemoryRegistry | None, location: TensorLocation,
+            tensor: str) -> SharedMemoryRegion:
     if shared_memory is None:
         raise NotFound(f"{tensor}: shared memory region '{location.region}' is not registered")
-    return shared_memory.locate(location, tensor)
+    return shared_memory.region(location, tensor)
 
 
 def _input_locations(request: pb.ModelInferRequest) -> list[TensorLocation | None] | None:
@@ -129,22 +130,22 @@ def decode_request(request: pb.ModelInferRequest, signature: ModelSignature,
         spec.check_shape(model, shape, signature.max_batch_size)
         location = locations[index] if locations else None
         try:
+            if tensor.datatype == "BYTES":
+                tensors.check_bytes_elements(shape)  # before any decoding work
             if location is not None:
                 if tensor.HasField("contents"):
                     raise ValueError("has typed contents as well as a shared memory region; send one or the other")
                 what = f"input '{tensor.name}'"
-                buffer = _locate(shared_memory, location, what)
+                region = _region(shared_memory, location, what)
                 dtype = tensors.NUMPY_DTYPES.get(tensor.datatype)
                 if tensor.datatype != "BYTES" and dtype is not None:
                     needed = tensors.element_count(shape) * dtype.itemsize
-                    if len(buffer) != needed:
+                    if location.byte_size != needed:
                         raise InvalidArgument(
-                            f"{what}: shared_memory_byte_size {len(buffer)} in region '{location.region}' "
+                            f"{what}: shared_memory_byte_size {location.byte_size} in region '{location.region}' "
                             f"does not match shape {shape} of {tensor.datatype}, which needs {needed} bytes"
                         )
-                array = tensors.from_raw(tensor.datatype, shape, buffer)
-                if array.flags.writeable:
-                    array.flags.writeable = False  # the client's memory: a model must not write into it
+                array = tensors.from_raw(tensor.datatype, shape, region.read(location, what))
             elif raw:
                 if tensor.HasField("contents"):
                     raise ValueError("has typed contents as well as raw_input_contents; send one or the other")
@@ -186,7 +187,7 @@ def decode_request(request: pb.ModelInferRequest, signature: ModelSignature,
             if location is not None:
                 if output_regions is None:
                     output_regions = {}
-                output_regions[output.name] = (location, _locate(shared_memory, location, what))
+                output_regions[output.name] = (location, _region(shared_memory, location, what))
 
     parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
     timeout_us = parameters.get(TIMEOUT_PARAMETER) or signature.default_timeout_us
@@ -226,7 +227,7 @@ def encode_response(
     requested: dict[str, int] | None,
     labels: dict[str, list[str]] | None = None,
     parameters: dict[str, pb.InferParameter] | None = None,
-    output_regions: dict[str, tuple[TensorLocation, memoryview]] | None = None,
+    output_regions: dict[str, tuple[TensorLocation, SharedMemoryRegion]] | None = None,
 ) -> pb.ModelInferResponse:
     """Build a response carrying ``outputs`` (filtered to ``requested``) as raw contents.
 
@@ -254,8 +255,8 @@ def encode_response(
         if region is None:
             response.raw_output_contents.append(tensors.to_raw(array, datatype))
             continue
-        location, window = region
-        written = write_to_region(name, array, datatype, location, window)
+        location, shared = region
+        written = write_to_region(name, array, datatype, location, shared)
         tensor.parameters[REGION_PARAMETER].string_param = location.region
         tensor.parameters[OFFSET_PARAMETER].int64_param = location.offset
         tensor.parameters[BYTE_SIZE_PARAMETER].int64_param = written
@@ -264,7 +265,7 @@ def encode_response(
 
 
 def write_to_region(name: str, array: np.ndarray, datatype: str, location: TensorLocation,
-                    window: memoryview) -> int:
+                    region: SharedMemoryRegion) -> int:
     """Write one output into its shared memory window; returns the bytes written."""
     dtype = tensors.NUMPY_DTYPES[datatype]
     if datatype == "BYTES":
@@ -272,14 +273,12 @@ def write_to_region(name: str, array: np.ndarray, datatype: str, location: Tenso
         size = len(data)
     else:
         size = array.size * dtype.itemsize
-    if size > len(window):
+    if size > location.byte_size:
         raise InvalidArgument(
             f"output '{name}' needs {size} bytes but shared memory region '{location.region}' "
-            f"gives it {len(window)} (shared_memory_byte_size) at offset {location.offset}"
+            f"gives it {location.byte_size} (shared_memory_byte_size) at offset {location.offset}"
         )
-    if datatype == "BYTES":
-        window[:size] = data
-    else:  # straight into the region: no intermediate bytes object
-        target = np.frombuffer(window, dtype=dtype, count=array.size).reshape(array.shape)
-        np.copyto(target, array, casting="unsafe")
+    if datatype != "BYTES":  # one contiguous buffer of the declared datatype, written with one pwrite
+        data = np.ascontiguousarray(array, dtype=dtype).reshape(-1).view(np.uint8)
+    region.write(location, data, f"output '{name}'")
     return size

@@ -166,6 +166,42 @@ def test_requests_with_different_input_sets_are_not_mixed():
     run(body())
 
 
+def test_a_request_of_another_length_waits_for_its_own_batch_and_fails_nobody():
+    """dims [-1]: four requests of length 4 and one of 5 queued together used to fail all five with INTERNAL."""
+    async def body():
+        instance = GatedInstance()
+        batcher = Batcher("m", InstancePool([instance]), policy(), ModelStatisticsRecorder("m", "1"))
+        first = await _occupy(batcher, instance)
+        lengths = [4, 4, 5, 4, 4]
+        arrays = [np.full((1, length), index, np.float32) for index, length in enumerate(lengths)]
+        futures = [batcher.submit(InferRequest(id=str(index), inputs={"X": array}, batch_size=1,
+                                               requested_outputs=None, parameters={}))
+                   for index, array in enumerate(arrays)]
+        instance.gate.set()
+        await first
+        results = await asyncio.gather(*futures)
+        for array, result in zip(arrays, results):
+            np.testing.assert_array_equal(result["Y"], array * 2)
+        assert instance.batches == [1, 4, 1]  # the four of length 4 together, then the odd one
+        await batcher.close()
+    run(body())
+
+
+def test_skipping_a_request_that_does_not_fit_keeps_it_at_the_head():
+    async def body():
+        instance = GatedInstance()
+        batcher = Batcher("m", InstancePool([instance]), policy(max_batch_size=4, preferred_size=4),
+                          ModelStatisticsRecorder("m", "1"))
+        first = await _occupy(batcher, instance)
+        futures = [batcher.submit(request(value, rows)) for value, rows in ((1, 2), (2, 3), (3, 2), (4, 1))]
+        instance.gate.set()
+        await asyncio.gather(first, *futures)
+        # 2 + 2 fill a batch past the 3 that does not fit; the 3 then heads the next one (with the 1).
+        assert instance.batches == [1, 4, 4]
+        await batcher.close()
+    run(body())
+
+
 def test_close_finishes_queued_work_then_refuses_new_requests():
     async def body():
         instance = GatedInstance()

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+from protos import tensors
 from protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     EXAMPLES,
@@ -113,6 +114,16 @@ def _raw_and_contents():
     return request
 
 
+def _typed_contents_of_two_types():
+    """FP32 values in fp32_contents plus stray bytes_contents: which one did the client mean?"""
+    request = pb.ModelInferRequest(model_name="add_sub")
+    for name in ("INPUT0", "INPUT1"):
+        tensor = request.inputs.add(name=name, datatype="FP32", shape=[1, 16])
+        tensor.contents.fp32_contents.extend([1.0] * 16)
+    request.inputs[0].contents.bytes_contents.append(b"stray")
+    return request
+
+
 def _contents_count_mismatch():
     request = pb.ModelInferRequest(model_name="add_sub")
     for name in ("INPUT0", "INPUT1"):
@@ -143,6 +154,11 @@ def _bytes_too_many_elements():
     return _bytes([1], struct.pack("<I", 1) + b"a" + struct.pack("<I", 1) + b"b")
 
 
+def _bytes_more_elements_than_a_request_may_create():
+    count = tensors.MAX_BYTES_ELEMENTS + 1  # 16 MiB of empty elements
+    return _bytes([count], bytes(4 * count))
+
+
 def _unknown_output():
     return _add_sub(outputs=["OUTPUT9"])
 
@@ -171,11 +187,15 @@ CASES = {
     "raw size mismatch": (_raw_size_mismatch, INVALID, ["'INPUT1'", "60 bytes", "64"]),
     "raw count != input count": (_raw_count_mismatch, INVALID, ["2 inputs", "1 raw_input_contents"]),
     "raw and typed contents": (_raw_and_contents, INVALID, ["'INPUT0'", "raw_input_contents"]),
+    "typed contents of two types": (_typed_contents_of_two_types, INVALID,
+                                    ["'INPUT0'", "bytes_contents", "fp32_contents"]),
     "contents count mismatch": (_contents_count_mismatch, INVALID, ["'INPUT0'", "15 elements", "16"]),
     "BYTES truncated length prefix": (_bytes_truncated_prefix, INVALID, ["'INPUT0'", "truncated"]),
     "BYTES length past the end": (_bytes_length_past_end, INVALID, ["'INPUT0'", "10 bytes"]),
     "BYTES too few elements": (_bytes_too_few_elements, INVALID, ["'INPUT0'", "2 elements", "[3]"]),
     "BYTES too many elements": (_bytes_too_many_elements, INVALID, ["'INPUT0'", "2 elements", "[1]"]),
+    "BYTES elements over the limit": (_bytes_more_elements_than_a_request_may_create, INVALID,
+                                      ["'INPUT0'", f"at most {tensors.MAX_BYTES_ELEMENTS}"]),
     "unknown requested output": (_unknown_output, INVALID, ["'OUTPUT9'", "OUTPUT0"]),
     "non-numeric timeout": (_bad_timeout_parameter, INVALID, ["timeout"]),
     "ModelInfer on a decoupled model": (_decoupled_model, grpc.StatusCode.FAILED_PRECONDITION,

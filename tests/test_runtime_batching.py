@@ -4,8 +4,8 @@ results and ModelStatistics.
 
 Models: examples' add_sub (dynamic batching) and tests/models/serving's slow
 (one instance, queue of 2), sleeper (two instances), doubler (batched input,
-no dynamic_batching), fragile (raises on negative input) and pair (two
-instances meeting at a Barrier).
+no dynamic_batching), fragile (raises on negative input), pair (two
+instances meeting at a Barrier) and ragged (dims [-1], dynamic batching).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ MAX_ROUNDS = 5
 @pytest.fixture(scope="module")
 def serving():
     process = RuntimeProcess(["--listen", "127.0.0.1:0", "--model-repository", str(SERVING),
-                              *[arg for model in ("slow", "sleeper", "doubler", "fragile", "pair")
+                              *[arg for model in ("slow", "sleeper", "doubler", "fragile", "pair", "ragged")
                                 for arg in ("--model", model)]])
     yield process
     process.stop()
@@ -83,6 +83,32 @@ def test_concurrent_requests_are_batched(examples_runtime):
         sizes = [batch.batch_size for batch in after.batch_stats]
         assert max(sizes) > 1, sizes
         assert max(sizes) <= 64  # max_batch_size
+
+
+# The blocker keeps ragged's one instance busy this long, so the mixed-length requests sent with it queue
+# behind it and meet in one batch; the batch statistics confirm they did (else another round).
+RAGGED_BLOCK_MS = 300
+
+
+def test_a_variable_length_neighbour_fails_no_request(stub, serving):
+    """dims [-1]: four requests of length 4 and one of 5 batched together used to fail with INTERNAL."""
+    before = model_stats(stub, "ragged")
+    for round_index in range(MAX_ROUNDS):
+        arrays = [np.full((1, length), index + 1, np.float32) for index, length in enumerate([4, 4, 5, 4, 4])]
+        blocker = infer_request("ragged", {"X": np.full((1, 1), -RAGGED_BLOCK_MS, np.float32)})
+        results = infer_concurrently(serving.address,
+                                     [blocker, *[infer_request("ragged", {"X": array}) for array in arrays]])
+        for array, result in zip([None, *arrays], results):
+            assert not isinstance(result, grpc.RpcError), f"{result.code()}: {result.details()}"
+            if array is not None:
+                np.testing.assert_array_equal(decode_outputs(result)["Y"], array * 2)
+        after = model_stats(stub, "ragged")
+        if any(batch.batch_size > 1 for batch in after.batch_stats):
+            break
+    requests = 6 * (round_index + 1)
+    assert after.inference_stats.success.count - before.inference_stats.success.count == requests
+    assert after.inference_stats.fail.count == before.inference_stats.fail.count
+    assert max(batch.batch_size for batch in after.batch_stats) > 1
 
 
 def test_without_dynamic_batching_every_batch_is_one_request(serving, stub):

@@ -7,6 +7,8 @@ each test for our prefix.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -23,7 +25,15 @@ from clients.shared_memory import tensor_parameters
 from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess
 from protos import tensors
 from protos.inference import grpc_service_pb2 as pb
-from test_runtime_helpers import RPC_TIMEOUT_S, assert_status, open_stub, rpc_error
+from test_runtime_helpers import (
+    RPC_TIMEOUT_S,
+    assert_status,
+    check_add_sub,
+    decode_outputs,
+    infer_request,
+    open_stub,
+    rpc_error,
+)
 
 ECHO_ELEMENTS = 1 << 20  # 4 MiB of FP32
 PREFIX = "meshserve_"
@@ -234,6 +244,78 @@ def test_bad_shared_memory_tensors_name_the_problem(stub, region, case, code, wo
     assert_status(error, code, *words)
     if case in ("outside the region", "size mismatch", "output too small"):
         assert region.name in error.details()
+
+
+@contextlib.contextmanager
+def shm_object(size: int):
+    """A raw shared memory object the test can shrink: (key, fd), never mapped in this process."""
+    name = f"{PREFIX}raw_{os.getpid()}_{next(_OBJECT_NUMBERS)}"
+    fd = os.open(os.path.join("/dev/shm", name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        yield "/" + name, fd
+    finally:
+        os.close(fd)
+        os.unlink(os.path.join("/dev/shm", name))
+
+
+_OBJECT_NUMBERS = itertools.count()
+
+
+def test_a_region_its_client_shrinks_is_invalid_argument_and_the_runtime_survives(runtime, stub):
+    """ftruncate to 0 after registering: reading it or writing an output into it used to SIGBUS the runtime."""
+    a = np.arange(32, dtype=np.float32).reshape(2, 16)
+    with shm_object(4096) as (key, fd):
+        os.pwrite(fd, a.tobytes(), 0)
+        stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
+            name="shrinking", key=key, byte_size=4096), timeout=RPC_TIMEOUT_S)
+        reads = add_sub_request("shrinking")
+        writes = infer_request("add_sub", {"INPUT0": a, "INPUT1": np.ones((2, 16), np.float32)})
+        set_parameters(writes.outputs.add(name="OUTPUT0").parameters, tensor_parameters("shrinking", 2048, 128))
+        stub.ModelInfer(reads, timeout=RPC_TIMEOUT_S)
+        stub.ModelInfer(writes, timeout=RPC_TIMEOUT_S)
+
+        os.ftruncate(fd, 0)
+        for request, tensor in ((reads, "input 'INPUT0'"), (writes, "output 'OUTPUT0'")):
+            error = rpc_error(stub.ModelInfer, request)
+            assert_status(error, grpc.StatusCode.INVALID_ARGUMENT, tensor, "region 'shrinking'", "shrunk", "0 bytes")
+        (message,) = list(stub.ModelStreamInfer(iter([reads]), timeout=RPC_TIMEOUT_S))
+        assert message.error_message.startswith("INVALID_ARGUMENT: ") and "shrinking" in message.error_message
+        assert runtime.proc.poll() is None, "the runtime died"
+        check_add_sub(stub, batch=2)  # everything else still served
+
+        os.ftruncate(fd, 4096)  # restored: the same registration works again
+        os.pwrite(fd, a.tobytes(), 0)
+        response = stub.ModelInfer(writes, timeout=RPC_TIMEOUT_S)
+        assert response.outputs[0].parameters["shared_memory_byte_size"].int64_param == 128
+        np.testing.assert_array_equal(np.frombuffer(os.pread(fd, 128, 2048), np.float32).reshape(2, 16), a + 1)
+        response = stub.ModelInfer(reads, timeout=RPC_TIMEOUT_S)
+        np.testing.assert_array_equal(decode_outputs(response)["OUTPUT0"], a + 1)
+
+
+def test_bad_shared_memory_keys_are_invalid_argument_without_a_traceback(runtime, stub, tmp_path):
+    with shm_object(4096) as (key, _):
+        fifo = f"{PREFIX}fifo_{os.getpid()}"
+        link = f"{PREFIX}link_{os.getpid()}"
+        os.mkfifo(os.path.join("/dev/shm", fifo))
+        os.symlink(tmp_path / "target", os.path.join("/dev/shm", link))
+        (tmp_path / "target").write_bytes(bytes(4096))
+        try:
+            for bad, fragments in ((key + "\0tail", ["not a shared memory object name"]),
+                                   ("\0", ["not a shared memory object name"]),
+                                   ("/" + "k" * 300, ["longer than 255 bytes"]),
+                                   ("/" + fifo, [fifo, "not a regular file"]),
+                                   ("/" + link, [link, "cannot be opened"])):
+                error = rpc_error(stub.SystemSharedMemoryRegister, pb.SystemSharedMemoryRegisterRequest(
+                    name="bad_key", key=bad, byte_size=64))
+                assert_status(error, grpc.StatusCode.INVALID_ARGUMENT, *fragments)
+                assert len(error.details()) < 300
+        finally:
+            os.unlink(os.path.join("/dev/shm", fifo))
+            os.unlink(os.path.join("/dev/shm", link))
+    assert not stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=RPC_TIMEOUT_S).regions
+    check_add_sub(stub)
+    assert "Traceback" not in "".join(runtime.output)
 
 
 def test_client_errors_are_taxonomy_types(client):
