@@ -1,0 +1,183 @@
+"""A scheduler that stops leading ends every stream it serves, at once, naming the new leader (issue 8 item 1).
+
+Component test: the real ``RouteService``/``AgentService`` on a grpc.aio server on 127.0.0.1:0 over a
+``SchedulerCore`` on a real SQLite store. Integration test: two ``scheduler serve`` processes on a real
+etcd, a route watcher and a node agent on the leader; the leader is paused (SIGSTOP) past its election
+TTL, the standby takes over, and the paused one is resumed (SIGCONT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from etcd_server import EtcdServer, require_etcd
+from mesh_harness import ELECTION_TTL_S, START_TIMEOUT_S, Admin, Mesh
+from protos.mesh import control_pb2 as mesh
+from protos.mesh import control_pb2_grpc as mesh_grpc
+from protos.mesh.leader import leader_named
+from runtime.status_interceptor import StatusInterceptor
+from scheduler.agent_service import AgentService
+from scheduler.core import SchedulerCore
+from scheduler.route_service import RouteService
+from scheduler.store.sqlite import SqliteStore
+from scheduler.writer import FencedWriter
+
+# Bounds on a broken test, not performance claims.
+STREAM_END_TIMEOUT_S = 5.0
+# A resumed leader notices at once (its keep-alive deadline has passed); this bounds a loaded machine.
+RESUMED_STEP_DOWN_TIMEOUT_S = 15.0
+# An agent notices a silent scheduler within its keepalive (about 4 s) and registers elsewhere.
+AGENT_MOVE_TIMEOUT_S = 30.0
+
+
+def test_stepping_down_ends_route_watches_and_agent_streams_naming_the_new_leader(tmp_path):
+    async def main():
+        store = await SqliteStore.open(str(tmp_path / "state.db"))
+        core = SchedulerCore(FencedWriter(store, lambda: None), scheduler_id="s1")
+        server = grpc.aio.server(interceptors=[StatusInterceptor()])
+        mesh_grpc.add_RouteServiceServicer_to_server(RouteService(core), server)
+        mesh_grpc.add_AgentServiceServicer_to_server(AgentService(core), server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        try:
+            await core.start_leading(store)
+            async with grpc.aio.insecure_channel(address) as channel:
+                watch = mesh_grpc.RouteServiceStub(channel).WatchRoutes(mesh.WatchRoutesRequest())
+                await watch.read()                              # the current table: the watch is open
+                agent = mesh_grpc.AgentServiceStub(channel).Connect()
+                await agent.write(mesh.AgentMessage(register=mesh.Register(node_name="node-a")))
+                assert (await agent.read()).HasField("registered")
+
+                async def new_leader() -> str:
+                    return "s2 at 127.0.0.1:7002"
+                await core.stop_leading(new_leader)
+
+                for call in (watch, agent):
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        async with asyncio.timeout(STREAM_END_TIMEOUT_S):
+                            while await call.read() is not grpc.aio.EOF:
+                                pass
+                    code, details = await call.code(), await call.details()
+                    assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
+                    assert leader_named(code, details) == "127.0.0.1:7002", details
+                # And a new watch is refused the same way.
+                refused = mesh_grpc.RouteServiceStub(channel).WatchRoutes(mesh.WatchRoutesRequest())
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await refused.read()
+                assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "s2 at 127.0.0.1:7002" in error.value.details()
+        finally:
+            await server.stop(0)
+            await store.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+class RouteWatcher:
+    """A WatchRoutes stream read in a thread: its tables, and how and when it ended."""
+
+    def __init__(self, address: str):
+        self.channel = grpc.insecure_channel(address)
+        self.call = mesh_grpc.RouteServiceStub(self.channel).WatchRoutes(mesh.WatchRoutesRequest())
+        self.tables: list[mesh.RouteTable] = []
+        self.first = threading.Event()
+        self.ended = threading.Event()
+        self.error: grpc.RpcError | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for table in self.call:
+                self.tables.append(table)
+                self.first.set()
+        except grpc.RpcError as err:
+            self.error = err
+        self.ended.set()
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.channel.close()
+
+
+def registered_with(agent, address: str, after: int = 0) -> bool:
+    return any(f"registered with scheduler {address} " in line for line in agent.output[after:])
+
+
+def wait_until(predicate, what: str, timeout: float, cluster: Mesh) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{cluster.logs()}")
+        time.sleep(0.1)      # polling other processes' logs: there is no event to await
+
+
+@pytest.fixture
+def etcd():
+    require_etcd()
+    server = EtcdServer().start()
+    yield server
+    server.cleanup()
+
+
+def test_a_paused_leader_ends_its_watches_on_resume_and_its_agent_moves_to_the_new_leader(etcd):
+    cluster = Mesh()
+    watcher = None
+    paused = None
+    try:
+        store = f"etcd://{etcd.endpoint}"
+        first = cluster.scheduler(store, "s1")
+        second = cluster.scheduler(store, "s2", wait_leading=False)
+        agent = cluster.agent("node-a", f"{first.address},{second.address}")
+        wait_until(lambda: registered_with(agent, first.address), "the agent on the leader", START_TIMEOUT_S,
+                   cluster)
+        watcher = RouteWatcher(first.address)
+        assert watcher.first.wait(START_TIMEOUT_S), "the watch got no table"
+
+        mark = len(agent.output)
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        paused = first
+        standby = Admin(second.address)
+        standby.wait_for(lambda: standby.leader().is_leader, "the standby to lead",
+                         ELECTION_TTL_S + START_TIMEOUT_S, cluster)
+        # The agent notices the silent leader by itself (keepalive) and registers with the new one.
+        wait_until(lambda: registered_with(agent, second.address, mark), "the agent on the new leader",
+                   AGENT_MOVE_TIMEOUT_S, cluster)
+        assert not watcher.ended.is_set()
+
+        os.kill(first.proc.pid, signal.SIGCONT)
+        paused = None
+        assert watcher.ended.wait(RESUMED_STEP_DOWN_TIMEOUT_S), \
+            f"the deposed leader kept its route watch open\n{cluster.logs()}"
+        code, details = watcher.error.code(), watcher.error.details()
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, details)
+        assert leader_named(code, details) == second.address, details
+
+        # The watcher follows the leader the refusal named and gets its table there.
+        follower = RouteWatcher(leader_named(code, details))
+        try:
+            assert follower.first.wait(START_TIMEOUT_S) and not follower.ended.is_set()
+        finally:
+            follower.close()
+        nodes = {n.name: n.state for n in standby.nodes()}
+        assert nodes == {"node-a": "ready"}
+        # The resumed scheduler is a standby now and says who leads.
+        resumed = Admin(first.address)
+        assert resumed.wait_for(lambda: (r := resumed.leader()) and not r.is_leader and r.leader_id == "s2",
+                                "the resumed scheduler to know s2 leads", START_TIMEOUT_S, cluster)
+        resumed.close()
+        standby.close()
+        assert not re.search(r"Traceback", "".join(first.output + second.output))
+    finally:
+        if paused is not None:
+            os.kill(paused.proc.pid, signal.SIGCONT)
+        if watcher is not None:
+            watcher.close()
+        cluster.close()
