@@ -88,6 +88,7 @@ class SchedulerCore:
 
     async def start_leading(self, store) -> None:
         await self.cluster.load(store)
+        self.leader_hint = ""            # this one leads now; a refusal at the end of the term names whom it learns
         self.deposed.clear()
         self.reconciler.begin_grace()
         self.leading = True

@@ -185,3 +185,45 @@ def test_a_paused_leader_ends_its_watches_on_resume_and_its_agent_moves_to_the_n
         if watcher is not None:
             watcher.close()
         cluster.close()
+
+
+def test_an_etcd_outage_ends_the_leaders_watches_and_the_mesh_recovers_without_losing_a_node(etcd):
+    cluster = Mesh()
+    watcher = None
+    try:
+        store = f"etcd://{etcd.endpoint}"
+        first = cluster.scheduler(store, "s1")
+        second = cluster.scheduler(store, "s2", wait_leading=False)
+        agent = cluster.agent("node-a", f"{first.address},{second.address}")
+        wait_until(lambda: registered_with(agent, first.address), "the agent on the leader", START_TIMEOUT_S,
+                   cluster)
+        watcher = RouteWatcher(first.address)
+        assert watcher.first.wait(START_TIMEOUT_S), "the watch got no table"
+
+        etcd.stop()
+        # The leader cannot renew its lease: after one TTL it steps down and ends its streams.
+        assert watcher.ended.wait(ELECTION_TTL_S + RESUMED_STEP_DOWN_TIMEOUT_S), \
+            f"the leader kept its route watch open without its store\n{cluster.logs()}"
+        assert watcher.error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE)
+
+        mark = len(agent.output)
+        etcd.start()
+        admins = [Admin(first.address), Admin(second.address)]
+        leader = admins[0].wait_for(lambda: next((p for p, a in zip((first, second), admins)
+                                                  if a.leader().is_leader), None),
+                                    "a leader after the outage", START_TIMEOUT_S + ELECTION_TTL_S, cluster)
+        wait_until(lambda: registered_with(agent, leader.address, mark), "the agent on the leader again",
+                   AGENT_MOVE_TIMEOUT_S, cluster)
+        follower = RouteWatcher(leader.address)
+        try:
+            assert follower.first.wait(START_TIMEOUT_S) and not follower.ended.is_set()
+        finally:
+            follower.close()
+        assert {n.name: n.state for n in admins[0 if leader is first else 1].nodes()} == {"node-a": "ready"}
+        assert not any("lost (silent" in line for line in first.output + second.output), cluster.logs()
+        for admin in admins:
+            admin.close()
+    finally:
+        if watcher is not None:
+            watcher.close()
+        cluster.close()
