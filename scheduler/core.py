@@ -332,6 +332,7 @@ class SchedulerCore:
         if table.routes == self._route_table.routes:
             return
         table.version = self._route_table.version + 1
+        table.cluster_id = self.cluster_id
         self._route_table = table
         for queue in self._route_watchers:
             queue.put_nowait(table)
@@ -340,6 +341,7 @@ class SchedulerCore:
         """A queue of complete tables, the current one first; None when this scheduler stops leading."""
         self.require_leader()
         queue: asyncio.Queue = asyncio.Queue()
+        self._route_table.cluster_id = self.cluster_id
         queue.put_nowait(self._route_table)
         self._route_watchers.add(queue)
         return queue

@@ -42,6 +42,7 @@ def test_stepping_down_ends_route_watches_and_agent_streams_naming_the_new_leade
     async def main():
         store = await SqliteStore.open(str(tmp_path / "state.db"))
         core = SchedulerCore(FencedWriter(store, lambda: None), scheduler_id="s1")
+        core.cluster_id = "c0ffee"
         server = grpc.aio.server(interceptors=[StatusInterceptor()])
         mesh_grpc.add_RouteServiceServicer_to_server(RouteService(core), server)
         mesh_grpc.add_AgentServiceServicer_to_server(AgentService(core), server)
@@ -51,7 +52,8 @@ def test_stepping_down_ends_route_watches_and_agent_streams_naming_the_new_leade
             await core.start_leading(store)
             async with grpc.aio.insecure_channel(address) as channel:
                 watch = mesh_grpc.RouteServiceStub(channel).WatchRoutes(mesh.WatchRoutesRequest())
-                await watch.read()                              # the current table: the watch is open
+                table = await watch.read()                      # the current table: the watch is open
+                assert table.cluster_id == "c0ffee"              # a follower can tell a foreign cluster's table
                 agent = mesh_grpc.AgentServiceStub(channel).Connect()
                 await agent.write(mesh.AgentMessage(register=mesh.Register(node_name="node-a")))
                 assert (await agent.read()).HasField("registered")
