@@ -21,9 +21,11 @@ import logging
 import os
 import signal
 import socket
+import sys
 
 from .agent import Agent, AgentConfig
 from .gpu_probe import parse_fake_spec, select_probe
+from .membership import MembershipUnreadable
 from .replica import ReplicaOptions
 from .supervisor import Supervisor
 
@@ -124,7 +126,11 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(args))
+    try:
+        asyncio.run(run(args))
+    except MembershipUnreadable as err:
+        print(f"node-agent: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ from protos.mesh import control_pb2_grpc as pb_grpc
 
 from . import __version__, messages
 from .gpu_probe import SOURCE_FAKE, SOURCE_NONE, GpuProbe
-from .membership import ClusterMembership, ForeignCluster
 from .host import read_host_resources
+from .membership import ClusterMembership, ForeignCluster
 from .replica import STOPPED
 from .supervisor import Supervisor
 

@@ -33,6 +33,10 @@ class ForeignCluster(Exception):
     """A scheduler serves another cluster than the one this node belongs to."""
 
 
+class MembershipUnreadable(RuntimeError):
+    """The membership file exists but cannot be read: the agent must not start trusting any scheduler."""
+
+
 class ClusterMembership:
     def __init__(self, path: str | os.PathLike | None):
         self.path = pathlib.Path(path) if path else None
@@ -45,8 +49,8 @@ class ClusterMembership:
             return str(json.loads(self.path.read_text())["cluster_id"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             # Unreadable membership must not make the agent trust any scheduler: refuse to start.
-            raise RuntimeError(f"cannot read the cluster membership file {self.path}: {err!r}; "
-                               f"fix or delete it (deleting it makes this node join the next scheduler's cluster)")
+            raise MembershipUnreadable(f"cannot read the cluster membership file {self.path}: {err!r}; "
+                               f"fix or delete it (deleting it makes this node join the next scheduler's cluster)") from None
 
     def check(self, scheduler: str, cluster_id: str) -> None:
         """Accept ``cluster_id`` (remembering it if it is the first), or raise ``ForeignCluster``."""
