@@ -59,7 +59,7 @@ STORE_RETRY_S = 1.0
 # nothing for long stretches, so allow a ping per second, without strikes.
 MIN_CLIENT_PING_INTERVAL_MS = 1000
 SERVER_OPTIONS = [
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+    # (gRPC core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS)
     ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -23,10 +23,12 @@ from mesh_harness import ELECTION_TTL_S, START_TIMEOUT_S, Admin, Mesh
 from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 from protos.mesh.leader import leader_named
+from node_agent.agent import CHANNEL_OPTIONS as AGENT_CHANNEL_OPTIONS
 from runtime.status_interceptor import StatusInterceptor
 from scheduler.agent_service import AgentService
 from scheduler.core import SchedulerCore
 from scheduler.route_service import RouteService
+from scheduler.server import SchedulerOptions, SchedulerServer
 from scheduler.store.sqlite import SqliteStore
 from scheduler.writer import FencedWriter
 
@@ -78,6 +80,41 @@ def test_stepping_down_ends_route_watches_and_agent_streams_naming_the_new_leade
         finally:
             await server.stop(0)
             await store.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+# Pings this often (gRPC sends them at most once a second) make a default gRPC server answer GOAWAY
+# "too_many_pings" after about 3 s.
+FAST_KEEPALIVE_MS = 300
+IDLE_S = 6.0
+
+
+def test_the_scheduler_accepts_keepalive_pings_on_an_idle_agent_stream(tmp_path):
+    """Agents ping to notice a silent scheduler; the scheduler must not close them for pinging."""
+    async def main():
+        server = SchedulerServer(SchedulerOptions(listen="127.0.0.1:0", store_url=f"sqlite:///{tmp_path}/state.db",
+                                                  scheduler_id="s1", election_ttl_s=2))
+        await server.start()
+        try:
+            async with asyncio.timeout(STREAM_END_TIMEOUT_S):
+                while not server.core.leading:
+                    await asyncio.sleep(0.05)       # no event to await for the election's first win
+            options = dict(AGENT_CHANNEL_OPTIONS, **{"grpc.keepalive_time_ms": FAST_KEEPALIVE_MS})
+            async with grpc.aio.insecure_channel(server.address, options=list(options.items())) as channel:
+                call = mesh_grpc.AgentServiceStub(channel).Connect()
+                await call.write(mesh.AgentMessage(register=mesh.Register(node_name="node-a")))
+                registered = await call.read()
+                assert registered.registered.cluster_id         # the store's identity, told to the agent
+                await call.read()                               # its (empty) assignments
+                reading = asyncio.ensure_future(call.read())    # nothing more comes: the stream stays open
+                done, _ = await asyncio.wait({reading}, timeout=IDLE_S)
+                assert not done, reading.exception() if reading.done() else None
+                assert not call.done()
+                call.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+        finally:
+            await server.stop()
 
     asyncio.run(asyncio.wait_for(main(), 30))
 
