@@ -11,6 +11,7 @@ assigned running. Modules, one concern each:
 - ``replica``: one replica's spec, status and supervision loop.
 - ``supervisor``: reconciles the set of replicas against assignments.
 - ``messages``: protobuf <-> domain conversion.
+- ``membership``: the cluster this node joined, remembered on disk.
 - ``agent``: the scheduler connection (register, report, assignments, failover).
 - ``__main__``: the ``node-agent`` command.
 """

@@ -3,6 +3,10 @@
     node-agent --scheduler HOST:PORT[,HOST:PORT] --name NAME [--fake-gpus 2x80GiB]
                [--labels k=v,k2=v2] [--host 127.0.0.1] [--report-interval 1.0]
 
+The cluster this node joins (the first scheduler's cluster id) is remembered
+in ``--state-dir``/node-NAME.json; a scheduler of another cluster (an empty or
+wrong store) is refused and the replicas keep running (membership.py).
+
 SIGTERM or SIGINT drains every replica (each gets SIGTERM, then SIGKILL
 after --stop-grace), reports their stop, and exits 0. Without --fake-gpus the
 agent reads NVML; on a host with no GPU or driver it runs CPU-only and says
@@ -14,15 +18,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import socket
+import sys
 
 from .agent import Agent, AgentConfig
 from .gpu_probe import parse_fake_spec, select_probe
+from .membership import MembershipUnreadable
 from .replica import ReplicaOptions
 from .supervisor import Supervisor
 
 log = logging.getLogger("node_agent")
+
+# Beside the scheduler's default store (sqlite:///var/lib/meshserve/state.db).
+DEFAULT_STATE_DIR = "/var/lib/meshserve/node-agent"
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -77,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds a draining replica gets before SIGKILL")
     parser.add_argument("--startup-timeout", type=_positive, default=ReplicaOptions.startup_timeout_s,
                         help="seconds a replica gets to become SERVING before it is killed and restarted")
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                        help="where the agent remembers the cluster it joined (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -88,7 +100,9 @@ async def run(args: argparse.Namespace) -> None:
                              stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout)
     supervisor = Supervisor(options)
     agent = Agent(AgentConfig(node_name=args.name, schedulers=args.scheduler, host=args.host,
-                              labels=args.labels, report_interval_s=args.report_interval), probe, supervisor)
+                              labels=args.labels, report_interval_s=args.report_interval,
+                              membership_file=os.path.join(args.state_dir, f"node-{args.name}.json")),
+                  probe, supervisor)
     loop = asyncio.get_running_loop()
     shutdown: list[asyncio.Task] = []
 
@@ -112,7 +126,11 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(args))
+    try:
+        asyncio.run(run(args))
+    except MembershipUnreadable as err:
+        print(f"node-agent: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

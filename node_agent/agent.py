@@ -18,8 +18,22 @@ One ``AgentService.Connect`` stream at a time. Guarantees:
 - Assignments are applied as they come, each one the complete set (level-
   triggered): the supervisor converges on the latest.
 - A report that cannot be written within the heartbeat timeout ends the
-  stream: a scheduler that went away without closing the connection is
-  noticed without relying on TCP timeouts.
+  stream, and the channel pings the scheduler (gRPC keepalive, every
+  ``KEEPALIVE_TIME_MS``, answered within ``KEEPALIVE_TIMEOUT_MS``): a
+  scheduler that went away without closing the connection (a paused
+  process, a partition) is noticed within seconds, without relying on TCP
+  timeouts, and the agent moves on to another scheduler first.
+- A stream the scheduler ends with a refusal naming the leader (it stepped
+  down) is followed to that leader at once.
+- Reconnect delays are jittered and capped at ``RECONNECT_BACKOFF.max_s``,
+  below the scheduler's heartbeat timeout and well below a new leader's
+  lost-node grace (scheduler/core.py), so a restarted scheduler hears from
+  every agent before it would declare any node lost, and agents do not all
+  retry at the same instants.
+- A scheduler whose cluster id differs from the one this node joined
+  (membership.py: an empty or wrong store) is refused before any of its
+  assignments is applied: replicas keep running, the agent logs the error
+  and keeps retrying.
 """
 
 from __future__ import annotations
@@ -39,11 +53,32 @@ from protos.mesh import control_pb2_grpc as pb_grpc
 from . import __version__, messages
 from .gpu_probe import SOURCE_FAKE, SOURCE_NONE, GpuProbe
 from .host import read_host_resources
+from .membership import ClusterMembership, ForeignCluster
 from .replica import STOPPED
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
+# Ping the scheduler every KEEPALIVE_TIME_MS and give up on it when a ping is
+# not answered within KEEPALIVE_TIMEOUT_MS: a silent scheduler (paused,
+# partitioned) is left within about 5 s, about one heartbeat timeout and far
+# less than a new leader's grace. The scheduler allows pings this often
+# (scheduler/server.py SERVER_OPTIONS). gRPC 1.85 times keepalive pings with
+# grpc.http2.ping_timeout_ms (default 60 s), not grpc.keepalive_timeout_ms
+# alone: both are set.
+KEEPALIVE_TIME_MS = 2_000
+KEEPALIVE_TIMEOUT_MS = 3_000
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+# 0.2 s, 0.4 s, ... at most 2 s between rounds, each shortened by up to half at
+# random. 2 s is below the default heartbeat timeout (5 s) and far below a new
+# leader's grace (3 heartbeat timeouts), and costs a dead scheduler's host little.
+RECONNECT_BACKOFF = Backoff(initial_s=0.2, max_s=2.0, jitter=0.5)
 
 
 @dataclass
@@ -58,7 +93,9 @@ class AgentConfig:
     # Used when the scheduler gives no heartbeat timeout: a report stuck this
     # long means the scheduler is gone (it would have declared the node lost).
     heartbeat_timeout_s: float = 10.0
-    reconnect_backoff: Backoff = field(default_factory=lambda: Backoff(initial_s=0.2, max_s=10.0))
+    reconnect_backoff: Backoff = RECONNECT_BACKOFF
+    # Where the cluster id this node joined is remembered (membership.py); None: in memory only.
+    membership_file: str | None = None
 
 
 class Refused(Exception):
@@ -88,12 +125,15 @@ class Agent:
         self.assignments_version: int | None = None
         self._sequence = 0
         self._leader_hint: str | None = None
+        self._failed_last: str | None = None    # the scheduler whose stream failed last
         self._stop = asyncio.Event()
         self._report_now = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._call = None
         self._changed = asyncio.Event()
         self._probe_error: str | None = None
+        self.membership = ClusterMembership(config.membership_file)
+        self._foreign_logged: set[tuple[str, str]] = set()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -151,10 +191,16 @@ class Agent:
     # -- connecting --------------------------------------------------------
 
     async def _connect_round(self) -> bool:
-        """Try every scheduler (a named leader first) once; True if a stream was accepted (and has ended)."""
+        """Try every scheduler (a named leader first) once; True if a stream was accepted (and has ended).
+
+        ``_leader_hint`` afterwards is the best first guess for the next round: the leader the ended
+        stream named, else the scheduler that closed it cleanly. A scheduler whose stream failed (it went
+        silent, the connection broke) is tried last, so a paused one does not hold up the round."""
         queue = list(self.config.schedulers)
         if self._leader_hint:
             queue.insert(0, self._leader_hint)
+        if self._failed_last and self._failed_last in queue:
+            queue = [t for t in queue if t != self._failed_last] + [self._failed_last]
         tried: set[str] = set()
         while queue and not self._stop.is_set():
             target = queue.pop(0)
@@ -162,8 +208,8 @@ class Agent:
                 continue
             tried.add(target)
             try:
-                await self._session(target)
-                self._leader_hint = target  # the last scheduler that accepted is the best guess next time
+                self._leader_hint = await self._session(target)
+                self._failed_last = None if self._leader_hint else target
                 return True
             except Refused as refused:
                 log.info("scheduler %s", refused)
@@ -209,12 +255,14 @@ class Agent:
             stopped = [r.replica_id for r in message.report.replicas if r.state == STOPPED]
             self.supervisor.forget_stopped(stopped)  # each stop has now been reported once
 
-    async def _session(self, target: str) -> None:
-        """One stream to ``target``: raises ``Refused`` unless it answers Registered; else returns when it ends."""
-        async with grpc.aio.insecure_channel(target) as channel:
+    async def _session(self, target: str) -> str | None:
+        """One stream to ``target``: raises ``Refused`` unless it answers Registered with our cluster's id;
+        else returns when it ends, with where to try first next (see ``_connect_round``)."""
+        async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             call = pb_grpc.AgentServiceStub(channel).Connect()
             try:
                 registered = await self._handshake(target, call)
+                self._check_cluster(target, registered)
             except BaseException:
                 call.cancel()
                 raise
@@ -231,6 +279,7 @@ class Agent:
                 asyncio.create_task(self._receive_loop(call), name="receive"),
                 asyncio.create_task(self._stop.wait(), name="stop"),
             }
+            next_first: str | None = target
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
@@ -238,6 +287,9 @@ class Agent:
                         error = task.exception()
                         log.warning("stream to scheduler %s ended: %s", target,
                                     _describe(error) if error else "closed by the scheduler")
+                        if error is not None:
+                            next_first = _leader_named_by(error)
+                return next_first
             finally:
                 for task in tasks:
                     task.cancel()
@@ -263,6 +315,16 @@ class Agent:
         if first is grpc.aio.EOF or not first.HasField("registered"):
             raise Refused(target, "did not answer Registered")
         return first.registered
+
+    def _check_cluster(self, target: str, registered: pb.Registered) -> None:
+        try:
+            self.membership.check(target, registered.cluster_id)
+        except ForeignCluster as foreign:
+            key = (target, registered.cluster_id)
+            if key not in self._foreign_logged:      # loud once per scheduler and id, then quieter
+                self._foreign_logged.add(key)
+                log.error("%s", foreign)
+            raise Refused(target, str(foreign)) from None
 
     async def _report_loop(self, interval: float, heartbeat: float) -> None:
         loop = asyncio.get_running_loop()
@@ -296,6 +358,13 @@ class Agent:
         self.assignments_version = assignments.version
         self.supervisor.apply(specs)
         self._notify()
+
+
+def _leader_named_by(error: BaseException) -> str | None:
+    """The leader a stream's end status named (a scheduler that stepped down), else None."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return leader_named(error.code(), error.details(), error.trailing_metadata())
+    return None
 
 
 def _describe(error: BaseException) -> str:

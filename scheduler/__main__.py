@@ -9,6 +9,7 @@ import sys
 
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S
 from .server import SchedulerOptions, serve
+from .store import CorruptStore
 
 USAGE = """scheduler serve --listen HOST:PORT --store URL     run a scheduler
 scheduler ctl [--server ADDRS] VERB ...                operate the mesh (scheduler ctl --help)
@@ -30,7 +31,11 @@ def _serve(argv: list[str]) -> int:
     options = SchedulerOptions(listen=args.listen, store_url=args.store, scheduler_id=args.id,
                                election_ttl_s=args.election_ttl, report_interval_s=args.report_interval,
                                heartbeat_timeout_s=args.heartbeat_timeout)
-    asyncio.run(serve(options))
+    try:
+        asyncio.run(serve(options))
+    except CorruptStore as exc:
+        print(f"scheduler serve: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

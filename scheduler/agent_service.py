@@ -1,4 +1,9 @@
-"""``mesh.AgentService``: one bidirectional stream per node agent."""
+"""``mesh.AgentService``: one bidirectional stream per node agent.
+
+A stream ends when the agent closes it, when a newer stream of the same node
+replaces it (OK), or when this scheduler stops leading: then with
+FAILED_PRECONDITION naming the leader, as a standby refuses a new stream.
+"""
 
 from __future__ import annotations
 
@@ -42,12 +47,13 @@ class AgentService(mesh_grpc.AgentServiceServicer):
         reader = asyncio.create_task(read_reports(), name=f"agent-{name}")
         try:
             yield mesh.SchedulerMessage(registered=mesh.Registered(
-                node_name=name, scheduler_id=self.core.scheduler_id,
+                node_name=name, scheduler_id=self.core.scheduler_id, cluster_id=self.core.cluster_id,
                 report_interval_ms=int(self.core.report_interval_s * 1000),
                 heartbeat_timeout_ms=int(self.core.heartbeat_timeout_s * 1000),
             ))
             while (message := await channel.get()) is not None:
                 yield message
+            self.core.require_leader()     # ended by a step-down: say so, and name the leader
         finally:
             reader.cancel()
             self.core.disconnect(name, channel)

@@ -3,6 +3,16 @@
 Guarantees:
 - Only the leader accepts agents and admin changes; a standby refuses with
   FAILED_PRECONDITION naming the leader, so clients move on to it.
+- When it stops leading (``stop_leading``: its election lost the lease, a
+  fenced write failed, the store went away) every stream it serves, agent
+  streams and route watches alike, ends at once with that same refusal
+  (naming the new leader when it is known), so nobody keeps following a
+  deposed leader.
+- A new term starts with the lost-node grace (``LOST_GRACE_HEARTBEATS``
+  heartbeat timeouts): no node is declared lost before its agent had time to
+  notice the change, back off and reconnect. The same grace restarts when the
+  scheduler finds it was itself paused (a stopped process, a starved host)
+  for longer than a heartbeat timeout: the silence it sees is its own.
 - Every agent always holds the complete, latest set of replicas its node
   should run (sent whenever it changes): level-triggered, so a lost message
   or a reconnect needs no special handling.
@@ -19,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable, Callable
 
 from protos.errors import InvalidArgument
 from protos.mesh import control_pb2 as mesh
@@ -39,6 +50,12 @@ DEFAULT_REPORT_INTERVAL_S = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
 # How often the reconciler runs without being asked (it checks heartbeats).
 RECONCILE_TICK_S = 0.5
+# A new leader declares no node lost for this many heartbeat timeouts (15 s by
+# default). An agent needs: to notice the old scheduler is gone (at once on a
+# reset connection, within its keepalive on a silent one, node_agent/agent.py),
+# one reconnect backoff (capped at 2 s, below one heartbeat timeout), and a
+# Register; three timeouts leave room for all of that on a loaded host.
+LOST_GRACE_HEARTBEATS = 3
 GPU_MEMORY_ENV = "MESHSERVE_GPU_MEMORY_BYTES"
 _AGENT_STATES = {"starting": STARTING, "ready": READY, "failed": FAILED}
 
@@ -52,9 +69,12 @@ class SchedulerCore:
         self.scheduler_id = scheduler_id
         self.report_interval_s = report_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.reconciler = Reconciler(self.cluster, writer, heartbeat_timeout_s)
+        self.reconciler = Reconciler(self.cluster, writer, heartbeat_timeout_s,
+                                     lost_grace_s=LOST_GRACE_HEARTBEATS * heartbeat_timeout_s)
         self.leading = False
         self.leader_hint = ""            # "id at address" of the leader, when this one is a standby
+        self.cluster_id = ""             # the store's identity (scheduler/store/identity.py), told to agents
+        self.deposed = asyncio.Event()   # set when a fenced write failed: this term is over
         self._dirty = asyncio.Event()
         self._node_channels: dict[str, asyncio.Queue] = {}
         self._sent_assignments: dict[str, bytes] = {}
@@ -71,24 +91,46 @@ class SchedulerCore:
 
     async def start_leading(self, store) -> None:
         await self.cluster.load(store)
+        self.leader_hint = ""            # this one leads now; a refusal at the end of the term names whom it learns
+        self.deposed.clear()
+        self.reconciler.begin_grace()
         self.leading = True
         self._loop_task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
         self.poke()
 
-    async def stop_leading(self) -> None:
+    async def stop_leading(self, find_leader_hint: Callable[[], Awaitable[str]] | None = None) -> None:
+        """Stop acting as the leader at once, then end every stream this scheduler serves.
+
+        ``find_leader_hint`` (bounded by the caller) names the new leader for the
+        refusal the streams end with; it runs after this scheduler has stopped
+        reconciling and accepting, so asking cannot delay the step-down itself."""
         self.leading = False
         if self._loop_task:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+            if self._loop_task is not asyncio.current_task():
+                self._loop_task.cancel()
+                await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
+        if find_leader_hint is not None:
+            self.leader_hint = await find_leader_hint()
+        # Each stream sees None and ends with the not-leader refusal (agent_service, route_service).
         for queue in list(self._node_channels.values()):
-            queue.put_nowait(None)  # closes each agent stream; agents reconnect to the new leader
+            queue.put_nowait(None)
+        for queue in list(self._route_watchers):
+            queue.put_nowait(None)
+        self._route_watchers.clear()
 
     def poke(self) -> None:
         """Ask for a reconcile pass soon (coalesced)."""
         self._dirty.set()
 
+    def _fenced_out(self, where: str) -> None:
+        """A fenced write failed: a newer leader holds the election key. End this term."""
+        if not self.deposed.is_set():
+            log.error("a fenced write failed (%s): another scheduler leads; stepping down", where)
+        self.deposed.set()
+
     async def _reconcile_loop(self) -> None:
+        last_tick = self.cluster.clock()
         while True:
             try:
                 async with asyncio.timeout(RECONCILE_TICK_S):
@@ -96,11 +138,17 @@ class SchedulerCore:
             except TimeoutError:
                 pass
             self._dirty.clear()
+            now = self.cluster.clock()
+            if now - last_tick > self.heartbeat_timeout_s:
+                # We were stopped or starved: the agents' silence is ours, not theirs.
+                log.warning("the reconcile loop stalled for %.1fs; no node is declared lost for %.1fs",
+                            now - last_tick, self.reconciler.lost_grace_s)
+                self.reconciler.begin_grace()
+            last_tick = now
             try:
                 await self.reconciler.reconcile_once()
             except NotLeader:
-                log.error("lost leadership while writing; stepping down")
-                await self.stop_leading()
+                self._fenced_out("reconcile")
                 return
             except StoreError as exc:  # an outage, not a bug: one line, no traceback
                 log.warning("reconcile pass failed: %s; retrying on the next tick", exc)
@@ -116,6 +164,13 @@ class SchedulerCore:
     async def register(self, register: mesh.Register) -> asyncio.Queue:
         """A (re)connecting agent: record the node, adopt its replicas, open its channel."""
         self.require_leader()
+        try:
+            return await self._register(register)
+        except NotLeader:
+            self._fenced_out(f"registering node {register.node_name}")
+            raise
+
+    async def _register(self, register: mesh.Register) -> asyncio.Queue:
         name = register.node_name
         if not name:
             raise InvalidArgument("Register.node_name is empty")
@@ -145,6 +200,13 @@ class SchedulerCore:
         return channel
 
     async def report(self, name: str, report: mesh.UsageReport) -> None:
+        try:
+            await self._report(name, report)
+        except NotLeader:
+            self._fenced_out(f"a report of node {name}")
+            raise
+
+    async def _report(self, name: str, report: mesh.UsageReport) -> None:
         self._apply_usage(name, report.gpus, report.resources, report.replicas)
         node = self.cluster.nodes.get(name)
         if node is not None and node.state == NODE_LOST:
@@ -303,12 +365,16 @@ class SchedulerCore:
         if table.routes == self._route_table.routes:
             return
         table.version = self._route_table.version + 1
+        table.cluster_id = self.cluster_id
         self._route_table = table
         for queue in self._route_watchers:
             queue.put_nowait(table)
 
     def watch_routes(self) -> asyncio.Queue:
+        """A queue of complete tables, the current one first; None when this scheduler stops leading."""
+        self.require_leader()
         queue: asyncio.Queue = asyncio.Queue()
+        self._route_table.cluster_id = self.cluster_id
         queue.put_nowait(self._route_table)
         self._route_watchers.add(queue)
         return queue

@@ -141,7 +141,8 @@ def main(argv: list[str]) -> int:
                             "--store", f"sqlite:///{state_dir / 'state.db'}", "--id", "dev"], "scheduler")
         children.append(scheduler)
         address = _wait_for_line(scheduler, r"listening on (\S+)", "scheduler")
-        agent_args = ["-m", "node_agent", "--scheduler", address, "--name", socket.gethostname()]
+        agent_args = ["-m", "node_agent", "--scheduler", address, "--name", socket.gethostname(),
+                      "--state-dir", str(state_dir / "node-agent")]
         if fake:
             agent_args += ["--fake-gpus", fake]
         agent = _start(agent_args, "node-agent")

@@ -6,7 +6,10 @@ crash halfway, is harmless. In order:
 
 1. Nodes whose agents have been silent past the heartbeat timeout are lost;
    their ready replicas become ``lost`` (still routed until replaced), the
-   others, and those on drained nodes, go back to pending.
+   others, and those on drained nodes, go back to pending. Not during the
+   lost-node grace (``begin_grace``): a scheduler that has just started
+   leading, or has just resumed from a pause, has heard from nobody yet,
+   and its agents may still be in their reconnect backoff.
 2. Each deployment gets exactly ``replicas`` replicas of its current
    revision. A new revision rolls: one extra replica at a time (surge 1),
    and an old replica is removed only once a new one is ready.
@@ -37,10 +40,17 @@ _REMOVAL_ORDER = {PENDING: 0, FAILED: 1, PLACED: 2, STARTING: 3, DRAINING: 4, RE
 
 
 class Reconciler:
-    def __init__(self, cluster: Cluster, writer: FencedWriter, heartbeat_timeout_s: float):
+    def __init__(self, cluster: Cluster, writer: FencedWriter, heartbeat_timeout_s: float,
+                 lost_grace_s: float = 0.0):
         self.cluster = cluster
         self.writer = writer
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.lost_grace_s = lost_grace_s
+        self._grace_until = float("-inf")
+
+    def begin_grace(self) -> None:
+        """No node is declared lost for ``lost_grace_s`` from now (on the cluster's clock)."""
+        self._grace_until = self.cluster.clock() + self.lost_grace_s
 
     async def reconcile_once(self) -> bool:
         """One pass; returns True when it changed anything."""
@@ -55,6 +65,8 @@ class Reconciler:
 
     async def _mark_lost_nodes(self) -> bool:
         cluster, now, changed = self.cluster, self.cluster.clock(), False
+        if now < self._grace_until:
+            return False
         for name, node in cluster.nodes.items():
             live = cluster.live.get(name)
             silent_for = now - live.last_report if live else float("inf")

@@ -1,4 +1,9 @@
-"""``mesh.RouteService``: the route table the front proxy follows."""
+"""``mesh.RouteService``: the route table the front proxy follows.
+
+Only the leader serves watches; when it stops leading, every watch ends at
+once with FAILED_PRECONDITION naming the new leader (when known), so a proxy
+never keeps a deposed leader's stale table.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,10 @@ class RouteService(mesh_grpc.RouteServiceServicer):
         self.core = core
 
     async def WatchRoutes(self, request, context):
-        self.core.require_leader()
         queue = self.core.watch_routes()
         try:
             while (table := await queue.get()) is not None:
                 yield table
+            self.core.require_leader()     # None: this scheduler stepped down
         finally:
             self.core.unwatch_routes(queue)

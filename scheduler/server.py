@@ -8,6 +8,15 @@ Guarantees:
   the store and reconciles; nothing is lost or duplicated.
 - Every write of the leader is fenced by the election key's create
   revision (scheduler/writer.py).
+- A scheduler that stops leading (its lease lost after a pause or a store
+  outage, or a fenced write refused) ends every agent stream and route watch
+  at once, naming the new leader when it can learn it within
+  ``LEADER_LOOKUP_TIMEOUT_S``, then campaigns again as a standby.
+- Clients (agents, proxies) may ping their streams (gRPC keepalive) as often
+  as every ``MIN_CLIENT_PING_INTERVAL_MS``, so they notice a silent scheduler.
+- The store's cluster id (scheduler/store/identity.py) is created once and
+  sent to every agent; a corrupt SQLite store is refused at start
+  (``CorruptStore``: ``scheduler serve`` exits 1 saying so).
 - SIGTERM resigns leadership (a standby takes over at once), closes agent
   streams and exits 0.
 """
@@ -31,12 +40,30 @@ from .agent_service import AgentService
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S, SchedulerCore
 from .election import Election
 from .route_service import RouteService
-from .store import open_store
+from .store import CorruptStore, StoreError, open_store
+from .store.identity import ensure_cluster_id
 from .writer import FencedWriter
 
 log = logging.getLogger(__name__)
 
 ELECTION_NAME = "scheduler"
+# A step-down asks the store who leads now for at most this long, so the
+# streams it ends can name the new leader; a store that is down costs no more.
+LEADER_LOOKUP_TIMEOUT_S = 1.0
+# While the store is unreachable at start, try it again this often.
+STORE_RETRY_S = 1.0
+# Agents and proxies ping their long-lived streams every few seconds to notice
+# a paused or partitioned scheduler (node_agent/agent.py KEEPALIVE_*). gRPC
+# servers refuse pings more often than every 5 min on a stream with no data
+# sent back (and then close the connection); the scheduler sends agents
+# nothing for long stretches, so allow a ping per second, without strikes.
+MIN_CLIENT_PING_INTERVAL_MS = 1000
+SERVER_OPTIONS = [
+    # (gRPC core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS)
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
 
 
 @dataclass
@@ -53,7 +80,7 @@ class SchedulerOptions:
 class SchedulerServer:
     def __init__(self, options: SchedulerOptions):
         self.options = options
-        self.server = grpc.aio.server(interceptors=[StatusInterceptor()])
+        self.server = grpc.aio.server(interceptors=[StatusInterceptor()], options=SERVER_OPTIONS)
         self.port = self.server.add_insecure_port(options.listen)
         if not self.port:
             raise OSError(f"cannot listen on {options.listen}")
@@ -66,17 +93,33 @@ class SchedulerServer:
 
     async def start(self) -> None:
         self.store = await open_store(self.options.store_url)
+        cluster_id = await self._cluster_id()
         self.election = Election(self.store, ELECTION_NAME, self.scheduler_id, self.address,
                                  self.options.election_ttl_s)
         writer = FencedWriter(self.store, self.election.fence)
         self.core = SchedulerCore(writer, scheduler_id=self.scheduler_id,
                                   report_interval_s=self.options.report_interval_s,
                                   heartbeat_timeout_s=self.options.heartbeat_timeout_s)
+        self.core.cluster_id = cluster_id
         mesh_grpc.add_AgentServiceServicer_to_server(AgentService(self.core), self.server)
         mesh_grpc.add_AdminServiceServicer_to_server(AdminService(self.core, self._leader_info), self.server)
         mesh_grpc.add_RouteServiceServicer_to_server(RouteService(self.core), self.server)
         await self.server.start()
         self._leadership = asyncio.create_task(self._lead_when_elected(), name="leadership")
+
+    async def _cluster_id(self) -> str:
+        """The store's cluster id; an unreachable store (etcd starting) is waited for, a corrupt one is not."""
+        while True:
+            try:
+                cluster_id = await ensure_cluster_id(self.store)
+            except CorruptStore:
+                raise
+            except StoreError as exc:
+                log.warning("store %s: reading the cluster id: %s; retrying", self.options.store_url, exc)
+                await asyncio.sleep(STORE_RETRY_S)
+                continue
+            log.info("store %s holds cluster %s", self.options.store_url, cluster_id)
+            return cluster_id
 
     async def _leader_info(self) -> tuple[bool, str, str]:
         if self.core and self.core.leading:
@@ -90,13 +133,26 @@ class SchedulerServer:
             await self.election.campaign()
             log.info("scheduler %s leads", self.scheduler_id)
             await self.core.start_leading(self.store)
-            await self.election.lost.wait()
-            log.warning("scheduler %s lost leadership", self.scheduler_id)
-            await self.core.stop_leading()
+            await _first_of(self.election.lost.wait(), self.core.deposed.wait())
+            log.warning("scheduler %s lost leadership; ending its agent streams and route watches",
+                        self.scheduler_id)
+            await self.core.stop_leading(self._leader_hint_now)
+            if self.election.is_leader:
+                await self.election.resign()   # fenced out before the election noticed: drop the lease too
 
     async def _refresh_hint(self) -> None:
-        leader = await self.election.leader()
-        self.core.leader_hint = leader_hint(*leader) if leader else ""
+        self.core.leader_hint = await self._leader_hint_now()
+
+    async def _leader_hint_now(self) -> str:
+        """"ID at ADDRESS" of another leader, or "" when there is none or the store does not answer in time."""
+        try:
+            async with asyncio.timeout(LEADER_LOOKUP_TIMEOUT_S):
+                leader = await self.election.leader()
+        except (TimeoutError, StoreError):
+            return ""
+        if leader is None or leader[0] == self.scheduler_id:
+            return ""
+        return leader_hint(*leader)
 
     async def stop(self) -> None:
         if self._leadership:
@@ -109,6 +165,17 @@ class SchedulerServer:
         await self.server.stop(1.0)
         if self.store:
             await self.store.close()
+
+
+async def _first_of(*waits) -> None:
+    """Return when the first of ``waits`` (coroutines) finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve(options: SchedulerOptions) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -90,6 +92,7 @@ class Process:
 class Mesh:
     def __init__(self):
         self.processes: list[Process] = []
+        self.state_dir = tempfile.mkdtemp(prefix="meshserve-mesh-")   # agents remember their cluster here
 
     def scheduler(self, store_url: str, scheduler_id: str, wait_leading: bool = True,
                   listen: str = "127.0.0.1:0") -> Process:
@@ -108,7 +111,8 @@ class Mesh:
 
     def agent(self, name: str, schedulers: str, fake_gpus: str = "2x80GiB") -> Process:
         process = Process(f"agent-{name}", ["-m", "node_agent", "--scheduler", schedulers, "--name", name,
-                                            "--fake-gpus", fake_gpus, "--host", "127.0.0.1"])
+                                            "--fake-gpus", fake_gpus, "--host", "127.0.0.1",
+                                            "--state-dir", os.path.join(self.state_dir, name)])
         self.processes.append(process)
         return process
 
@@ -121,6 +125,7 @@ class Mesh:
     def close(self) -> None:
         for process in reversed(self.processes):
             process.stop()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{''.join(p.output[-30:])}" for p in self.processes)

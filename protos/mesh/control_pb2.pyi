@@ -155,16 +155,18 @@ class Assignments(_message.Message):
     def __init__(self, version: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaAssignment, _Mapping]]] = ...) -> None: ...
 
 class Registered(_message.Message):
-    __slots__ = ("node_name", "report_interval_ms", "heartbeat_timeout_ms", "scheduler_id")
+    __slots__ = ("node_name", "report_interval_ms", "heartbeat_timeout_ms", "scheduler_id", "cluster_id")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     REPORT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     report_interval_ms: int
     heartbeat_timeout_ms: int
     scheduler_id: str
-    def __init__(self, node_name: _Optional[str] = ..., report_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., scheduler_id: _Optional[str] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, node_name: _Optional[str] = ..., report_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., scheduler_id: _Optional[str] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
 class SchedulerMessage(_message.Message):
     __slots__ = ("registered", "assignments")
@@ -426,9 +428,11 @@ class Route(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., deployment: _Optional[str] = ..., revision: _Optional[int] = ..., weight: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
 
 class RouteTable(_message.Message):
-    __slots__ = ("version", "routes")
+    __slots__ = ("version", "routes", "cluster_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
     version: int
     routes: _containers.RepeatedCompositeFieldContainer[Route]
-    def __init__(self, version: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+    cluster_id: str
+    def __init__(self, version: _Optional[int] = ..., routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ..., cluster_id: _Optional[str] = ...) -> None: ...

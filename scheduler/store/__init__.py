@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-from .base import (Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, Store, StoreError,
+from .base import (Compacted, Compare, CorruptStore, Delete, KeyValue, LeaseExpired, Put, Store, StoreError,
                    TxnResult, WatchEvent)
 
-__all__ = ["Compacted", "Compare", "Delete", "KeyValue", "LeaseExpired", "Put", "Store", "StoreError",
+__all__ = ["Compacted", "Compare", "CorruptStore", "Delete", "KeyValue", "LeaseExpired", "Put", "Store", "StoreError",
            "TxnResult", "WatchEvent", "open_store"]
 
 

@@ -118,6 +118,10 @@ class Compacted(StoreError):
         self.compact_revision = compact_revision
 
 
+class CorruptStore(StoreError):
+    """The store's data is damaged ("database disk image is malformed"): not safe to retry or to run on."""
+
+
 class LeaseExpired(StoreError):
     """A keep-alive found the lease gone: grant a new one and rewrite its keys."""
 

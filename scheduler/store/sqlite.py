@@ -34,8 +34,8 @@ import sqlite3
 import time
 from typing import AsyncIterator, Callable, TypeVar
 
-from .base import (Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, StoreError, TxnResult, WatchEvent,
-                   prefix_end)
+from .base import (Compacted, Compare, CorruptStore, Delete, KeyValue, LeaseExpired, Put, StoreError, TxnResult,
+                   WatchEvent, prefix_end)
 
 T = TypeVar("T")
 
@@ -109,6 +109,14 @@ class SqliteStore:
         store._loop = asyncio.get_running_loop()
         try:
             await store._run(store._connect)
+        except StoreError as exc:
+            store._executor.shutdown(wait=False)
+            cause = exc.__cause__
+            if isinstance(exc, CorruptStore) or (isinstance(cause, sqlite3.DatabaseError)
+                                                 and not isinstance(cause, sqlite3.OperationalError)):
+                raise CorruptStore(f"{exc}; refusing to run on it: restore the file from a backup "
+                                   f"or move it away") from cause
+            raise
         except BaseException:
             store._executor.shutdown(wait=False)
             raise
@@ -133,7 +141,12 @@ class SqliteStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")                     # a committed write survives power loss
         db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(_SCHEMA)
+        try:
+            db.executescript(_SCHEMA)
+            _check_integrity(db, self.path)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
 
     def _meta(self, name: str) -> int:
@@ -395,6 +408,20 @@ class SqliteStore:
                 await asyncio.wait_for(self._lease_granted.wait(), max(0.0, min(delay, EXPIRY_MAX_SLEEP_S)))
             except asyncio.TimeoutError:
                 pass
+
+
+def _check_integrity(db: sqlite3.Connection, path: str) -> None:
+    """Refuse a damaged file at open, so a scheduler exits with the reason instead of running on it.
+
+    ``PRAGMA quick_check`` reads every page (O(size), well under a second for a
+    state file of tens of MB) and reports what ``integrity_check`` does except
+    index/table consistency. A file that is not a database at all fails earlier,
+    on the first PRAGMA, with "file is not a database". A 0-byte file is a valid,
+    empty database: it passes (the cluster id guards that case, see identity.py).
+    """
+    problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+    if problems != ["ok"]:
+        raise CorruptStore(f"sqlite store {path} is corrupt: {'; '.join(problems)}")
 
 
 def _compare_holds(compare: Compare, kv: KeyValue | None) -> bool:
