@@ -18,13 +18,17 @@ Guarantees:
   ``LIVENESS_TIMEOUT_S`` ends the watch, the silent scheduler goes to the
   end of the list and the others (or the leader one names) are tried.
 - Reconnects back off exponentially, jittered and capped (``RECONNECT_BACKOFF``).
+- A table from another cluster is never applied: the follower remembers the
+  first cluster id it is sent (``RouteTable.cluster_id``, the scheduler's
+  store identity) and refuses a scheduler whose store has another one (a
+  scheduler started on an empty or wrong store), keeping its last table and
+  trying the others, as an agent does (node_agent/membership.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,7 +48,7 @@ log = logging.getLogger(__name__)
 # asked at most every 2 s per proxy: capped well below the scheduler's 5 s
 # heartbeat timeout, so a restarted leader is found again long before it
 # judges anything by a missing report.
-RECONNECT_BACKOFF = Backoff(initial_s=0.2, max_s=2.0)
+RECONNECT_BACKOFF = Backoff(initial_s=0.2, max_s=2.0, jitter=0.5)
 # HTTP/2 keepalive pings would need the scheduler's server to allow them
 # (gRPC servers answer pings more often than every 5 min on an idle stream
 # with GOAWAY "too_many_pings"), and gRPC core may answer a ping while the
@@ -57,12 +61,6 @@ LIVENESS_INTERVAL_S = 1.0
 LIVENESS_TIMEOUT_S = 3.0
 
 
-def jittered(delay_s: float) -> float:
-    """``delay_s`` spread uniformly over [delay/2, delay], so proxies restarted together do not
-    reconnect in step. Local until ``protos.backoff.Backoff`` jitters; then that replaces it."""
-    return delay_s * random.uniform(0.5, 1.0)
-
-
 class RouteFollower:
     def __init__(self, schedulers: Sequence[str], on_table: Callable[[RouteTable], None],
                  backoff: Backoff = RECONNECT_BACKOFF):
@@ -72,6 +70,7 @@ class RouteFollower:
         self.on_table = on_table
         self.backoff = backoff
         self.connected_to: str | None = None
+        self.cluster_id = ""             # the first cluster id a scheduler sent; others are refused
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -99,7 +98,7 @@ class RouteFollower:
             failures = 0 if received_any else failures + 1
             # A named leader is tried at once the first time; refusals beyond that back off.
             if failures and not (leader and failures == 1):
-                await asyncio.sleep(jittered(self.backoff.delay(failures)))
+                await asyncio.sleep(self.backoff.delay(failures))
 
     async def _watch(self, address: str) -> tuple[bool, str | None]:
         """Follow one scheduler until its watch ends or it goes silent:
@@ -128,6 +127,9 @@ class RouteFollower:
         """Hand every table on; when the watch ends, the leader it named (or None)."""
         try:
             async for table in call:
+                if not self._same_cluster(address, table.cluster_id):
+                    self._demote(address)
+                    return None
                 if not state.received:
                     log.info("following routes from scheduler %s", address)
                 state.received = True
@@ -138,6 +140,19 @@ class RouteFollower:
                     "route watch on %s ended: %s: %s", address, err.code().name, err.details())
             return leader_named(err.code(), err.details(), await _trailing(call))
         return None
+
+    def _same_cluster(self, address: str, cluster_id: str) -> bool:
+        """Whether a table with ``cluster_id`` may be applied; the first id seen is adopted.
+        An empty id (a scheduler from before cluster ids) is accepted, as agents do."""
+        if not cluster_id or cluster_id == self.cluster_id:
+            return True
+        if not self.cluster_id:
+            self.cluster_id = cluster_id
+            log.info("routes belong to cluster %s", cluster_id)
+            return True
+        log.error("scheduler %s serves cluster %s, not %s (a wrong or empty store?): its routes are refused, "
+                  "the last table stays in force", address, cluster_id, self.cluster_id)
+        return False
 
     def _demote(self, address: str) -> None:
         """Try a silent scheduler last from now on."""

@@ -53,8 +53,9 @@ def route(model: str, *endpoints: tuple[str, str], weight: int = 100, deployment
 class FakeRoutes(mesh_grpc.RouteServiceServicer):
     """A real RouteService: streams the current table at once and on every ``publish``."""
 
-    def __init__(self, refuse_with: str | None = None):
-        self.table = mesh.RouteTable()
+    def __init__(self, refuse_with: str | None = None, cluster_id: str = ""):
+        self.cluster_id = cluster_id
+        self.table = mesh.RouteTable(cluster_id=cluster_id)
         self.refuse_with = refuse_with
         self.watchers: set[asyncio.Queue] = set()
         self.watch_calls = 0
@@ -72,7 +73,7 @@ class FakeRoutes(mesh_grpc.RouteServiceServicer):
         await self.server.stop(0)
 
     async def publish(self, *routes: mesh.Route) -> None:
-        self.table = mesh.RouteTable(version=self.table.version + 1, routes=list(routes))
+        self.table = mesh.RouteTable(version=self.table.version + 1, routes=list(routes), cluster_id=self.cluster_id)
         for queue in self.watchers:
             queue.put_nowait(self.table)
 

@@ -8,6 +8,8 @@ answers.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -21,9 +23,10 @@ from conftest import REPO_ROOT
 from etcd_server import EtcdServer, require_etcd
 from mesh_harness import ELECTION_TTL_S, Admin, Mesh
 from proxy import ProxyOptions, ProxyServer
-from proxy.follower import LIVENESS_INTERVAL_S, LIVENESS_TIMEOUT_S, RECONNECT_BACKOFF, jittered
+from protos.backoff import Backoff
+from proxy.follower import LIVENESS_INTERVAL_S, LIVENESS_TIMEOUT_S, RECONNECT_BACKOFF, RouteFollower
 from scheduler.core import DEFAULT_HEARTBEAT_TIMEOUT_S
-from test_proxy_helpers import RPC_TIMEOUT_S, LoopThread
+from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, LoopThread, route
 
 _SERVE_ONE_TABLE = """
 import asyncio, sys
@@ -140,6 +143,36 @@ def test_a_paused_leader_scheduler_is_left_for_the_standby_once_it_leads(loop):
 
 def test_reconnect_backoff_is_capped_below_the_heartbeat_timeout_and_jittered():
     assert RECONNECT_BACKOFF.delay(100) < DEFAULT_HEARTBEAT_TIMEOUT_S
-    delays = {jittered(RECONNECT_BACKOFF.delay(3)) for _ in range(50)}
+    delays = {RECONNECT_BACKOFF.delay(3) for _ in range(50)}
     assert len(delays) > 1, "reconnects of proxies restarted together would be in step"
-    assert all(RECONNECT_BACKOFF.delay(3) / 2 <= d <= RECONNECT_BACKOFF.delay(3) for d in delays)
+    base = dataclasses.replace(RECONNECT_BACKOFF, jitter=0.0).delay(3)
+    assert all(base / 2 <= d <= base for d in delays)
+
+
+def test_a_scheduler_of_another_cluster_is_refused_and_the_last_table_stays():
+    """A scheduler restarted on an empty or wrong store serves another cluster id: its (empty) table
+    must never replace the routes the proxy serves from (issue 8, item 3)."""
+
+    async def scenario():
+        ours, foreign = FakeRoutes(cluster_id="cluster-a"), FakeRoutes(cluster_id="cluster-b")
+        await ours.start()
+        await foreign.start()
+        await ours.publish(route("add_sub", ("r1", "127.0.0.1:1")))
+        tables = []
+        follower = RouteFollower([ours.address, foreign.address], tables.append,
+                                 backoff=Backoff(initial_s=0.01, max_s=0.05))
+        follower.start()
+        try:
+            async with asyncio.timeout(RPC_TIMEOUT_S):
+                while not tables:
+                    await asyncio.sleep(0.01)
+                await ours.stop()  # our scheduler goes away; only the foreign one answers now
+                while foreign.watch_calls < 3:
+                    await asyncio.sleep(0.01)
+        finally:
+            await follower.stop()
+            await foreign.stop()
+        assert follower.cluster_id == "cluster-a"
+        assert tables and all(t.models() == ["add_sub"] for t in tables), [t.models() for t in tables]
+
+    asyncio.run(scenario())
