@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 
+from protos.listen import ListenError, exit_on_listen_error
+
 from .ensemble_remote import parse_remote_model
 from .server import ServerOptions, run
 from .telemetry import configure_tracing, shutdown_tracing
@@ -58,6 +60,8 @@ def main(argv=None) -> None:
             uvloop.run(run(options))
         else:
             asyncio.run(run(options))
+    except ListenError as err:
+        exit_on_listen_error("meshserve runtime", err)
     finally:
         shutdown_tracing(provider)  # flush the spans of the last requests
 

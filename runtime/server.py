@@ -19,11 +19,11 @@ import logging
 import signal
 from dataclasses import dataclass
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.listen import bind, grpc_server
 
 from .repository import ModelRepository
 from .servicer import InferenceServicer
@@ -61,16 +61,14 @@ class RuntimeServer:
         self.servicer = InferenceServicer(self.repository)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         limit = options.max_message_bytes
-        self.server = grpc.aio.server(
+        self.server = grpc_server(
             interceptors=[StatusInterceptor()],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(options.listen)
-        if not self.port:
-            raise OSError(f"cannot listen on {options.listen}")
-        self.address = f"{options.listen.rsplit(':', 1)[0]}:{self.port}"
+        self.address = bind(self.server, options.listen)  # ListenError: the port is taken
+        self.port = int(self.address.rsplit(":", 1)[1])
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):

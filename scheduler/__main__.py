@@ -7,6 +7,8 @@ import asyncio
 import logging
 import sys
 
+from protos.listen import ListenError, exit_on_listen_error
+
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S
 from .server import SchedulerOptions, serve
 
@@ -30,7 +32,10 @@ def _serve(argv: list[str]) -> int:
     options = SchedulerOptions(listen=args.listen, store_url=args.store, scheduler_id=args.id,
                                election_ttl_s=args.election_ttl, report_interval_s=args.report_interval,
                                heartbeat_timeout_s=args.heartbeat_timeout)
-    asyncio.run(serve(options))
+    try:
+        asyncio.run(serve(options))
+    except ListenError as err:
+        exit_on_listen_error("meshserve scheduler", err)
     return 0
 
 
