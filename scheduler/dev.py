@@ -24,6 +24,10 @@ import sys
 import threading
 import time
 
+from protos.listen import ListenError, listen_socket
+
+from .state_lock import StateDirBusy, hold_state_dir
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_FAKE_GPUS = "1x24GiB"
 # Loading the examples (onnxruntime, the n-gram model) takes seconds on a small machine.
@@ -117,7 +121,13 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     state_dir = pathlib.Path(args.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        hold_state_dir(state_dir)  # held until this process exits
+        for address in (args.listen, args.proxy_listen):
+            listen_socket(address).close()  # a port in use: refuse before starting anything
+    except (StateDirBusy, ListenError) as err:
+        print(f"scheduler dev: {err}", file=sys.stderr, flush=True)
+        return 1
     fake = args.fake_gpus or (None if _gpu_present() else DEFAULT_FAKE_GPUS)
     print(f"meshserve dev: state in {state_dir}; GPUs: "
           + (f"FAKE {fake} (no GPU on this host)" if fake and not args.fake_gpus else
