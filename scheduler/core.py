@@ -20,9 +20,11 @@ import time
 
 from protos.errors import InvalidArgument
 from protos.mesh import control_pb2 as mesh
+from protos.mesh.assignment_env import CPU_ENV, GPU_MEMORY_ENV
 from protos.mesh.leader import not_leader_message
 
 from .cluster import Cluster, LiveNode
+from .placing import _needs as replica_needs
 from .records import DRAINING, FAILED, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
 from .reconciler import Reconciler
 from .spec_fields import model_of
@@ -36,7 +38,6 @@ DEFAULT_REPORT_INTERVAL_S = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
 # How often the reconciler runs without being asked (it checks heartbeats).
 RECONCILE_TICK_S = 0.5
-GPU_MEMORY_ENV = "MESHSERVE_GPU_MEMORY_BYTES"
 _AGENT_STATES = {"starting": STARTING, "ready": READY, "failed": FAILED}
 
 
@@ -212,7 +213,8 @@ class SchedulerCore:
                 model_repository=repository, model_name=models[0], gpu_indices=replica.gpu_indices,
                 env={**{str(k): str(v) for k, v in (spec.get("env") or {}).items()},
                      # what the replica may use on each of its GPUs (the fake GPU probe counts it)
-                     GPU_MEMORY_ENV: str(replica.gpu_memory_bytes)},
+                     GPU_MEMORY_ENV: str(replica.gpu_memory_bytes),
+                     CPU_ENV: f"{replica_needs(self.cluster, replica).cpu:g}"},  # checked by the host policy
                 runtime_args=[str(a) for a in spec.get("runtime_args") or []] + pipeline_args,
             )
         return assignments

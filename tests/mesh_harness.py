@@ -14,11 +14,13 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import grpc
 
+from node_agent.policy import development_policy_yaml
 from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 
@@ -82,6 +84,7 @@ class Process:
 class Mesh:
     def __init__(self):
         self.processes: list[Process] = []
+        self._files = tempfile.TemporaryDirectory(prefix="mesh-harness-")
 
     def scheduler(self, store_url: str, scheduler_id: str, wait_leading: bool = True) -> Process:
         process = Process(f"scheduler-{scheduler_id}", [
@@ -96,15 +99,21 @@ class Mesh:
             admin.close()
         return process
 
-    def agent(self, name: str, schedulers: str, fake_gpus: str = "2x80GiB") -> Process:
+    def agent(self, name: str, schedulers: str, fake_gpus: str = "2x80GiB", policy: str | None = None) -> Process:
+        """A node agent; ``policy`` is its host policy's YAML (default: the repositories of this checkout)."""
+        policy_file = pathlib.Path(self._files.name) / f"policy-{name}-{len(self.processes)}.yaml"
+        policy_file.write_text(policy if policy is not None else development_policy_yaml(REPO_ROOT / "examples",
+                                                                                           REPO_ROOT / "tests"))
         process = Process(f"agent-{name}", ["-m", "node_agent", "--scheduler", schedulers, "--name", name,
-                                            "--fake-gpus", fake_gpus, "--host", "127.0.0.1"])
+                                            "--fake-gpus", fake_gpus, "--host", "127.0.0.1",
+                                            "--policy", str(policy_file)])
         self.processes.append(process)
         return process
 
     def close(self) -> None:
         for process in reversed(self.processes):
             process.stop()
+        self._files.cleanup()
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{''.join(p.output[-30:])}" for p in self.processes)
