@@ -8,8 +8,9 @@ import pathlib
 
 import pytest
 
-from node_agent.policy import HostPolicy, PolicyError, Refused, development_policy_yaml
+from node_agent.policy import SAFE_RUNTIME_FLAGS, HostPolicy, PolicyError, Refused, development_policy_yaml
 from node_agent.replica import ReplicaSpec
+from runtime.__main__ import parse_args as parse_runtime_args
 
 ROOT_EUID, USER_EUID = 0, 1000
 
@@ -188,3 +189,16 @@ def test_the_development_policy_reads_back(tmp_path):
     policy = HostPolicy.load(path)
     assert policy.repository_roots == (tmp_path.resolve(),)
     assert policy.allow_root == (os.geteuid() == 0)
+
+
+SAMPLE_VALUES = {"--model": "m", "--remote-model": "m=127.0.0.1:1", "--drain-delay": "1", "--grace-period": "1",
+                 "--max-message-bytes": "1024", "--event-loop": "asyncio", "--log-level": "INFO"}
+
+
+@pytest.mark.parametrize("flag", sorted(SAFE_RUNTIME_FLAGS))
+def test_every_safe_runtime_flag_is_a_runtime_flag_taking_a_value_exactly_when_the_policy_expects_one(flag):
+    takes_value = SAFE_RUNTIME_FLAGS[flag] is not None
+    base = ["--model-repository", "/srv/models"]
+    parse_runtime_args([*base, flag, *([SAMPLE_VALUES[flag]] if takes_value else [])])  # exits 2 if unknown
+    with pytest.raises(SystemExit):  # a value-taking flag without its value, or a stray value after a switch
+        parse_runtime_args([*base, flag] if takes_value else [*base, flag, "stray-value"])
