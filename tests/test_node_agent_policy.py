@@ -3,12 +3,14 @@ mesh's own assignments admitted, and a wrong policy file refused at start."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 
 import pytest
 
 from node_agent.policy import SAFE_RUNTIME_FLAGS, HostPolicy, PolicyError, Refused, development_policy_yaml
+from node_agent.process import SubprocessLauncher
 from node_agent.replica import ReplicaSpec
 from runtime.__main__ import parse_args as parse_runtime_args
 
@@ -202,3 +204,19 @@ def test_every_safe_runtime_flag_is_a_runtime_flag_taking_a_value_exactly_when_t
     parse_runtime_args([*base, flag, *([SAMPLE_VALUES[flag]] if takes_value else [])])  # exits 2 if unknown
     with pytest.raises(SystemExit):  # a value-taking flag without its value, or a stray value after a switch
         parse_runtime_args([*base, flag] if takes_value else [*base, flag, "stray-value"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching user needs root")
+def test_the_launcher_starts_replicas_as_the_run_as_user():
+    run_as = HostPolicy.from_mapping({"run_as": "nobody"}).run_as
+
+    async def launch() -> list[str]:
+        launcher = SubprocessLauncher(die_with_parent=False, run_as=run_as)
+        child = await launcher.launch(["/bin/sh", "-c", "id -u; id -G; echo $HOME $USER"], {"PATH": "/usr/bin:/bin"})
+        lines = [line async for _, line in child.lines()]
+        assert await child.wait() == 0
+        return lines
+
+    uid, groups, env = asyncio.run(launch())
+    assert uid == str(run_as.uid) and groups == str(run_as.gid)   # no supplementary groups of the agent
+    assert env == f"{run_as.home} nobody"
