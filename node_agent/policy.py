@@ -11,7 +11,7 @@ host decides, from a local file the scheduler cannot change
   plus BROWSER was enough to run a shell). Built in: the variables the mesh
   itself sets and thread-count knobs (``BUILTIN_ENV``); the file may add
   names and ``PREFIX_*`` patterns;
-- runtime flags: only those of ``SAFE_RUNTIME_FLAGS`` (or the file's subset),
+- runtime flags: only those of ``SAFE_RUNTIME_FLAGS`` (node_agent/runtime_flags.py; or the file's subset),
   matched exactly, never an abbreviation, each value checked. Flags that
   choose where the runtime listens or which repository it reads are never
   allowed; ``--model-control`` only with ``allow_model_control: true``;
@@ -40,7 +40,7 @@ import os
 import pathlib
 import pwd
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,9 +49,10 @@ import yaml
 from protos.errors import MeshError
 from protos.mesh.assignment_env import CPU_ENV, GPU_MEMORY_ENV
 from protos.sizes import format_size, parse_size
-from runtime.model_control import FLAG as MODEL_CONTROL_FLAG
-from runtime.model_control import MODES as MODEL_CONTROL_MODES
 from runtime.model_names import plain_model_name
+
+from .runtime_flags import NEVER_FLAGS, SAFE_RUNTIME_FLAGS, runtime_arg_problems
+from .runtime_flags import shown as _shown
 
 if TYPE_CHECKING:
     from .replica import ReplicaSpec
@@ -65,55 +66,6 @@ BUILTIN_ENV = frozenset({
 })
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ENV_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
-# A model name, HOST:PORT or a number: far shorter. Bounds what a refusal message repeats.
-MAX_SHOWN_CHARS = 80
-
-
-def _number(value: str) -> None:
-    if not re.fullmatch(r"\d+(\.\d+)?", value):
-        raise ValueError("expected a non-negative number")
-
-
-def _count(value: str) -> None:
-    if not value.isdigit():
-        raise ValueError("expected a whole number")
-
-
-def _remote_model(value: str) -> None:
-    name, sep, address = value.partition("=")
-    host, colon, port = address.rpartition(":")
-    if not sep or not colon or not host or not port.isdigit():
-        raise ValueError("expected NAME=HOST:PORT")
-    plain_model_name(name)
-
-
-def _model(value: str) -> None:
-    plain_model_name(value)
-
-
-def _one_of(*choices: str) -> Callable[[str], None]:
-    def check(value: str) -> None:
-        if value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}")
-    return check
-
-
-# ``python -m runtime`` flags a spec may pass, with how each value is checked (None: takes no value).
-# The scheduler itself passes --model and --remote-model for pipeline replicas.
-SAFE_RUNTIME_FLAGS: dict[str, Callable[[str], None] | None] = {
-    "--model": _model,
-    "--remote-model": _remote_model,
-    "--drain-delay": _number,
-    "--grace-period": _number,
-    "--max-message-bytes": _count,
-    "--strict": None,
-    "--event-loop": _one_of("uvloop", "asyncio"),
-    "--log-level": _one_of("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
-}
-_MODEL_CONTROL_VALUE = _one_of(*MODEL_CONTROL_MODES)
-# Where the runtime listens and what it reads are the agent's to decide; no policy can hand them to a spec.
-NEVER_FLAGS = {"--listen": "the agent picks where a replica listens",
-               "--model-repository": "the repository comes from model.repository, checked against the roots"}
 
 
 class PolicyError(ValueError):
@@ -218,7 +170,8 @@ class HostPolicy:
             problems.append(err.message)
         repository = self._repository(spec.model_repository, problems)
         self._check_env(dict(spec.env), problems)
-        self._check_runtime_args(spec.runtime_args, problems)
+        problems += runtime_arg_problems(spec.runtime_args, self.runtime_flags, self.allow_model_control,
+                                         self.source)
         self._check_limits(spec, problems)
         if self.replicas_run_as_root(agent_euid) and not self.allow_root:
             problems.append("replicas would run as root: set run_as in the host policy "
@@ -255,42 +208,6 @@ class HostPolicy:
             if "\0" in value:
                 problems.append(f"env {_shown(name)} contains a NUL character")
 
-    def _check_runtime_args(self, args: Iterable[str], problems: list[str]) -> None:
-        items = list(args)
-        index = 0
-        while index < len(items):
-            item = items[index]
-            index += 1
-            flag, has_inline, inline = item.partition("=")
-            if not flag.startswith("--"):
-                problems.append(f"runtime argument {_shown(item)} is not a flag")
-                continue
-            if flag in NEVER_FLAGS:
-                problems.append(f"runtime flag {flag} is never allowed ({NEVER_FLAGS[flag]})")
-                continue
-            if flag == MODEL_CONTROL_FLAG and not self.allow_model_control:
-                problems.append(f"runtime flag {flag} is not allowed (allow_model_control is off in {self.source})")
-                continue
-            if flag != MODEL_CONTROL_FLAG and flag not in self.runtime_flags:
-                problems.append(f"runtime flag {_shown(flag)} is not allowed (allowed, spelled out in full: "
-                                f"{', '.join(sorted(self.runtime_flags))})")
-                continue
-            check = _MODEL_CONTROL_VALUE if flag == MODEL_CONTROL_FLAG else SAFE_RUNTIME_FLAGS[flag]
-            if check is None:
-                if has_inline:
-                    problems.append(f"runtime flag {flag} takes no value")
-                continue
-            if not has_inline:
-                if index >= len(items):
-                    problems.append(f"runtime flag {flag} needs a value")
-                    continue
-                inline = items[index]
-                index += 1
-            try:
-                check(inline)
-            except (ValueError, MeshError) as err:
-                problems.append(f"runtime flag {flag} {_shown(inline)}: {getattr(err, 'message', err)}")
-
     def _check_limits(self, spec: ReplicaSpec, problems: list[str]) -> None:
         limits = self.limits
         if limits.gpus is not None and len(spec.gpu_indices) > limits.gpus:
@@ -317,11 +234,6 @@ class HostPolicy:
 
 _KEYS = {"repository_roots", "env", "runtime_flags", "allow_model_control", "run_as", "allow_root", "limits"}
 _LIMIT_KEYS = {"gpus", "gpu_memory", "cpu"}
-
-
-def _shown(text: str) -> str:
-    shown = repr(text)
-    return shown if len(shown) <= MAX_SHOWN_CHARS else shown[:MAX_SHOWN_CHARS - 3] + "..."
 
 
 def _strings(value: Any, where: str) -> list[str]:

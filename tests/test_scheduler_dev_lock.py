@@ -42,11 +42,12 @@ def test_second_dev_on_the_same_state_dir_or_ports_refuses_and_leaves_the_first_
         proxy_address = first.wait_for(r"proxy listening on (\S+:\d+)")
         first.wait_for(r"(registered) with scheduler")  # its agent, in the forwarded output
         lock_before = (state / "dev.lock").read_text()
-        db_before = (state / "state.db").stat()
+        policy_before = (state / "dev-policy.yaml").stat().st_mtime_ns
 
         same_dir = _second(_dev(state, empty))
         assert same_dir.returncode == 1, same_dir.stdout + same_dir.stderr
-        assert f"state directory {state} is in use by another `scheduler dev`" in same_dir.stderr
+        assert f"state directory {state} is in use by another `scheduler dev` (pid {first.proc.pid})" \
+            in same_dir.stderr
         assert same_dir.stdout.count("listening") == 0  # nothing was started
 
         for other, listen, proxy_listen, taken in (
@@ -56,8 +57,8 @@ def test_second_dev_on_the_same_state_dir_or_ports_refuses_and_leaves_the_first_
             assert f"cannot listen on {taken}: address already in use" in run.stderr
             assert not (tmp_path / other / "state.db").exists()
 
-        assert (state / "dev.lock").read_text() == lock_before
-        assert (state / "state.db").stat().st_mtime_ns >= db_before.st_mtime_ns
+        assert (state / "dev.lock").read_text() == lock_before == f"{first.proc.pid}\n"
+        assert (state / "dev-policy.yaml").stat().st_mtime_ns == policy_before  # written by the first only
         assert "fake" in _nodes(scheduler)  # the first's agent is still registered with it
         assert first.proc.poll() is None
     finally:
