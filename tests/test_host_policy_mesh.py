@@ -16,7 +16,7 @@ from mesh_harness import EXAMPLES, REPO_ROOT, RPC_TIMEOUT_S, Admin, Mesh
 from node_agent.policy import development_policy_yaml
 
 @pytest.fixture
-def mesh(tmp_path):
+def mesh():
     mesh_ = Mesh()
     yield mesh_
     mesh_.close()
