@@ -2,6 +2,12 @@
 
     node-agent --scheduler HOST:PORT[,HOST:PORT] --name NAME [--fake-gpus 2x80GiB]
                [--labels k=v,k2=v2] [--host 127.0.0.1] [--report-interval 1.0]
+               [--policy /etc/meshserve/policy.yaml]
+
+Every assignment is checked against this host's execution policy
+(node_agent/policy.py; README "Security"): without --policy no model
+repository is allowed, so nothing runs. A refused assignment is reported as a
+failed replica with the reason.
 
 The cluster this node joins (the first scheduler's cluster id) is remembered
 in ``--state-dir``/node-NAME.json; a scheduler of another cluster (an empty or
@@ -26,6 +32,8 @@ import sys
 from .agent import Agent, AgentConfig
 from .gpu_probe import parse_fake_spec, select_probe
 from .membership import MembershipUnreadable
+from .policy import HostPolicy, PolicyError
+from .process import SubprocessLauncher
 from .replica import ReplicaOptions
 from .supervisor import Supervisor
 
@@ -89,16 +97,33 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds a replica gets to become SERVING before it is killed and restarted")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                         help="where the agent remembers the cluster it joined (default: %(default)s)")
+    parser.add_argument("--policy", metavar="FILE",
+                        help="this host's execution policy (YAML): repository roots, allowed env and runtime "
+                             "flags, run_as user, caps; default: nothing is allowed to run")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
 
-async def run(args: argparse.Namespace) -> None:
+def load_policy(path: str | None) -> HostPolicy:
+    """The policy file's, or the defaults; exits 2 naming the problem in a bad file."""
+    try:
+        policy = HostPolicy.load(path) if path else HostPolicy()
+    except PolicyError as err:
+        raise SystemExit(f"node-agent: {err}") from None
+    log.info("host policy from %s: repository roots %s; replicas run as %s", policy.source,
+             ", ".join(map(str, policy.repository_roots)) or "none (nothing can run)",
+             policy.run_as.name if policy.run_as else "the agent's user")
+    if policy.replicas_run_as_root() and policy.allow_root:
+        log.warning("replicas run as root (allow_root: true in %s): for development hosts only", policy.source)
+    return policy
+
+
+async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
     probe = await asyncio.to_thread(select_probe, args.fake_gpus, seed=args.name)
     options = ReplicaOptions(listen_host=args.bind_host or args.host,
                              advertise_host=args.host if args.bind_host else None,
-                             stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout)
-    supervisor = Supervisor(options)
+                             stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, policy=policy)
+    supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=policy.run_as))
     agent = Agent(AgentConfig(node_name=args.name, schedulers=args.scheduler, host=args.host,
                               labels=args.labels, report_interval_s=args.report_interval,
                               membership_file=os.path.join(args.state_dir, f"node-{args.name}.json")),
@@ -127,7 +152,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(run(args))
+        asyncio.run(run(args, load_policy(args.policy)))
     except MembershipUnreadable as err:
         print(f"node-agent: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

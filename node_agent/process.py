@@ -16,7 +16,10 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .policy import RunAs
 
 
 class ChildProcess(Protocol):
@@ -121,19 +124,26 @@ class SubprocessLauncher:
     reaches the agent only, and the agent decides how its replicas stop.
     With ``die_with_parent`` (Linux) a child is sent SIGTERM (it drains) when
     the agent's event-loop thread ends: the pid stays the child's own, as
-    the wrapper execs the real command.
+    the wrapper execs the real command. With ``run_as`` (the host policy's
+    user) every child runs as that user and group, with no supplementary
+    groups and its own HOME, USER and LOGNAME.
     """
 
-    def __init__(self, die_with_parent: bool = sys.platform.startswith("linux")):
+    def __init__(self, die_with_parent: bool = sys.platform.startswith("linux"), run_as: RunAs | None = None):
         self.die_with_parent = die_with_parent
+        self.run_as = run_as
 
     async def launch(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None) -> ChildProcess:
         if self.die_with_parent:
             argv = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
+        env, user = dict(env), {}
+        if self.run_as is not None:
+            env.update(HOME=self.run_as.home, USER=self.run_as.name, LOGNAME=self.run_as.name)
+            user = {"user": self.run_as.uid, "group": self.run_as.gid, "extra_groups": []}
         proc = await asyncio.create_subprocess_exec(
-            *argv, env=dict(env), cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
+            *argv, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            limit=_LINE_LIMIT_BYTES, start_new_session=True,
+            limit=_LINE_LIMIT_BYTES, start_new_session=True, **user,
         )
         return _Subprocess(proc)
 

@@ -18,6 +18,9 @@ Guarantees:
   code and a message with the last lines of the process's output until the
   next exit, and the process is started again after ``Backoff.delay``
   (consecutive failures; the count resets after ``backoff_reset_s`` of ready).
+- A spec the host policy refuses (``ReplicaOptions.policy``) starts no
+  process: it stays ``failed`` with "refused by host policy: ..." until it
+  is stopped or replaced by a changed spec.
 - ``request_stop`` is final and idempotent: the replica drains and ends in
   ``stopped``; it is never restarted afterwards.
 """
@@ -39,9 +42,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.backoff import Backoff
+from protos.mesh.assignment_env import GPU_MEMORY_ENV
 from protos.sizes import parse_size
 
 from .gpu_probe import GpuLoad
+from .policy import HostPolicy, Refused
 from .process import ChildProcess, Clock, Launcher, signal_name
 
 log = logging.getLogger(__name__)
@@ -49,7 +54,6 @@ output_log = logging.getLogger("node_agent.replica.output")
 
 STARTING, READY, FAILED, DRAINING, STOPPED = "starting", "ready", "failed", "draining", "stopped"
 
-GPU_MEMORY_ENV = "MESHSERVE_GPU_MEMORY_BYTES"
 # What a replica that declares nothing is taken to hold on each of its GPUs
 # (fake GPUs only): about a small model plus the CUDA context.
 DEFAULT_GPU_MEMORY_BYTES = 1 << 30
@@ -152,6 +156,9 @@ class ReplicaOptions:
     startup_timeout_s: float = 600.0
     backoff: Backoff = field(default_factory=Backoff)
     backoff_reset_s: float = 60.0
+    # What this host agrees to run (node_agent/policy.py). The node-agent command always sets one;
+    # None (library use, unit tests with fake launchers) runs every assignment as given.
+    policy: HostPolicy | None = None
 
 
 WaitReady = Callable[[str], Awaitable[None]]
@@ -208,6 +215,13 @@ class Replica:
         self._task: asyncio.Task | None = None
         self._status = ReplicaStatus(spec.replica_id, spec.deployment, spec.revision, STARTING,
                                      gpu_indices=spec.gpu_indices)
+        # Decided once per spec: a refused assignment is not retried until the scheduler changes it.
+        self._repository, self._refusal = spec.model_repository, None
+        if options.policy is not None:
+            try:
+                self._repository = options.policy.admit(spec)
+            except Refused as refused:
+                self._refusal = str(refused)
         if GPU_MEMORY_ENV in dict(spec.env) and spec.declared_gpu_memory() is None:
             log.warning("replica %s: unreadable %s=%r; counting the default %d bytes per GPU", spec.replica_id,
                         GPU_MEMORY_ENV, dict(spec.env)[GPU_MEMORY_ENV], DEFAULT_GPU_MEMORY_BYTES)
@@ -253,12 +267,18 @@ class Replica:
                 self._set(message="waiting for the previous process of this replica to stop")
                 await self._predecessor.finished()
                 self._set(message="")
-            await self._supervise()
+            await (self._stay_refused() if self._refusal is not None else self._supervise())
         except Exception as err:  # a bug here must not leave a replica silently unsupervised
             log.exception("replica %s: supervision failed", self.spec.replica_id)
             self._set(state=FAILED, pid=0, address="", message=f"agent error: {err!r}")
             return
         self._set(state=STOPPED, pid=0, address="")
+
+    async def _stay_refused(self) -> None:
+        """No process: report the refusal until a stop (the assignment changed or went away)."""
+        log.warning("replica %s: %s", self.spec.replica_id, self._refusal)
+        self._set(state=FAILED, message=self._refusal)
+        await self._stop.wait()
 
     async def _supervise(self) -> None:
         failures = 0
@@ -290,7 +310,7 @@ class Replica:
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         spec, options = self.spec, self.options
-        argv = [options.python, "-m", "runtime", "--model-repository", spec.model_repository,
+        argv = [options.python, "-m", "runtime", "--model-repository", self._repository,
                 "--model", spec.model_name, "--listen", f"{options.listen_host}:0"]
         if options.strict:
             argv.append("--strict")

@@ -16,6 +16,7 @@ import signal
 
 from google.protobuf import text_format
 
+from protos.listen import ListenError, exit_on_listen_error
 from protos.mesh import control_pb2 as mesh
 from runtime.telemetry import configure_tracing, shutdown_tracing
 
@@ -77,6 +78,8 @@ def main(argv=None) -> None:
             uvloop.run(run(options, args.grace_period))
         else:
             asyncio.run(run(options, args.grace_period))
+    except ListenError as err:
+        exit_on_listen_error("meshserve proxy", err)
     finally:
         shutdown_tracing(provider)
 

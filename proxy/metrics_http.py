@@ -11,23 +11,25 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+from protos.listen import listen_socket
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD_BYTES = 8192
 READ_TIMEOUT_S = 10.0
 
 
 class MetricsHttpServer:
+    """Binds ``listen`` when created (``ListenError`` if the port is taken); serves from ``start()``."""
+
     def __init__(self, listen: str, render: Callable[[], str]):
         self.listen = listen
         self.render = render
         self.server: asyncio.AbstractServer | None = None
-        self.address = ""
+        self._socket = listen_socket(listen)
+        self.address = f"{listen.rsplit(':', 1)[0]}:{self._socket.getsockname()[1]}"
 
     async def start(self) -> None:
-        host, port = self.listen.rsplit(":", 1)
-        self.server = await asyncio.start_server(self._serve, host.strip("[]"), int(port),
-                                                 limit=MAX_HEAD_BYTES)
-        self.address = f"{host}:{self.server.sockets[0].getsockname()[1]}"
+        self.server = await asyncio.start_server(self._serve, sock=self._socket, limit=MAX_HEAD_BYTES)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -52,3 +54,4 @@ class MetricsHttpServer:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        self._socket.close()

@@ -20,10 +20,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
+from protos.listen import bind, grpc_server
 from runtime.status_interceptor import StatusInterceptor
 
 from .balancer import Balancer
@@ -79,7 +79,7 @@ class ProxyServer:
         )
         self.health = health.aio.HealthServicer()
         limit = options.max_message_bytes
-        self.server = grpc.aio.server(
+        self.server = grpc_server(
             interceptors=[StatusInterceptor()],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      *FRONT_DOOR_QUEUE],
@@ -89,10 +89,8 @@ class ProxyServer:
             service_handler(servicer, UnaryForwarder(self.upstreams), StreamForwarder(self.upstreams)),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(options.listen)
-        if not self.port:
-            raise OSError(f"cannot listen on {options.listen}")
-        self.address = f"{options.listen.rsplit(':', 1)[0]}:{self.port}"
+        self.address = bind(self.server, options.listen)  # ListenError: the port is taken
+        self.port = int(self.address.rsplit(":", 1)[1])
         self.metrics_server = MetricsHttpServer(options.metrics_listen, self.metrics.render) \
             if options.metrics_listen else None
         self.follower = RouteFollower(options.schedulers, self.set_routes) if options.schedulers else None

@@ -6,7 +6,11 @@ import argparse
 import asyncio
 import logging
 
+from protos.listen import ListenError, exit_on_listen_error
+
 from .ensemble_remote import parse_remote_model
+from .model_control import FLAG as MODEL_CONTROL_FLAG
+from .model_control import MODES as MODEL_CONTROL_MODES
 from .server import ServerOptions, run
 from .telemetry import configure_tracing, shutdown_tracing
 
@@ -14,7 +18,7 @@ SERVICE_NAME = "meshserve-runtime"  # OpenTelemetry service.name unless OTEL_SER
 
 
 def parse_args(argv=None) -> tuple[str, ServerOptions]:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__, allow_abbrev=False)
     parser.add_argument("--model-repository", required=True, help="folder of <model>/config.pbtxt")
     parser.add_argument("--model", action="append", dest="models",
                         help="load only this model (repeatable); default: every model in the repository")
@@ -28,6 +32,9 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
                         help="ensemble step model NAME is served by the replica at HOST:PORT; "
                              "call it over gRPC instead of loading it (repeatable)")
     parser.add_argument("--strict", action="store_true", help="exit if any model fails to load")
+    parser.add_argument(MODEL_CONTROL_FLAG, choices=MODEL_CONTROL_MODES, default=ServerOptions.model_control,
+                        help="explicit: allow RepositoryModelLoad/Unload (only of the --model names when given); "
+                             "none (default): refuse them")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="uvloop serves ~10%% more requests per second (bench/replica.py)")
     parser.add_argument("--log-level", default="INFO")
@@ -44,6 +51,7 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
         repository=args.model_repository, models=args.models, listen=args.listen,
         max_message_bytes=args.max_message_bytes, grace_period_s=args.grace_period,
         drain_delay_s=args.drain_delay, strict=args.strict, remote_models=remote_models,
+        model_control=args.model_control,
     )
 
 
@@ -58,6 +66,8 @@ def main(argv=None) -> None:
             uvloop.run(run(options))
         else:
             asyncio.run(run(options))
+    except ListenError as err:
+        exit_on_listen_error("meshserve runtime", err)
     finally:
         shutdown_tracing(provider)  # flush the spans of the last requests
 

@@ -27,6 +27,7 @@ from . import config as config_rules
 from .ensemble import EnsembleModel
 from .ensemble_remote import RemoteModels
 from .model import ServedModel
+from .model_names import plain_model_name
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,7 @@ class ModelRepository:
                 self._entries[name] = ModelEntry(name, reason=f"no folder {self.root / name}")
 
     def _model_dir(self, name: str) -> pathlib.Path:
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise InvalidArgument(f"invalid model name {name!r}")
-        model_dir = self.root / name
+        model_dir = self.root / plain_model_name(name)
         if not model_dir.is_dir():
             raise NotFound(f"model '{name}' is not in the repository {self.root}")
         return model_dir

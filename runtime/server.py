@@ -10,6 +10,9 @@ Lifecycle guarantees:
   models close, and the process exits 0.
 - With ``strict``, a model that fails to load stops the server cleanly and
   the process exits 1.
+- Health is SERVING only while the server is ready AND serves at least one
+  model: a runtime whose models were all unloaded (or failed) says
+  NOT_SERVING, so the proxy and the node agent notice.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import logging
 import signal
 from dataclasses import dataclass
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.listen import bind, grpc_server
 
 from .repository import ModelRepository
+from .model_control import NONE, ModelControl
 from .servicer import InferenceServicer
 from .status_interceptor import StatusInterceptor
 
@@ -50,6 +54,8 @@ class ServerOptions:
     strict: bool = False
     # Step models of ensembles served by other replicas: name -> HOST:PORT (--remote-model).
     remote_models: dict[str, str] | None = None
+    # RepositoryModelLoad/Unload: refused unless "explicit" (runtime/model_control.py).
+    model_control: str = NONE
 
 
 class RuntimeServer:
@@ -58,25 +64,30 @@ class RuntimeServer:
     def __init__(self, options: ServerOptions):
         self.options = options
         self.repository = ModelRepository(options.repository, options.models, options.remote_models)
-        self.servicer = InferenceServicer(self.repository)
+        control = ModelControl(options.model_control, frozenset(options.models) if options.models else None)
+        self.servicer = InferenceServicer(self.repository, control, on_models_changed=self._refresh_health)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         limit = options.max_message_bytes
-        self.server = grpc.aio.server(
+        self.server = grpc_server(
             interceptors=[StatusInterceptor()],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(options.listen)
-        if not self.port:
-            raise OSError(f"cannot listen on {options.listen}")
-        self.address = f"{options.listen.rsplit(':', 1)[0]}:{self.port}"
+        self.address = bind(self.server, options.listen)  # ListenError: the port is taken
+        self.port = int(self.address.rsplit(":", 1)[1])
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
             result = self.health.set(service, status)
             if asyncio.iscoroutine(result):
                 await result
+
+    async def _refresh_health(self) -> None:
+        """SERVING while ready and serving at least one model: unloading the last one is an outage."""
+        serving = self.servicer.ready and bool(self.repository.ready_models())
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING if serving
+                               else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def start(self) -> None:
         await self.server.start()
@@ -91,7 +102,7 @@ class RuntimeServer:
             raise SystemExit(f"--strict: {len(failed)} model(s) failed to load: "
                              + "; ".join(f"{name}: {reason}" for name, reason in failed))
         self.servicer.ready = True
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._refresh_health()
 
     async def drain(self) -> None:
         log.info("draining: no new requests; waiting for in-flight ones")

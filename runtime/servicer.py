@@ -13,12 +13,15 @@ one ``response`` event per response. Otherwise no span work is done at all.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from importlib import metadata
 
 from protos.errors import InvalidArgument, MeshError, NotFound, Unimplemented
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
+from .model_control import ModelControl
+from .model_names import plain_model_name
 from .repository import READY, ModelRepository
 from .request import EMPTY_FINAL_PARAMETER, FINAL_RESPONSE_PARAMETER, decode_request, encode_response
 from .shared_memory import SharedMemoryRegistry
@@ -42,8 +45,14 @@ def _final_flag(value: bool) -> dict[str, pb.InferParameter]:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository):
+    """Every model name from a client is checked (``plain_model_name``) before it is looked up;
+    load and unload go through ``model_control``, and ``on_models_changed`` runs after either."""
+
+    def __init__(self, repository: ModelRepository, model_control: ModelControl = ModelControl(),
+                 on_models_changed: Callable[[], Awaitable[None]] | None = None):
         self.repository = repository
+        self.model_control = model_control
+        self._on_models_changed = on_models_changed
         self.ready = False  # false while loading and while draining
         self._version = _server_version()
         self._tracer = runtime_tracer()  # None: tracing off, no span work on the hot path
@@ -56,6 +65,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.ready)
 
     async def ModelReady(self, request, context):
+        plain_model_name(request.name)
         try:
             self.repository.get(request.name, request.version)
         except MeshError:
@@ -66,16 +76,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
-        model = self.repository.get(request.name, request.version)
+        model = self.repository.get(plain_model_name(request.name), request.version)
         return model.metadata(self.repository.versions(request.name))
 
     async def ModelConfig(self, request, context):
-        model = self.repository.get(request.name, request.version)
+        model = self.repository.get(plain_model_name(request.name), request.version)
         return pb.ModelConfigResponse(config=model.config)
 
     async def ModelStatistics(self, request, context):
         if request.name:
-            models = [self.repository.get(request.name, request.version)]
+            models = [self.repository.get(plain_model_name(request.name), request.version)]
         elif request.version:
             raise InvalidArgument("a version was given without a model name")
         else:
@@ -96,7 +106,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def _infer(self, request: pb.ModelInferRequest, trace: RequestTrace | None) -> pb.ModelInferResponse:
-        model = self.repository.get(request.model_name, request.model_version)
+        model = self.repository.get(plain_model_name(request.model_name), request.model_version)
         if trace is not None:
             trace.model_version(model.version)
         infer_request = decode_request(request, model.signature, self.shared_memory)
@@ -160,7 +170,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _stream_one(self, request: pb.ModelInferRequest, responses: asyncio.Queue,
                           trace: RequestTrace | None) -> None:
-        model = self.repository.get(request.model_name, request.model_version)
+        model = self.repository.get(plain_model_name(request.model_name), request.model_version)
         if trace is not None:
             trace.model_version(model.version)
         infer_request = decode_request(request, model.signature, self.shared_memory)
@@ -213,13 +223,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request, context):
         self._check_repository_request(request)
-        await self.repository.load(request.model_name)
+        self.model_control.check("load", plain_model_name(request.model_name))
+        try:
+            await self.repository.load(request.model_name)
+        finally:
+            await self._models_changed()
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         self._check_repository_request(request)
-        await self.repository.unload(request.model_name)
+        self.model_control.check("unload", plain_model_name(request.model_name))
+        try:
+            await self.repository.unload(request.model_name)
+        finally:
+            await self._models_changed()
         return pb.RepositoryModelUnloadResponse()
+
+    async def _models_changed(self) -> None:
+        if self._on_models_changed is not None:
+            await self._on_models_changed()
 
     async def _unimplemented(self, what: str):
         raise Unimplemented(f"{what} is not implemented by meshserve's runtime yet")

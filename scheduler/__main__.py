@@ -7,6 +7,8 @@ import asyncio
 import logging
 import sys
 
+from protos.listen import ListenError, exit_on_listen_error
+
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S
 from .server import SchedulerOptions, serve
 from .store import CorruptStore
@@ -36,6 +38,8 @@ def _serve(argv: list[str]) -> int:
     except CorruptStore as exc:
         print(f"scheduler serve: {exc}", file=sys.stderr, flush=True)
         return 1
+    except ListenError as err:
+        exit_on_listen_error("meshserve scheduler", err)
     return 0
 
 

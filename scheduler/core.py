@@ -33,9 +33,11 @@ from typing import Awaitable, Callable
 
 from protos.errors import InvalidArgument
 from protos.mesh import control_pb2 as mesh
+from protos.mesh.assignment_env import CPU_ENV, GPU_MEMORY_ENV
 from protos.mesh.leader import not_leader_message
 
 from .cluster import Cluster, LiveNode
+from .placing import _needs as replica_needs
 from .records import DRAINING, FAILED, LEAVING, LOST, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
 from .reconciler import Reconciler
 from .spec_fields import model_of
@@ -56,7 +58,6 @@ RECONCILE_TICK_S = 0.5
 # one reconnect backoff (capped at 2 s, below one heartbeat timeout), and a
 # Register; three timeouts leave room for all of that on a loaded host.
 LOST_GRACE_HEARTBEATS = 3
-GPU_MEMORY_ENV = "MESHSERVE_GPU_MEMORY_BYTES"
 _AGENT_STATES = {"starting": STARTING, "ready": READY, "failed": FAILED}
 
 
@@ -298,7 +299,8 @@ class SchedulerCore:
                 model_repository=repository, model_name=models[0], gpu_indices=replica.gpu_indices,
                 env={**{str(k): str(v) for k, v in (spec.get("env") or {}).items()},
                      # what the replica may use on each of its GPUs (the fake GPU probe counts it)
-                     GPU_MEMORY_ENV: str(replica.gpu_memory_bytes)},
+                     GPU_MEMORY_ENV: str(replica.gpu_memory_bytes),
+                     CPU_ENV: f"{replica_needs(self.cluster, replica).cpu:g}"},  # checked by the host policy
                 runtime_args=[str(a) for a in spec.get("runtime_args") or []] + pipeline_args,
             )
         return assignments

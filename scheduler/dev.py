@@ -24,12 +24,25 @@ import sys
 import threading
 import time
 
+from node_agent.policy import development_policy_yaml
+from protos.listen import ListenError, listen_socket
+
+from .state_lock import StateDirBusy, hold_state_dir
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_FAKE_GPUS = "1x24GiB"
+DEV_POLICY_NAME = "dev-policy.yaml"
 # Loading the examples (onnxruntime, the n-gram model) takes seconds on a small machine.
 READY_TIMEOUT_S = 120.0
 # The proxy learns of ready replicas from the scheduler's route watch within moments.
 ROUTES_TIMEOUT_S = 30.0
+
+
+def _write_dev_policy(state_dir: pathlib.Path) -> str:
+    """The agent's host policy for the dev mesh, rewritten each start: the examples' repositories only."""
+    path = state_dir / DEV_POLICY_NAME
+    path.write_text(development_policy_yaml(REPO_ROOT / "examples"), encoding="utf-8")
+    return str(path)
 
 
 def _gpu_present() -> bool:
@@ -113,11 +126,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fake-gpus", default=None, help=f"fake GPUs when none is present "
                         f"(default {DEFAULT_FAKE_GPUS}); ignored with a real GPU unless given")
     parser.add_argument("--deployments", default=str(REPO_ROOT / "examples" / "deployments"))
+    parser.add_argument("--policy", help="the node agent's host policy file (default: one written to "
+                        "STATE_DIR/dev-policy.yaml allowing the repositories under examples/)")
     parser.add_argument("--once", action="store_true", help="stop once the replicas are ready")
     args = parser.parse_args(argv)
 
     state_dir = pathlib.Path(args.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        hold_state_dir(state_dir)  # held until this process exits
+        for address in (args.listen, args.proxy_listen):
+            listen_socket(address).close()  # a port in use: refuse before starting anything
+    except (StateDirBusy, ListenError) as err:
+        print(f"scheduler dev: {err}", file=sys.stderr, flush=True)
+        return 1
     fake = args.fake_gpus or (None if _gpu_present() else DEFAULT_FAKE_GPUS)
     print(f"meshserve dev: state in {state_dir}; GPUs: "
           + (f"FAKE {fake} (no GPU on this host)" if fake and not args.fake_gpus else
@@ -142,7 +163,8 @@ def main(argv: list[str]) -> int:
         children.append(scheduler)
         address = _wait_for_line(scheduler, r"listening on (\S+)", "scheduler")
         agent_args = ["-m", "node_agent", "--scheduler", address, "--name", socket.gethostname(),
-                      "--state-dir", str(state_dir / "node-agent")]
+                      "--state-dir", str(state_dir / "node-agent"),
+                      "--policy", args.policy or _write_dev_policy(state_dir)]
         if fake:
             agent_args += ["--fake-gpus", fake]
         agent = _start(agent_args, "node-agent")

@@ -29,9 +29,9 @@ import signal
 import socket
 from dataclasses import dataclass
 
-import grpc
 
 from protos.mesh import control_pb2_grpc as mesh_grpc
+from protos.listen import bind, grpc_server
 from protos.mesh.leader import leader_hint
 from runtime.status_interceptor import StatusInterceptor
 
@@ -80,11 +80,9 @@ class SchedulerOptions:
 class SchedulerServer:
     def __init__(self, options: SchedulerOptions):
         self.options = options
-        self.server = grpc.aio.server(interceptors=[StatusInterceptor()], options=SERVER_OPTIONS)
-        self.port = self.server.add_insecure_port(options.listen)
-        if not self.port:
-            raise OSError(f"cannot listen on {options.listen}")
-        self.address = f"{options.listen.rsplit(':', 1)[0]}:{self.port}"
+        self.server = grpc_server(interceptors=[StatusInterceptor()], options=SERVER_OPTIONS)
+        self.address = bind(self.server, options.listen)  # ListenError: the port is taken
+        self.port = int(self.address.rsplit(":", 1)[1])
         self.scheduler_id = options.scheduler_id or f"{socket.gethostname()}:{self.port}"
         self.store = None
         self.election: Election | None = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 
 import grpc
 
+from node_agent.policy import development_policy_yaml
 from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 
@@ -92,7 +92,7 @@ class Process:
 class Mesh:
     def __init__(self):
         self.processes: list[Process] = []
-        self.state_dir = tempfile.mkdtemp(prefix="meshserve-mesh-")   # agents remember their cluster here
+        self._files = tempfile.TemporaryDirectory(prefix="mesh-harness-")  # policies; agents' state dirs
 
     def scheduler(self, store_url: str, scheduler_id: str, wait_leading: bool = True,
                   listen: str = "127.0.0.1:0") -> Process:
@@ -109,10 +109,15 @@ class Mesh:
             admin.close()
         return process
 
-    def agent(self, name: str, schedulers: str, fake_gpus: str = "2x80GiB") -> Process:
+    def agent(self, name: str, schedulers: str, fake_gpus: str = "2x80GiB", policy: str | None = None) -> Process:
+        """A node agent; ``policy`` is its host policy's YAML (default: the repositories of this checkout)."""
+        policy_file = pathlib.Path(self._files.name) / f"policy-{name}-{len(self.processes)}.yaml"
+        policy_file.write_text(policy if policy is not None else development_policy_yaml(REPO_ROOT / "examples",
+                                                                                           REPO_ROOT / "tests"))
         process = Process(f"agent-{name}", ["-m", "node_agent", "--scheduler", schedulers, "--name", name,
                                             "--fake-gpus", fake_gpus, "--host", "127.0.0.1",
-                                            "--state-dir", os.path.join(self.state_dir, name)])
+                                            "--state-dir", os.path.join(self._files.name, "state", name),
+                                            "--policy", str(policy_file)])
         self.processes.append(process)
         return process
 
@@ -125,7 +130,7 @@ class Mesh:
     def close(self) -> None:
         for process in reversed(self.processes):
             process.stop()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        self._files.cleanup()
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{''.join(p.output[-30:])}" for p in self.processes)

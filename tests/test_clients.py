@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from clients import (
     AsyncInferenceClient,
     DeadlineExceeded,
+    FailedPrecondition,
     InferenceClient,
     Internal,
     InvalidArgument,
@@ -801,7 +802,7 @@ def test_runtime_timeouts(address, client):
 
 
 def test_runtime_unload_and_load(start_runtime):
-    runtime = start_runtime("--model-repository", EXAMPLES, "--model", "echo_bytes")
+    runtime = start_runtime("--model-repository", EXAMPLES, "--model", "echo_bytes", "--model-control", "explicit")
     inputs = {"INPUT0": np.array([b"x"], dtype=object)}
     with InferenceClient(runtime.address, timeout=CALL_TIMEOUT_S) as client:
         assert client.is_model_ready("echo_bytes") is True
@@ -813,7 +814,7 @@ def test_runtime_unload_and_load(start_runtime):
             client.unload_model("echo_bytes")
         client.load_model("echo_bytes")
         assert client.infer("echo_bytes", inputs)["OUTPUT0"].tolist() == [b"x"]
-        with pytest.raises(NotFound, match="no_such_model"):
+        with pytest.raises(FailedPrecondition, match="no_such_model"):  # not one it was started with
             client.load_model("no_such_model")
 
     async def body(async_client):

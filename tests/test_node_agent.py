@@ -20,6 +20,7 @@ import numpy as np
 from clients import AsyncInferenceClient
 from node_agent.agent import Agent, AgentConfig, leader_named
 from node_agent.gpu_probe import FakeProbe, NoGpuProbe
+from node_agent.policy import development_policy_yaml
 from node_agent.process import pid_alive
 from node_agent.replica import ReplicaOptions
 from node_agent.supervisor import Supervisor
@@ -28,6 +29,15 @@ from protos.mesh import control_pb2_grpc as pb_grpc
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 AGENT_MODELS = str(REPO_ROOT / "tests" / "models" / "agent")
+
+
+def _policy_file(tmp_path: pathlib.Path) -> str:
+    """The host policy a `node-agent` command of these tests runs with: the test models' repository."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(development_policy_yaml(AGENT_MODELS))
+    return str(path)
+
+
 GiB = 1 << 30
 # Bounds on a broken test, not performance claims.
 STEP_TIMEOUT_S = 30.0
@@ -242,12 +252,14 @@ def test_agent_tries_each_scheduler_and_follows_a_standby_to_the_leader():
     asyncio.run(main())
 
 
-def test_node_agent_command_drains_its_replicas_on_sigterm_and_exits_0():
+def test_node_agent_command_drains_its_replicas_on_sigterm_and_exits_0(tmp_path):
+    policy = _policy_file(tmp_path)
+
     async def main():
         async with FakeScheduler(report_interval_ms=100) as scheduler:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "node_agent", "--scheduler", scheduler.address, "--name", "cli-node",
-                "--fake-gpus", "1x16GiB", "--labels", "rack=r1,zone=b", "--stop-grace", "20",
+                "--fake-gpus", "1x16GiB", "--labels", "rack=r1,zone=b", "--stop-grace", "20", "--policy", policy,
                 cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
@@ -289,11 +301,14 @@ def test_leader_named_by_a_refusal():
     assert leader_named(grpc.StatusCode.PERMISSION_DENIED, "the leader is 10.0.0.2:7000") is None
 
 
-def test_replicas_do_not_outlive_a_killed_agent():
+def test_replicas_do_not_outlive_a_killed_agent(tmp_path):
+    policy = _policy_file(tmp_path)
+
     async def main():
         async with FakeScheduler(report_interval_ms=100) as scheduler:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "node_agent", "--scheduler", scheduler.address, "--name", "doomed",
+                "--policy", policy,
                 cwd=REPO_ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )
             try:

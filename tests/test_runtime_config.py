@@ -42,7 +42,8 @@ REFUSED = {
 
 @pytest.fixture(scope="module")
 def stub():
-    process = RuntimeProcess(["--listen", "127.0.0.1:0", "--model-repository", str(BAD_CONFIGS)])
+    process = RuntimeProcess(["--listen", "127.0.0.1:0", "--model-repository", str(BAD_CONFIGS),
+                              "--model-control", "explicit"])
     channel, stub = open_stub(process.address)
     yield stub
     channel.close()

@@ -49,7 +49,7 @@ def _sleep_request(delay_ms: int, request_id: str = "") -> pb.ModelInferRequest:
 
 
 def test_unload_then_load_again(start_runtime):
-    runtime = start_runtime("--model-repository", EXAMPLES, "--model", "add_sub")
+    runtime = start_runtime("--model-repository", EXAMPLES, "--model", "add_sub", "--model-control", "explicit")
     channel, stub = open_stub(runtime.address)
     with channel:
         check_add_sub(stub)
@@ -72,9 +72,11 @@ def test_unload_then_load_again(start_runtime):
 
 
 def test_load_a_model_not_loaded_at_startup_and_reload_a_loaded_one(start_runtime):
-    runtime = start_runtime("--model-repository", EXAMPLES, "--model", "add_sub")
+    runtime = start_runtime("--model-repository", EXAMPLES, "--model", "add_sub", "--model", "echo_bytes",
+                            "--model-control", "explicit")
     channel, stub = open_stub(runtime.address)
     with channel:
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="echo_bytes"), timeout=RPC_TIMEOUT_S)
         assert not _ready(stub, "echo_bytes")
         stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="echo_bytes"), timeout=RPC_TIMEOUT_S)
         assert _ready(stub, "echo_bytes")
@@ -89,7 +91,8 @@ def test_load_a_model_not_loaded_at_startup_and_reload_a_loaded_one(start_runtim
 
 
 def test_load_requests_that_cannot_be_served_are_refused(start_runtime):
-    runtime = start_runtime("--model-repository", EXAMPLES, "--model", "add_sub", "--model", "ghost")
+    runtime = start_runtime("--model-repository", EXAMPLES, "--model", "add_sub", "--model", "ghost",
+                            "--model", "no_such_model", "--model-control", "explicit")
     channel, stub = open_stub(runtime.address)
     with channel:
         ghost = _index(stub)["ghost"]  # named with --model, but no such folder
@@ -112,7 +115,7 @@ def test_load_requests_that_cannot_be_served_are_refused(start_runtime):
 
 
 def test_unload_lets_in_flight_requests_finish(start_runtime):
-    runtime = start_runtime("--model-repository", SERVING, "--model", "sleeper")
+    runtime = start_runtime("--model-repository", SERVING, "--model", "sleeper", "--model-control", "explicit")
     channel, stub = open_stub(runtime.address)
     with channel:
         running = stub.ModelInfer.future(_sleep_request(SLOW_REQUEST_MS // 3, "running"), timeout=RPC_TIMEOUT_S)

@@ -1,0 +1,125 @@
+"""Model control and model names on a runtime (runtime/model_control.py, runtime/model_names.py).
+
+Attacks from issue 9: against a runtime started with ``--model add_sub``,
+any client loaded ``textgen`` and unloaded ``add_sub`` while health stayed
+SERVING; and model names are folder names, so ``../x`` must never be one.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import EXAMPLES, RuntimeProcess
+from protos.inference import grpc_service_pb2 as pb
+from runtime.server import SERVICE_NAME
+from test_runtime_helpers import RPC_TIMEOUT_S, assert_status, check_add_sub, infer_request, open_stub, rpc_error
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _ready(stub, name: str) -> bool:
+    return stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=RPC_TIMEOUT_S).ready
+
+
+def _health(channel: grpc.Channel, service: str) -> int:
+    request = health_pb2.HealthCheckRequest(service=service)
+    return health_pb2_grpc.HealthStub(channel).Check(request, timeout=RPC_TIMEOUT_S).status
+
+
+def _load(stub, name: str, timeout: float = RPC_TIMEOUT_S):
+    return stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=timeout)
+
+
+def _unload(stub, name: str, timeout: float = RPC_TIMEOUT_S):
+    return stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), timeout=timeout)
+
+
+def test_load_and_unload_are_refused_by_default_naming_the_flag(start_runtime):
+    runtime = start_runtime("--model-repository", EXAMPLES, "--model", "add_sub")
+    channel, stub = open_stub(runtime.address)
+    with channel:
+        error = rpc_error(_load, stub, "textgen")
+        assert_status(error, grpc.StatusCode.FAILED_PRECONDITION, "--model-control explicit")
+        error = rpc_error(_unload, stub, "add_sub")
+        assert_status(error, grpc.StatusCode.FAILED_PRECONDITION, "--model-control explicit")
+        assert not _ready(stub, "textgen")
+        assert _ready(stub, "add_sub")
+        check_add_sub(stub)
+    assert "Traceback" not in "".join(runtime.output)
+
+
+def test_explicit_model_control_is_limited_to_the_models_started_with(start_runtime):
+    runtime = start_runtime("--model-repository", EXAMPLES, "--model", "add_sub", "--model-control", "explicit")
+    channel, stub = open_stub(runtime.address)
+    with channel:
+        error = rpc_error(_load, stub, "textgen")
+        assert_status(error, grpc.StatusCode.FAILED_PRECONDITION, "textgen", "--model add_sub")
+        assert not _ready(stub, "textgen")
+        _load(stub, "add_sub")  # a reload of its own model is allowed
+        check_add_sub(stub)
+
+
+def test_health_is_not_serving_once_the_last_model_is_unloaded_and_serving_again_on_load(start_runtime):
+    runtime = start_runtime("--model-repository", EXAMPLES, "--model", "add_sub", "--model-control", "explicit")
+    channel, stub = open_stub(runtime.address)
+    with channel:
+        assert (_health(channel, ""), _health(channel, SERVICE_NAME)) == (SERVING, SERVING)
+        _unload(stub, "add_sub")
+        assert (_health(channel, ""), _health(channel, SERVICE_NAME)) == (NOT_SERVING, NOT_SERVING)
+        _load(stub, "add_sub")
+        assert (_health(channel, ""), _health(channel, SERVICE_NAME)) == (SERVING, SERVING)
+        check_add_sub(stub)
+
+
+# -- model names ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    process = RuntimeProcess(["--listen", "127.0.0.1:0", "--model-repository", str(EXAMPLES), "--model", "add_sub",
+                              "--model-control", "explicit"])
+    yield process
+    process.stop()
+
+
+def _stream_error(stub, name: str) -> str:
+    request = infer_request(name, {"INPUT0": np.zeros((1, 16), np.float32)})
+    responses = list(stub.ModelStreamInfer(iter([request]), timeout=RPC_TIMEOUT_S))
+    assert len(responses) == 1
+    return responses[0].error_message
+
+
+RPCS = {
+    "ModelReady": lambda stub, name, timeout: stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=timeout),
+    "ModelMetadata": lambda stub, name, timeout: stub.ModelMetadata(pb.ModelMetadataRequest(name=name),
+                                                                    timeout=timeout),
+    "ModelConfig": lambda stub, name, timeout: stub.ModelConfig(pb.ModelConfigRequest(name=name), timeout=timeout),
+    "ModelStatistics": lambda stub, name, timeout: stub.ModelStatistics(pb.ModelStatisticsRequest(name=name),
+                                                                        timeout=timeout),
+    "ModelInfer": lambda stub, name, timeout: stub.ModelInfer(
+        infer_request(name, {"INPUT0": np.zeros((1, 16), np.float32)}), timeout=timeout),
+    "RepositoryModelLoad": _load,
+    "RepositoryModelUnload": _unload,
+}
+
+
+@pytest.mark.parametrize("rpc", sorted(RPCS))
+@pytest.mark.parametrize("name", ["../x", "../add_sub", "add_sub/../add_sub", "/etc", "a\\b", "x\0y", "..",
+                                  "n" * 256])
+def test_every_rpc_refuses_a_model_name_that_is_not_a_plain_name(runtime, rpc, name):
+    channel, stub = open_stub(runtime.address)
+    with channel:
+        error = rpc_error(RPCS[rpc], stub, name)
+        assert_status(error, grpc.StatusCode.INVALID_ARGUMENT, "model name")
+        check_add_sub(stub)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "x\0y"])
+def test_a_stream_request_with_a_path_as_model_name_is_refused(runtime, name):
+    channel, stub = open_stub(runtime.address)
+    with channel:
+        assert _stream_error(stub, name).startswith("INVALID_ARGUMENT: invalid model name")
+    assert "Traceback" not in "".join(runtime.output)
