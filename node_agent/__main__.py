@@ -17,6 +17,8 @@ import logging
 import signal
 import socket
 
+from protos.security.tls import add_tls_arguments, tls_from_args
+
 from .agent import Agent, AgentConfig
 from .gpu_probe import parse_fake_spec, select_probe
 from .replica import ReplicaOptions
@@ -78,17 +80,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=_positive, default=ReplicaOptions.startup_timeout_s,
                         help="seconds a replica gets to become SERVING before it is killed and restarted")
     parser.add_argument("--log-level", default="INFO")
-    return parser.parse_args(argv)
+    add_tls_arguments(parser)
+    args = parser.parse_args(argv)
+    # Replicas listen on --bind-host (else --host) with these settings: plaintext only on loopback.
+    args.tls = tls_from_args(parser, args, f"{args.bind_host or args.host}:0")
+    return args
 
 
 async def run(args: argparse.Namespace) -> None:
     probe = await asyncio.to_thread(select_probe, args.fake_gpus, seed=args.name)
     options = ReplicaOptions(listen_host=args.bind_host or args.host,
                              advertise_host=args.host if args.bind_host else None,
-                             stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout)
+                             stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, tls=args.tls)
     supervisor = Supervisor(options)
     agent = Agent(AgentConfig(node_name=args.name, schedulers=args.scheduler, host=args.host,
-                              labels=args.labels, report_interval_s=args.report_interval), probe, supervisor)
+                              labels=args.labels, report_interval_s=args.report_interval, tls=args.tls),
+                  probe, supervisor)
     loop = asyncio.get_running_loop()
     shutdown: list[asyncio.Task] = []
 

@@ -35,6 +35,7 @@ from protos.backoff import Backoff
 from protos.mesh.leader import leader_named
 from protos.mesh import control_pb2 as pb
 from protos.mesh import control_pb2_grpc as pb_grpc
+from protos.security.tls import TlsConfig, aio_channel
 
 from . import __version__, messages
 from .gpu_probe import SOURCE_FAKE, SOURCE_NONE, GpuProbe
@@ -59,6 +60,8 @@ class AgentConfig:
     # long means the scheduler is gone (it would have declared the node lost).
     heartbeat_timeout_s: float = 10.0
     reconnect_backoff: Backoff = field(default_factory=lambda: Backoff(initial_s=0.2, max_s=10.0))
+    # TLS to the scheduler; each connection attempt reads the current files. None: plaintext.
+    tls: TlsConfig | None = None
 
 
 class Refused(Exception):
@@ -211,7 +214,7 @@ class Agent:
 
     async def _session(self, target: str) -> None:
         """One stream to ``target``: raises ``Refused`` unless it answers Registered; else returns when it ends."""
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with aio_channel(target, self.config.tls) as channel:
             call = pb_grpc.AgentServiceStub(channel).Connect()
             try:
                 registered = await self._handshake(target, call)

@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.backoff import Backoff
+from protos.security.tls import TlsConfig, aio_channel
 
 from .routes import EndpointInfo, RouteTable
 
@@ -53,10 +54,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 class Endpoint:
     """One replica: its channel, its load and its health."""
 
-    def __init__(self, info: EndpointInfo, max_message_bytes: int):
+    def __init__(self, info: EndpointInfo, max_message_bytes: int, tls: TlsConfig | None = None):
         self.info = info
         self.address = info.address
-        self.channel = grpc.aio.insecure_channel(info.address, options=channel_options(max_message_bytes))
+        self.channel = aio_channel(info.address, tls, options=channel_options(max_message_bytes))
         self.outstanding = 0
         self.healthy = True          # the scheduler listed it as ready
         self._watch_call = None
@@ -125,8 +126,9 @@ class Endpoint:
 class EndpointPool:
     """The endpoints of the current route table, by address; follows table updates."""
 
-    def __init__(self, max_message_bytes: int):
+    def __init__(self, max_message_bytes: int, tls: TlsConfig | None = None):
         self.max_message_bytes = max_message_bytes
+        self.tls = tls          # read when an endpoint opens: a replica added after a rotation uses the new files
         self._endpoints: dict[str, Endpoint] = {}
         self._retiring: dict[Endpoint, asyncio.Task] = {}
 
@@ -142,7 +144,7 @@ class EndpointPool:
         for address, info in wanted.items():
             endpoint = self._endpoints.get(address)
             if endpoint is None:
-                endpoint = self._endpoints[address] = Endpoint(info, self.max_message_bytes)
+                endpoint = self._endpoints[address] = Endpoint(info, self.max_message_bytes, self.tls)
                 endpoint.start()
             else:
                 endpoint.info = info

@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
+from protos.security.tls import TlsConfig, add_port
 from runtime.status_interceptor import StatusInterceptor
 
 from .balancer import Balancer
@@ -52,6 +53,8 @@ class ProxyOptions:
     max_retries: int = 2                    # per call, on top of the first attempt
     retry_budget_ratio: float = 0.2         # retries at most ~20 % of recent calls
     tracer_provider: trace.TracerProvider | None = None   # default: the global one (no-op without an SDK)
+    # TLS for the front, the replica channels and the route watch (protos/security/tls.py); None: plaintext.
+    tls: TlsConfig | None = None
 
 
 class ProxyServer:
@@ -60,7 +63,7 @@ class ProxyServer:
         self._table: RouteTable | None = None
         self.metrics = ProxyMetrics()
         self.metrics.registry.collectors.append(self._collect)
-        self.pool = EndpointPool(options.max_message_bytes)
+        self.pool = EndpointPool(options.max_message_bytes, options.tls)
         self.upstreams = Upstreams(
             table=lambda: self._table, pool=self.pool, balancer=Balancer(),
             budget=RetryBudget(ratio=options.retry_budget_ratio), metrics=self.metrics,
@@ -77,13 +80,13 @@ class ProxyServer:
             service_handler(servicer, UnaryForwarder(self.upstreams), StreamForwarder(self.upstreams)),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(options.listen)
+        self.port = add_port(self.server, options.listen, options.tls)
         if not self.port:
             raise OSError(f"cannot listen on {options.listen}")
         self.address = f"{options.listen.rsplit(':', 1)[0]}:{self.port}"
         self.metrics_server = MetricsHttpServer(options.metrics_listen, self.metrics.render) \
             if options.metrics_listen else None
-        self.follower = RouteFollower(options.schedulers, self.set_routes) if options.schedulers else None
+        self.follower = RouteFollower(options.schedulers, self.set_routes, tls=options.tls) if options.schedulers else None
         self._has_table = asyncio.Event()
         self._background: set[asyncio.Task] = set()
 

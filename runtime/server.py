@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.security.tls import TlsConfig, add_port
 
 from .repository import ModelRepository
 from .servicer import InferenceServicer
@@ -50,6 +51,8 @@ class ServerOptions:
     strict: bool = False
     # Step models of ensembles served by other replicas: name -> HOST:PORT (--remote-model).
     remote_models: dict[str, str] | None = None
+    # TLS for the server and the --remote-model channels (protos/security/tls.py); None: plaintext on loopback.
+    tls: TlsConfig | None = None
 
 
 class RuntimeServer:
@@ -57,7 +60,7 @@ class RuntimeServer:
 
     def __init__(self, options: ServerOptions):
         self.options = options
-        self.repository = ModelRepository(options.repository, options.models, options.remote_models)
+        self.repository = ModelRepository(options.repository, options.models, options.remote_models, options.tls)
         self.servicer = InferenceServicer(self.repository)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         limit = options.max_message_bytes
@@ -67,7 +70,7 @@ class RuntimeServer:
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(options.listen)
+        self.port = add_port(self.server, options.listen, options.tls)
         if not self.port:
             raise OSError(f"cannot listen on {options.listen}")
         self.address = f"{options.listen.rsplit(':', 1)[0]}:{self.port}"

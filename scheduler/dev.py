@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import pathlib
 import re
 import signal
@@ -24,6 +25,8 @@ import sys
 import threading
 import time
 
+from protos.security.tls import TlsConfig, without_tls_environment
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_FAKE_GPUS = "1x24GiB"
 # Loading the examples (onnxruntime, the n-gram model) takes seconds on a small machine.
@@ -32,12 +35,17 @@ READY_TIMEOUT_S = 120.0
 ROUTES_TIMEOUT_S = 30.0
 
 
+def _child_env() -> dict[str, str]:
+    """Every process of the dev mesh is plaintext on loopback, whatever MESHSERVE_TLS_* the shell has."""
+    return without_tls_environment(os.environ)
+
+
 def _gpu_present() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def _start(args: list[str], name: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=_child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -60,12 +68,14 @@ def _wait_for_line(process: subprocess.Popen, pattern: str, name: str) -> str:
 
 
 def _ctl(server: str, *args: str) -> int:
-    return subprocess.call([sys.executable, "-m", "scheduler", "ctl", "--server", server, *args], cwd=REPO_ROOT)
+    return subprocess.call([sys.executable, "-m", "scheduler", "ctl", "--server", server, *args], cwd=REPO_ROOT,
+                           env=_child_env())
 
 
 def _replicas(server: str) -> list[dict]:
     output = subprocess.run([sys.executable, "-m", "scheduler", "ctl", "--server", server, "-o", "json",
-                             "get", "replicas"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+                             "get", "replicas"], cwd=REPO_ROOT, env=_child_env(), capture_output=True,
+                            text=True).stdout
     try:
         return json.loads(output).get("replicas", [])
     except json.JSONDecodeError:
@@ -78,7 +88,7 @@ def _show_calls(proxy: str) -> None:
 
     from clients import InferenceClient, MeshError
 
-    with InferenceClient(proxy, timeout=30) as client:
+    with InferenceClient(proxy, timeout=30, tls=TlsConfig()) as client:
         deadline = time.monotonic() + ROUTES_TIMEOUT_S
         while not (client.is_model_ready("add_sub") and client.is_model_ready("textgen")):
             if time.monotonic() > deadline:

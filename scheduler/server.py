@@ -24,6 +24,7 @@ import grpc
 
 from protos.mesh import control_pb2_grpc as mesh_grpc
 from protos.mesh.leader import leader_hint
+from protos.security.tls import TlsConfig, add_port
 from runtime.status_interceptor import StatusInterceptor
 
 from .admin_service import AdminService
@@ -32,6 +33,7 @@ from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S, Schedu
 from .election import Election
 from .route_service import RouteService
 from .store import open_store
+from .store.etcd_security import EtcdSecurity
 from .writer import FencedWriter
 
 log = logging.getLogger(__name__)
@@ -48,13 +50,17 @@ class SchedulerOptions:
     election_ttl_s: int = 5
     report_interval_s: float = DEFAULT_REPORT_INTERVAL_S
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
+    # TLS for the gRPC services (protos/security/tls.py); None: plaintext on loopback.
+    tls: TlsConfig | None = None
+    # TLS and user/password auth towards an etcd store.
+    etcd_security: EtcdSecurity | None = None
 
 
 class SchedulerServer:
     def __init__(self, options: SchedulerOptions):
         self.options = options
         self.server = grpc.aio.server(interceptors=[StatusInterceptor()])
-        self.port = self.server.add_insecure_port(options.listen)
+        self.port = add_port(self.server, options.listen, options.tls)
         if not self.port:
             raise OSError(f"cannot listen on {options.listen}")
         self.address = f"{options.listen.rsplit(':', 1)[0]}:{self.port}"
@@ -65,7 +71,7 @@ class SchedulerServer:
         self._leadership: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.store = await open_store(self.options.store_url)
+        self.store = await open_store(self.options.store_url, self.options.etcd_security)
         self.election = Election(self.store, ELECTION_NAME, self.scheduler_id, self.address,
                                  self.options.election_ttl_s)
         writer = FencedWriter(self.store, self.election.fence)
