@@ -86,7 +86,8 @@ class ProxyServer:
         self.address = f"{options.listen.rsplit(':', 1)[0]}:{self.port}"
         self.metrics_server = MetricsHttpServer(options.metrics_listen, self.metrics.render) \
             if options.metrics_listen else None
-        self.follower = RouteFollower(options.schedulers, self.set_routes, tls=options.tls) if options.schedulers else None
+        self.follower = RouteFollower(options.schedulers, self.set_routes, tls=options.tls) \
+            if options.schedulers else None
         self._has_table = asyncio.Event()
         self._background: set[asyncio.Task] = set()
 

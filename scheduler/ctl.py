@@ -80,6 +80,7 @@ _KINDS = {
 _PLURAL = {"node": "nodes", "deployment": "deployments", "replica": "replicas"}
 # Transport failures as grpc words them, and how to say them in one line.
 _TRANSPORT_REASONS = (
+    ("handshake failed", "TLS handshake failed: check --tls-ca and the certificates"),
     ("connection refused", "connection refused"),
     ("dns resolution failed", "name not found"),
     ("domain name not found", "name not found"),
