@@ -1,6 +1,6 @@
 """Certificates rotated on disk are used without a restart: real processes, real handshakes.
 
-A running ``python -m runtime`` and ``scheduler serve`` get their
+A running ``python -m runtime``, ``mesh-proxy`` and ``scheduler serve`` get their
 certificate, key and CA bundle replaced (renamed over) by ones from a new
 CA: a new client trusting the new CA is served, one trusting only the old
 CA is refused, a connection opened before the rotation keeps working, and
@@ -19,9 +19,13 @@ import sys
 import numpy as np
 import pytest
 
+from google.protobuf import text_format
+
 from clients import InferenceClient, Unavailable
 from mesh_harness import Process
-from protos.security.tls import CertificateReloader, TlsConfig
+from protos.mesh import control_pb2 as mesh
+from protos.security.tls import CertificateReloader, TlsConfig, as_flags
+from test_proxy_helpers import route
 from tls_pki import Pki
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -88,6 +92,38 @@ def test_runtime_serves_certificates_from_a_new_ca_without_restart(tmp_path):
         assert "reloaded from disk" in "".join(runtime.output)
     finally:
         runtime.stop()
+
+
+def test_proxy_serves_certificates_from_a_new_ca_while_calls_keep_succeeding(tmp_path):
+    old, new = Pki(tmp_path / "old-ca"), Pki(tmp_path / "new-ca")
+    replica_tls = old.tls("node-a", "agent", require_client_cert=True)
+    serving = ServingFiles(tmp_path / "serving")
+    serving.install(old, "proxy-1", "proxy")
+    runtime = Process("runtime", ["-m", "runtime", "--model-repository", str(EXAMPLES), "--model", "add_sub",
+                                  "--listen", "127.0.0.1:0", "--event-loop", "asyncio", *as_flags(replica_tls)])
+    proxy = None
+    try:
+        routes = tmp_path / "routes.pbtxt"
+        routes.write_text(text_format.MessageToString(mesh.RouteTable(version=1, routes=[
+            route("add_sub", ("r1", runtime.wait_listening()))])))
+        proxy = Process("proxy", ["-m", "proxy", "--routes-file", str(routes), "--listen", "127.0.0.1:0",
+                                  "--event-loop", "asyncio", *serving.flags()])
+        address = proxy.wait_listening()
+        with _client(address, old.tls("client-1")) as before:
+            assert _add_sub(before) == 1.0
+
+            serving.install(new, "proxy-1", "proxy")
+
+            assert _add_sub(before) == 1.0                      # calls on the open connection go on
+            with _client(address, new.tls("client-1")) as after:
+                assert _add_sub(after) == 1.0                   # new CA at the front; the replica hop unchanged
+            with _client(address, old.tls("client-2")) as stale, pytest.raises(Unavailable):
+                _add_sub(stale)
+        assert proxy.proc.poll() is None
+    finally:
+        for process in (proxy, runtime):
+            if process is not None:
+                process.stop()
 
 
 def _ctl(address: str, tls: TlsConfig, *args: str) -> subprocess.CompletedProcess:
