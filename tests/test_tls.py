@@ -8,6 +8,7 @@ refused handshake reaches the client as UNAVAILABLE (``clients.Unavailable``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import pathlib
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from clients import InferenceClient, Unavailable
+from clients import AsyncInferenceClient, InferenceClient, Unavailable
 from protos.mesh import control_pb2 as mesh
 from protos.security.tls import TlsConfig, TlsError, add_port, add_tls_arguments, is_loopback
 from proxy import ProxyOptions, ProxyServer
@@ -174,11 +175,15 @@ def test_plaintext_on_a_non_loopback_address_needs_insecure():
     server.stop(None)
 
 
-@pytest.mark.parametrize("command", [["runtime", "--model-repository", str(EXAMPLES)], ["proxy", "--routes-file",
-                                                                                         "/dev/null"]])
+@pytest.mark.parametrize("command", [
+    ["runtime", "--model-repository", str(EXAMPLES), "--listen", "0.0.0.0:0"],
+    ["proxy", "--routes-file", "/dev/null", "--listen", "0.0.0.0:0"],
+    ["scheduler", "serve", "--listen", "0.0.0.0:0", "--store", "sqlite:///nonexistent/never-opened.db"],
+    ["node_agent", "--scheduler", "127.0.0.1:1", "--bind-host", "0.0.0.0", "--fake-gpus", "1x1GiB"],
+], ids=["runtime", "proxy", "scheduler", "node_agent"])
 def test_daemon_refuses_plaintext_on_a_wildcard_address(command):
-    result = subprocess.run([sys.executable, "-m", *command, "--listen", "0.0.0.0:0"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", *command], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 2, result.stderr
     assert "refusing to serve plaintext on 0.0.0.0:0" in result.stderr
     assert "Traceback" not in result.stderr
@@ -210,3 +215,39 @@ def test_flags_fall_back_to_the_environment_and_children_get_the_same_settings(p
     other = pki.issue("node-b", "agent")
     flags = parser.parse_args(["--tls-cert", str(other.cert), "--tls-key", str(other.key)])
     assert TlsConfig.from_args(flags, environ).cert == str(other.cert)      # the flag wins
+
+
+def test_client_library_takes_tls_files_or_the_environment(pki, loop, runtimes, monkeypatch):
+    runtime = runtimes(pki.tls("node-a", "agent", require_client_cert=True))
+    client_files = pki.issue("client-1")
+    monkeypatch.setenv("MESHSERVE_TLS_CA", pki.ca)
+    monkeypatch.setenv("MESHSERVE_TLS_CERT", str(client_files.cert))
+    monkeypatch.setenv("MESHSERVE_TLS_KEY", str(client_files.key))
+    with InferenceClient(runtime.address, timeout=CALL_TIMEOUT_S, retries=0) as client:   # from the environment
+        assert client.is_server_ready()
+
+    async def call_async() -> bool:
+        async with AsyncInferenceClient(runtime.address, tls=pki.tls("client-2"), timeout=CALL_TIMEOUT_S,
+                                        retries=0) as client:
+            return await client.is_server_ready()
+    assert loop.run(call_async())
+
+
+def test_replicas_get_the_agents_tls_settings_and_a_spec_cannot_change_them(pki):
+    from node_agent.replica import ReplicaSpec
+    from test_node_agent_supervisor import FakeLauncher, fake_supervisor, state_of
+
+    agent_tls = pki.tls("node-a", "agent", require_client_cert=True)
+
+    async def main():
+        launcher = FakeLauncher("serve")
+        supervisor = fake_supervisor(launcher, tls=agent_tls,
+                                     base_env={"PATH": "/usr/bin", "MESHSERVE_TLS_CLIENT_CERT": "/elsewhere.pem"})
+        supervisor.apply([ReplicaSpec.create("r1", model_repository="/models", model_name="m", env={
+            "MESHSERVE_INSECURE": "1", "MESHSERVE_TLS_CA": "/attacker/ca.pem", "A": "b"})])
+        await supervisor.wait_for(state_of("r1", state="ready"), 5)
+        await supervisor.drain_all()
+        return launcher.commands[0][1]
+    env = asyncio.run(main())
+    assert TlsConfig.from_env(env) == agent_tls           # exactly the agent's settings, nothing from the spec
+    assert "MESHSERVE_INSECURE" not in env and "MESHSERVE_TLS_CLIENT_CERT" not in env and env["A"] == "b"
