@@ -220,6 +220,8 @@ class TlsConfig:
         if not self.enabled:
             return None
         cert, key = (self.client_cert, self.client_key) if self.client_cert else (self.cert, self.key)
+        if bool(cert) != bool(key):
+            raise TlsError("a client certificate needs its key (and a key its certificate): give both or neither")
         root = _read(self.ca, "--tls-ca") if self.ca else None
         chain = _read(cert, "client certificate") if cert else None
         private = _read(key, "client key") if key else None
