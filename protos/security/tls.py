@@ -332,6 +332,7 @@ def add_port(server: grpc.Server | grpc.aio.Server, address: str, tls: TlsConfig
     tls = tls or TlsConfig()
     check_listen(address, tls)
     credentials = tls.server_credentials()
+    log.info("serving %s on %s", tls.describe(), address)
     if credentials is not None:
         return server.add_secure_port(address, credentials)
     return server.add_insecure_port(address)
