@@ -141,14 +141,17 @@ def infer_request(
     return request
 
 
-def open_channels(target: str, count: int) -> list[grpc.aio.Channel]:
-    """``count`` channels to ``target``, each with its own connection."""
+def open_channels(target: str, count: int,
+                  credentials: grpc.ChannelCredentials | None = None) -> list[grpc.aio.Channel]:
+    """``count`` channels to ``target``, each with its own connection (TLS with ``credentials``)."""
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         # Without a local pool, channels with equal arguments share one connection.
         ("grpc.use_local_subchannel_pool", 1),
     ]
+    if credentials is not None:
+        return [grpc.aio.secure_channel(target, credentials, options=options) for _ in range(count)]
     return [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
 
 
@@ -163,6 +166,7 @@ async def measure(
     checker: Checker | None = None,
     metadata: Sequence[tuple[str, str]] | None = None,
     deadline_s: float = CALL_DEADLINE_S,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> LoadResult:
     """Drive ``concurrency`` closed-loop workers against ``target``; see the module docstring."""
     if concurrency < 1 or channels < 1:
@@ -171,7 +175,7 @@ async def measure(
     warmup_s = min(max(warmup_s, 0.0), MAX_WARMUP_S)
     make_request = request if callable(request) else (lambda: request)
     metadata = tuple(metadata) if metadata else None
-    opened = open_channels(target, min(channels, concurrency))
+    opened = open_channels(target, min(channels, concurrency), credentials)
     stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in opened]
     try:
         if checker is not None:

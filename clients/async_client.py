@@ -19,7 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.errors import MeshError, Unavailable
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.security.tls import TlsConfig
 
+from .channel import channel_credentials as _channel_credentials
 from .channel import channel_options as _channel_options
 from .encoding import build_infer_request, build_stream_request, decode_infer_response, decode_stream_response
 from .retry import DEFAULT_MAX_RETRIES, RetryPolicy, async_call_with_retries
@@ -131,9 +133,11 @@ class AsyncInferenceClient:
         timeout: float | None = None,
         retries: int | RetryPolicy = DEFAULT_MAX_RETRIES,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsConfig | None = None,
         channel_options: Sequence[tuple[str, object]] | None = None,
     ):
         options = _channel_options(channel_options)
+        credentials = _channel_credentials(credentials, tls)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         else:

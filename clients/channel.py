@@ -1,9 +1,13 @@
-"""Channel options shared by both clients."""
+"""Channel options and credentials shared by both clients."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+
+import grpc
+
+from protos.security.tls import TlsConfig
 
 # gRPC's default 4 MiB receive limit is smaller than many tensors; -1 lifts
 # the client's own limits and leaves the size policy to the server.
@@ -18,3 +22,15 @@ def channel_options(extra: Iterable[tuple[str, Any]] | None) -> list[tuple[str, 
     merged = dict(DEFAULT_CHANNEL_OPTIONS)
     merged.update(dict(extra or ()))
     return list(merged.items())
+
+
+def channel_credentials(credentials: grpc.ChannelCredentials | None,
+                        tls: TlsConfig | None) -> grpc.ChannelCredentials | None:
+    """What a client's channel uses: ``credentials`` if given, else ``tls``'s files, else the
+    ``MESHSERVE_TLS_*`` environment (as every daemon reads it); None (plaintext) when none says TLS.
+
+    The files are read now: a client created after a certificate rotation uses the new files.
+    """
+    if credentials is not None:
+        return credentials
+    return (tls if tls is not None else TlsConfig.from_env()).channel_credentials()

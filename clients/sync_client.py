@@ -26,7 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.errors import MeshError
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.security.tls import TlsConfig
 
+from .channel import channel_credentials as _channel_credentials
 from .channel import channel_options as _channel_options
 from .encoding import build_infer_request, build_stream_request, decode_infer_response, decode_stream_response
 from .retry import DEFAULT_MAX_RETRIES, RetryPolicy, call_with_retries
@@ -103,7 +105,10 @@ class InferenceClient:
 
     ``timeout`` is the default deadline in seconds for every call;
     ``retries`` is a retry count or a ``RetryPolicy``; ``credentials``
-    (``grpc.ssl_channel_credentials(...)``) makes the channel TLS;
+    (``grpc.ssl_channel_credentials(...)``) or ``tls`` (a
+    ``protos.security.tls.TlsConfig``: CA bundle, client certificate and key
+    files) makes the channel TLS; with neither, the ``MESHSERVE_TLS_*``
+    environment decides, as for every daemon (none set: plaintext);
     ``channel_options`` overlay the defaults of ``clients.channel``.
     """
 
@@ -114,9 +119,11 @@ class InferenceClient:
         timeout: float | None = None,
         retries: int | RetryPolicy = DEFAULT_MAX_RETRIES,
         credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsConfig | None = None,
         channel_options: Sequence[tuple[str, object]] | None = None,
     ):
         options = _channel_options(channel_options)
+        credentials = _channel_credentials(credentials, tls)
         if credentials is None:
             self._channel = grpc.insecure_channel(address, options=options)
         else:

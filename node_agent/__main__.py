@@ -29,6 +29,8 @@ import signal
 import socket
 import sys
 
+from protos.security.tls import add_tls_arguments, tls_from_args
+
 from .agent import Agent, AgentConfig
 from .gpu_probe import parse_fake_spec, select_probe
 from .membership import MembershipUnreadable
@@ -101,7 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="this host's execution policy (YAML): repository roots, allowed env and runtime "
                              "flags, run_as user, caps; default: nothing is allowed to run")
     parser.add_argument("--log-level", default="INFO")
-    return parser.parse_args(argv)
+    add_tls_arguments(parser)
+    args = parser.parse_args(argv)
+    # Replicas listen on --bind-host (else --host) with these settings: plaintext only on loopback.
+    args.tls = tls_from_args(parser, args, f"{args.bind_host or args.host}:0")
+    return args
 
 
 def load_policy(path: str | None) -> HostPolicy:
@@ -122,10 +128,11 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
     probe = await asyncio.to_thread(select_probe, args.fake_gpus, seed=args.name)
     options = ReplicaOptions(listen_host=args.bind_host or args.host,
                              advertise_host=args.host if args.bind_host else None,
-                             stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, policy=policy)
+                             stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, policy=policy,
+                             tls=args.tls)
     supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=policy.run_as))
     agent = Agent(AgentConfig(node_name=args.name, schedulers=args.scheduler, host=args.host,
-                              labels=args.labels, report_interval_s=args.report_interval,
+                              labels=args.labels, report_interval_s=args.report_interval, tls=args.tls,
                               membership_file=os.path.join(args.state_dir, f"node-{args.name}.json")),
                   probe, supervisor)
     loop = asyncio.get_running_loop()

@@ -49,6 +49,7 @@ from protos.backoff import Backoff
 from protos.mesh.leader import leader_named
 from protos.mesh import control_pb2 as pb
 from protos.mesh import control_pb2_grpc as pb_grpc
+from protos.security.tls import TlsConfig, aio_channel
 
 from . import __version__, messages
 from .gpu_probe import SOURCE_FAKE, SOURCE_NONE, GpuProbe
@@ -96,6 +97,8 @@ class AgentConfig:
     reconnect_backoff: Backoff = RECONNECT_BACKOFF
     # Where the cluster id this node joined is remembered (membership.py); None: in memory only.
     membership_file: str | None = None
+    # TLS to the scheduler; each connection attempt reads the current files. None: plaintext.
+    tls: TlsConfig | None = None
 
 
 class Refused(Exception):
@@ -258,7 +261,7 @@ class Agent:
     async def _session(self, target: str) -> str | None:
         """One stream to ``target``: raises ``Refused`` unless it answers Registered with our cluster's id;
         else returns when it ends, with where to try first next (see ``_connect_round``)."""
-        async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        async with aio_channel(target, self.config.tls, options=CHANNEL_OPTIONS) as channel:
             call = pb_grpc.AgentServiceStub(channel).Connect()
             try:
                 registered = await self._handshake(target, call)

@@ -43,6 +43,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.backoff import Backoff
 from protos.mesh.assignment_env import GPU_MEMORY_ENV
+from protos.security.tls import TlsConfig, aio_channel, without_tls_environment
 from protos.sizes import parse_size
 
 from .gpu_probe import GpuLoad
@@ -159,6 +160,9 @@ class ReplicaOptions:
     # What this host agrees to run (node_agent/policy.py). The node-agent command always sets one;
     # None (library use, unit tests with fake launchers) runs every assignment as given.
     policy: HostPolicy | None = None
+    # The agent's TLS settings: handed to every replica as MESHSERVE_TLS_* (a spec's env cannot change
+    # them) and used for the health checks. None: plaintext, loopback replicas only.
+    tls: TlsConfig | None = None
 
 
 WaitReady = Callable[[str], Awaitable[None]]
@@ -170,9 +174,9 @@ def _dial_address(address: str) -> str:
     return f"{_WILDCARD_DIAL.get(host, host)}:{port}"
 
 
-async def wait_serving(address: str) -> None:
+async def wait_serving(address: str, tls: TlsConfig | None = None) -> None:
     """Return once grpc.health.v1 at ``address`` says SERVING (a Watch stream: no polling)."""
-    async with grpc.aio.insecure_channel(_dial_address(address)) as channel:
+    async with aio_channel(_dial_address(address), tls) as channel:
         call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
                                                          wait_for_ready=True)
         async for response in call:
@@ -316,7 +320,8 @@ class Replica:
             argv.append("--strict")
         argv += ["--drain-delay", f"{options.drain_delay_s:g}"]
         argv.extend(spec.runtime_args)  # after ours: a deployment's runtime_args may override them
-        env = {**options.base_env, "PYTHONUNBUFFERED": "1", **dict(spec.env)}
+        env = without_tls_environment({**options.base_env, "PYTHONUNBUFFERED": "1", **dict(spec.env)})
+        env.update((options.tls or TlsConfig()).as_environment())   # the agent's TLS, whatever the spec says
         # gpu_indices decide, whatever the env says: the scheduler placed the replica there.
         env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
         return argv, env

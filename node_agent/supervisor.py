@@ -15,6 +15,7 @@ so the agent can report each stop at least once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterable
 
@@ -27,8 +28,10 @@ log = logging.getLogger(__name__)
 
 class Supervisor:
     def __init__(self, options: ReplicaOptions | None = None, *, launcher: Launcher | None = None,
-                 clock: Clock | None = None, wait_ready: WaitReady = wait_serving):
+                 clock: Clock | None = None, wait_ready: WaitReady | None = None):
         self.options = options or ReplicaOptions()
+        # Health checks of replicas speak the agent's TLS (the replicas serve with it).
+        wait_ready = wait_ready or functools.partial(wait_serving, tls=self.options.tls)
         self._launcher = launcher or SubprocessLauncher()
         self._clock = clock or SystemClock()
         self._wait_ready = wait_ready

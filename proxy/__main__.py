@@ -18,6 +18,7 @@ from google.protobuf import text_format
 
 from protos.listen import ListenError, exit_on_listen_error
 from protos.mesh import control_pb2 as mesh
+from protos.security.tls import add_tls_arguments, tls_from_args
 from runtime.telemetry import configure_tracing, shutdown_tracing
 
 from .routes import RouteTable
@@ -41,7 +42,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
                         help="seconds calls in flight get to finish on SIGTERM")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--log-level", default="INFO")
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
+    tls = tls_from_args(parser, args, args.listen)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     routes = None
     if args.routes_file:
@@ -50,7 +53,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
     schedulers = [a.strip() for a in (args.scheduler or "").split(",") if a.strip()]
     return args, ProxyOptions(
         schedulers=schedulers, listen=args.listen, metrics_listen=args.metrics_listen,
-        max_message_bytes=args.max_message_bytes, routes=routes, max_retries=args.max_retries,
+        max_message_bytes=args.max_message_bytes, routes=routes, max_retries=args.max_retries, tls=tls,
         channels_per_replica=args.channels_per_replica,
     )
 

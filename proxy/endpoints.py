@@ -29,6 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.backoff import Backoff
+from protos.security.tls import TlsConfig, aio_channel
 
 from .admission import Admission
 from .routes import EndpointInfo, RouteTable
@@ -76,10 +77,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 class Endpoint:
     """One replica: its channel, its load and its health."""
 
-    def __init__(self, info: EndpointInfo, max_message_bytes: int, channels: int = 1):
+    def __init__(self, info: EndpointInfo, max_message_bytes: int, channels: int = 1, tls: TlsConfig | None = None):
         self.info = info
         self.address = info.address
-        self.channels = [grpc.aio.insecure_channel(info.address, options=channel_options(max_message_bytes))
+        self.channels = [aio_channel(info.address, tls, options=channel_options(max_message_bytes))
                          for _ in range(channels)]
         self.channel = self.channels[0]   # health watch and statistics
         self.admission = Admission(MAX_CALLS_PER_REPLICA, MAX_QUEUED_PER_REPLICA, MAX_QUEUED_BYTES_PER_REPLICA)
@@ -154,9 +155,10 @@ class Endpoint:
 class EndpointPool:
     """The endpoints of the current route table, by address; follows table updates."""
 
-    def __init__(self, max_message_bytes: int, channels_per_replica: int = 1):
+    def __init__(self, max_message_bytes: int, channels_per_replica: int = 1, tls: TlsConfig | None = None):
         self.max_message_bytes = max_message_bytes
         self.channels_per_replica = channels_per_replica
+        self.tls = tls          # read when an endpoint opens: a replica added after a rotation uses the new files
         self._endpoints: dict[str, Endpoint] = {}
         self._retiring: dict[Endpoint, asyncio.Task] = {}
 
@@ -172,7 +174,8 @@ class EndpointPool:
         for address, info in wanted.items():
             endpoint = self._endpoints.get(address)
             if endpoint is None:
-                endpoint = self._endpoints[address] = Endpoint(info, self.max_message_bytes, self.channels_per_replica)
+                endpoint = self._endpoints[address] = Endpoint(info, self.max_message_bytes,
+                                                               self.channels_per_replica, self.tls)
                 endpoint.start()
             else:
                 endpoint.info = info

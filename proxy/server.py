@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
-from protos.listen import bind, grpc_server
+from protos.listen import grpc_server
+from protos.security.tls import TlsConfig, add_port
 from runtime.status_interceptor import StatusInterceptor
 
 from .balancer import Balancer
@@ -63,6 +64,8 @@ class ProxyOptions:
     channels_per_replica: int = 1           # HTTP/2 connections to each replica
     retry_budget_ratio: float = 0.2         # retries at most ~20 % of recent calls
     tracer_provider: trace.TracerProvider | None = None   # default: the global one (no-op without an SDK)
+    # TLS for the front, the replica channels and the route watch (protos/security/tls.py); None: plaintext.
+    tls: TlsConfig | None = None
 
 
 class ProxyServer:
@@ -71,7 +74,7 @@ class ProxyServer:
         self._table: RouteTable | None = None
         self.metrics = ProxyMetrics()
         self.metrics.registry.collectors.append(self._collect)
-        self.pool = EndpointPool(options.max_message_bytes, options.channels_per_replica)
+        self.pool = EndpointPool(options.max_message_bytes, options.channels_per_replica, options.tls)
         self.upstreams = Upstreams(
             table=lambda: self._table, pool=self.pool, balancer=Balancer(),
             budget=RetryBudget(ratio=options.retry_budget_ratio), metrics=self.metrics,
@@ -89,11 +92,12 @@ class ProxyServer:
             service_handler(servicer, UnaryForwarder(self.upstreams), StreamForwarder(self.upstreams)),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.address = bind(self.server, options.listen)  # ListenError: the port is taken
+        self.address = add_port(self.server, options.listen, options.tls)  # ListenError: the port is taken
         self.port = int(self.address.rsplit(":", 1)[1])
         self.metrics_server = MetricsHttpServer(options.metrics_listen, self.metrics.render) \
             if options.metrics_listen else None
-        self.follower = RouteFollower(options.schedulers, self.set_routes) if options.schedulers else None
+        self.follower = RouteFollower(options.schedulers, self.set_routes, tls=options.tls) \
+            if options.schedulers else None
         self._has_table = asyncio.Event()
         self._background: set[asyncio.Task] = set()
 

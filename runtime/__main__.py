@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from protos.listen import ListenError, exit_on_listen_error
+from protos.security.tls import add_tls_arguments, tls_from_args
 
 from .ensemble_remote import parse_remote_model
 from .model_control import FLAG as MODEL_CONTROL_FLAG
@@ -38,7 +39,9 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="uvloop serves ~10%% more requests per second (bench/replica.py)")
     parser.add_argument("--log-level", default="INFO")
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
+    tls = tls_from_args(parser, args, args.listen)
     remote_models = {}
     for text in args.remote_model:
         try:
@@ -50,7 +53,7 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
     return args.event_loop, ServerOptions(
         repository=args.model_repository, models=args.models, listen=args.listen,
         max_message_bytes=args.max_message_bytes, grace_period_s=args.grace_period,
-        drain_delay_s=args.drain_delay, strict=args.strict, remote_models=remote_models,
+        drain_delay_s=args.drain_delay, strict=args.strict, remote_models=remote_models, tls=tls,
         model_control=args.model_control,
     )
 

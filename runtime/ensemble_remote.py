@@ -16,6 +16,7 @@ import numpy as np
 
 from clients import AsyncInferenceClient
 from protos.inference import model_config_pb2 as mc
+from protos.security.tls import TlsConfig
 
 from .ensemble_trace import current
 from .request import EMPTY_FINAL_PARAMETER, InferRequest
@@ -38,8 +39,9 @@ def parse_remote_model(text: str) -> tuple[str, str]:
 class RemoteModels:
     """Which models live on which replica, and the clients that reach them."""
 
-    def __init__(self, addresses: dict[str, str] | None = None):
+    def __init__(self, addresses: dict[str, str] | None = None, tls: TlsConfig | None = None):
         self._addresses = dict(addresses or {})
+        self._tls = tls or TlsConfig()   # the runtime's own settings: a remote step is a mesh hop
         self._clients: dict[str, AsyncInferenceClient] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -56,7 +58,7 @@ class RemoteModels:
         address = self._addresses[name]
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = AsyncInferenceClient(address)
+            client = self._clients[address] = AsyncInferenceClient(address, tls=self._tls)
         return client
 
     async def config(self, name: str, version: str) -> mc.ModelConfig:

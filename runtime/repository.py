@@ -22,6 +22,7 @@ import pathlib
 from dataclasses import dataclass, field
 
 from protos.errors import InvalidArgument, NotFound, Unavailable
+from protos.security.tls import TlsConfig
 
 from . import config as config_rules
 from .ensemble import EnsembleModel
@@ -46,12 +47,12 @@ class ModelRepository:
     """Loads and serves the models of one repository folder."""
 
     def __init__(self, root: pathlib.Path, models: list[str] | None = None,
-                 remote_models: dict[str, str] | None = None):
+                 remote_models: dict[str, str] | None = None, tls: TlsConfig | None = None):
         self.root = pathlib.Path(root).resolve()
         if not self.root.is_dir():
             raise NotFound(f"model repository {self.root} is not a directory")
         self._allowed = set(models) if models else None
-        self.remote = RemoteModels(remote_models)
+        self.remote = RemoteModels(remote_models, tls)
         self._entries: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 

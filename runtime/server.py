@@ -26,7 +26,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from protos.listen import bind, grpc_server
+from protos.listen import grpc_server
+from protos.security.tls import TlsConfig, add_port
 
 from .repository import ModelRepository
 from .model_control import NONE, ModelControl
@@ -56,6 +57,8 @@ class ServerOptions:
     remote_models: dict[str, str] | None = None
     # RepositoryModelLoad/Unload: refused unless "explicit" (runtime/model_control.py).
     model_control: str = NONE
+    # TLS for the server and the --remote-model channels (protos/security/tls.py); None: plaintext on loopback.
+    tls: TlsConfig | None = None
 
 
 class RuntimeServer:
@@ -63,7 +66,7 @@ class RuntimeServer:
 
     def __init__(self, options: ServerOptions):
         self.options = options
-        self.repository = ModelRepository(options.repository, options.models, options.remote_models)
+        self.repository = ModelRepository(options.repository, options.models, options.remote_models, options.tls)
         control = ModelControl(options.model_control, frozenset(options.models) if options.models else None)
         self.servicer = InferenceServicer(self.repository, control, on_models_changed=self._refresh_health)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -74,7 +77,7 @@ class RuntimeServer:
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.address = bind(self.server, options.listen)  # ListenError: the port is taken
+        self.address = add_port(self.server, options.listen, options.tls)  # ListenError: the port is taken
         self.port = int(self.address.rsplit(":", 1)[1])
 
     async def _set_health(self, status) -> None:

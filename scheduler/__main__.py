@@ -8,10 +8,12 @@ import logging
 import sys
 
 from protos.listen import ListenError, exit_on_listen_error
+from protos.security.tls import add_tls_arguments, tls_from_args
 
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S
 from .server import SchedulerOptions, serve
 from .store import CorruptStore
+from .store.etcd_security import add_etcd_arguments, etcd_security_from_args
 
 USAGE = """scheduler serve --listen HOST:PORT --store URL     run a scheduler
 scheduler ctl [--server ADDRS] VERB ...                operate the mesh (scheduler ctl --help)
@@ -28,11 +30,18 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--report-interval", type=float, default=DEFAULT_REPORT_INTERVAL_S)
     parser.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S)
     parser.add_argument("--log-level", default="INFO")
+    add_tls_arguments(parser)
+    add_etcd_arguments(parser)
     args = parser.parse_args(argv)
+    tls = tls_from_args(parser, args, args.listen)
+    try:
+        etcd_security = etcd_security_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = SchedulerOptions(listen=args.listen, store_url=args.store, scheduler_id=args.id,
                                election_ttl_s=args.election_ttl, report_interval_s=args.report_interval,
-                               heartbeat_timeout_s=args.heartbeat_timeout)
+                               heartbeat_timeout_s=args.heartbeat_timeout, tls=tls, etcd_security=etcd_security)
     try:
         asyncio.run(serve(options))
     except CorruptStore as exc:

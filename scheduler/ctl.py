@@ -54,6 +54,7 @@ import grpc
 from protos import errors
 from protos.mesh import control_pb2 as pb
 from protos.mesh import control_pb2_grpc as pb_grpc
+from protos.security.tls import TlsConfig, TlsError, add_tls_arguments, sync_channel
 
 from . import output
 from .spec import MAX_REPLICAS, SpecError, parse_deployments, specs_to_yaml
@@ -80,6 +81,7 @@ _KINDS = {
 _PLURAL = {"node": "nodes", "deployment": "deployments", "replica": "replicas"}
 # Transport failures as grpc words them, and how to say them in one line.
 _TRANSPORT_REASONS = (
+    ("handshake failed", "TLS handshake failed: check --tls-ca and the certificates"),
     ("connection refused", "connection refused"),
     ("dns resolution failed", "name not found"),
     ("domain name not found", "name not found"),
@@ -130,9 +132,10 @@ def _unreachable_reason(code: grpc.StatusCode, details: str, timeout_s: float) -
 class Session:
     """The channel to the leader, found on the first call and closed on exit."""
 
-    def __init__(self, servers: list[str], timeout_s: float):
+    def __init__(self, servers: list[str], timeout_s: float, tls: TlsConfig | None = None):
         self.servers = servers
         self.timeout_s = timeout_s
+        self.tls = tls              # --tls-* / MESHSERVE_TLS_*; None: plaintext
         self.address: str | None = None
         self._leader_unimplemented = False     # the chosen address did not know the Leader RPC
         self._channel: grpc.Channel | None = None
@@ -176,7 +179,7 @@ class Session:
 
     def _find_leader(self) -> None:
         probe_timeout = min(self.timeout_s, LEADER_PROBE_TIMEOUT_S)
-        channels = {address: grpc.insecure_channel(address) for address in self.servers}
+        channels = {address: sync_channel(address, self.tls) for address in self.servers}
         answers = self._probe(channels, probe_timeout)
         unreachable: list[str] = []
         named: list[tuple[str, str]] = []      # (standby, the leader it names)
@@ -231,7 +234,7 @@ class Session:
             if address != chosen:
                 channel.close()
         self.address = chosen
-        self._channel = channels.get(chosen) or grpc.insecure_channel(chosen)
+        self._channel = channels.get(chosen) or sync_channel(chosen, self.tls)
         self._stub = pb_grpc.AdminServiceStub(self._channel)
 
     def call(self, method: str, request: Any) -> Any:
@@ -501,6 +504,7 @@ def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
         parser = subparsers.add_parser("ctl", help="administer the mesh (apply, get, describe, ...)",
                                        description=description)
     _add_global_options(parser, defaults=True)
+    add_tls_arguments(parser)   # before the verb: scheduler ctl --tls-ca ca.pem get nodes (or MESHSERVE_TLS_*)
     common = argparse.ArgumentParser(add_help=False)
     _add_global_options(common, defaults=False)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -554,6 +558,13 @@ def _servers(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(servers))
 
 
+def _tls(args: argparse.Namespace) -> TlsConfig:
+    try:
+        return TlsConfig.from_args(args)
+    except TlsError as err:
+        raise CtlError(str(err), EXIT_USAGE) from None
+
+
 def _print_error(message: str) -> None:
     first, *rest = message.split("\n")
     sys.stderr.write(f"error: {first}\n" + "".join(f"  {line}\n" for line in rest))
@@ -562,7 +573,7 @@ def _print_error(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run a parsed command; the exit code. Prints results on stdout and failures on stderr."""
     try:
-        with Session(_servers(args), args.timeout) as session:
+        with Session(_servers(args), args.timeout, _tls(args)) as session:
             return _VERBS[args.verb](args, session)
     except CtlError as err:
         _print_error(err.message)
@@ -579,6 +590,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``scheduler ctl ARGS``: parse ``argv`` (without the ``scheduler ctl`` words) and run it."""
+    if argv and argv[0] == "certs":  # local files only: no scheduler is asked
+        from .certs import main as certs_main
+
+        return certs_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

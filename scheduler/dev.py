@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import pathlib
 import re
 import signal
@@ -26,6 +27,7 @@ import time
 
 from node_agent.policy import development_policy_yaml
 from protos.listen import ListenError, listen_socket
+from protos.security.tls import TlsConfig, without_tls_environment
 
 from .state_lock import StateDirBusy, hold_state_dir
 
@@ -43,6 +45,9 @@ def _write_dev_policy(state_dir: pathlib.Path) -> str:
     path = state_dir / DEV_POLICY_NAME
     path.write_text(development_policy_yaml(REPO_ROOT / "examples"), encoding="utf-8")
     return str(path)
+def _child_env() -> dict[str, str]:
+    """Every process of the dev mesh is plaintext on loopback, whatever MESHSERVE_TLS_* the shell has."""
+    return without_tls_environment(os.environ)
 
 
 def _gpu_present() -> bool:
@@ -50,7 +55,7 @@ def _gpu_present() -> bool:
 
 
 def _start(args: list[str], name: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=_child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -73,12 +78,14 @@ def _wait_for_line(process: subprocess.Popen, pattern: str, name: str) -> str:
 
 
 def _ctl(server: str, *args: str) -> int:
-    return subprocess.call([sys.executable, "-m", "scheduler", "ctl", "--server", server, *args], cwd=REPO_ROOT)
+    return subprocess.call([sys.executable, "-m", "scheduler", "ctl", "--server", server, *args], cwd=REPO_ROOT,
+                           env=_child_env())
 
 
 def _replicas(server: str) -> list[dict]:
     output = subprocess.run([sys.executable, "-m", "scheduler", "ctl", "--server", server, "-o", "json",
-                             "get", "replicas"], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+                             "get", "replicas"], cwd=REPO_ROOT, env=_child_env(), capture_output=True,
+                            text=True).stdout
     try:
         return json.loads(output).get("replicas", [])
     except json.JSONDecodeError:
@@ -91,7 +98,7 @@ def _show_calls(proxy: str) -> None:
 
     from clients import InferenceClient, MeshError
 
-    with InferenceClient(proxy, timeout=30) as client:
+    with InferenceClient(proxy, timeout=30, tls=TlsConfig()) as client:
         deadline = time.monotonic() + ROUTES_TIMEOUT_S
         while not (client.is_model_ready("add_sub") and client.is_model_ready("textgen")):
             if time.monotonic() > deadline:

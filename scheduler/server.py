@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 
 from protos.mesh import control_pb2_grpc as mesh_grpc
-from protos.listen import bind, grpc_server
+from protos.listen import grpc_server
 from protos.mesh.leader import leader_hint
+from protos.security.tls import TlsConfig, add_port
 from runtime.status_interceptor import StatusInterceptor
 
 from .admin_service import AdminService
@@ -41,6 +42,7 @@ from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S, Schedu
 from .election import Election
 from .route_service import RouteService
 from .store import CorruptStore, StoreError, open_store
+from .store.etcd_security import EtcdSecurity
 from .store.identity import ensure_cluster_id
 from .writer import FencedWriter
 
@@ -75,13 +77,17 @@ class SchedulerOptions:
     election_ttl_s: int = 5
     report_interval_s: float = DEFAULT_REPORT_INTERVAL_S
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
+    # TLS for the gRPC services (protos/security/tls.py); None: plaintext on loopback.
+    tls: TlsConfig | None = None
+    # TLS and user/password auth towards an etcd store.
+    etcd_security: EtcdSecurity | None = None
 
 
 class SchedulerServer:
     def __init__(self, options: SchedulerOptions):
         self.options = options
         self.server = grpc_server(interceptors=[StatusInterceptor()], options=SERVER_OPTIONS)
-        self.address = bind(self.server, options.listen)  # ListenError: the port is taken
+        self.address = add_port(self.server, options.listen, options.tls)  # ListenError: the port is taken
         self.port = int(self.address.rsplit(":", 1)[1])
         self.scheduler_id = options.scheduler_id or f"{socket.gethostname()}:{self.port}"
         self.store = None
@@ -90,7 +96,7 @@ class SchedulerServer:
         self._leadership: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.store = await open_store(self.options.store_url)
+        self.store = await open_store(self.options.store_url, self.options.etcd_security)
         cluster_id = await self._cluster_id()
         self.election = Election(self.store, ELECTION_NAME, self.scheduler_id, self.address,
                                  self.options.election_ttl_s)

@@ -22,3 +22,15 @@ def test_replica_benchmark_quick_run_prints_its_figures_as_json():
         assert cell in figures
     assert set(figures["ratios"]) >= {"fixed_cost_c32_batched_over_unbatched"}
     assert figures["add_sub"]["c16"]["batching"]["errors"] == 0
+
+
+def test_tls_benchmark_quick_run_prints_mtls_over_plaintext_as_json():
+    run = subprocess.run([sys.executable, "-m", "bench.tls", "--quick"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == "tls"
+    assert set(figures["ratios"]) == {"tiny_c1", "tiny_c16", "64KB_c1", "64KB_c16"}
+    for cells in figures["cells"].values():
+        for cell in cells.values():
+            assert cell["plaintext"]["errors"] == 0 and cell["mtls"]["errors"] == 0

@@ -13,8 +13,11 @@ __all__ = ["Compacted", "Compare", "CorruptStore", "Delete", "KeyValue", "LeaseE
            "TxnResult", "WatchEvent", "open_store"]
 
 
-async def open_store(url: str) -> Store:
-    """Open the backend a URL names; raises ValueError naming the URL when it names none."""
+async def open_store(url: str, etcd_security=None) -> Store:
+    """Open the backend a URL names; raises ValueError naming the URL when it names none.
+
+    ``etcd_security`` (an ``etcd_security.EtcdSecurity``): TLS and authentication for an etcd store.
+    """
     if url.startswith("sqlite://"):
         from .sqlite import SqliteStore
 
@@ -22,5 +25,5 @@ async def open_store(url: str) -> Store:
     if url.startswith("etcd://"):
         from .etcd import EtcdStore
 
-        return await EtcdStore.open(url[len("etcd://"):].split(","))
+        return await EtcdStore.open(url[len("etcd://"):].split(","), security=etcd_security)
     raise ValueError(f"store URL {url!r}: use sqlite:///path/state.db or etcd://host:port[,host:port]")

@@ -41,6 +41,7 @@ from aetcd import rpc
 
 from .base import (Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, StoreError, TxnResult, WatchEvent,
                    prefix_end, store_unavailable)
+from .etcd_security import EtcdSecurity
 
 T = TypeVar("T")
 
@@ -130,22 +131,23 @@ class EtcdStore:
     """The etcd backend; create it with ``await EtcdStore.open(["host:port", ...])``."""
 
     def __init__(self, endpoints: list[str], timeout_s: float = REQUEST_TIMEOUT_S,
-                 watch_reconnect_s: float = WATCH_RECONNECT_S):
+                 watch_reconnect_s: float = WATCH_RECONNECT_S, security: EtcdSecurity | None = None):
         if not endpoints:
             raise ValueError("etcd store: no endpoints")
         self.endpoints = [f"{host}:{port}" for host, port in map(_split, endpoints)]
         self.timeout_s = timeout_s
         self.watch_reconnect_s = watch_reconnect_s
-        self._clients = [aetcd.Client(host, port, timeout=timeout_s, options=CHANNEL_OPTIONS)
+        security = security or EtcdSecurity()   # TLS and user/password auth (etcd_security.py)
+        self._clients = [security.client(host, port, timeout=timeout_s, options=CHANNEL_OPTIONS)
                          for host, port in map(_split, endpoints)]
         self._current = 0
         self._closed = False
 
     @classmethod
     async def open(cls, endpoints: list[str], timeout_s: float = REQUEST_TIMEOUT_S,
-                   watch_reconnect_s: float = WATCH_RECONNECT_S) -> "EtcdStore":
+                   watch_reconnect_s: float = WATCH_RECONNECT_S, security: EtcdSecurity | None = None) -> "EtcdStore":
         """Connect and check that some endpoint answers (raises StoreError naming them when none does)."""
-        store = cls(endpoints, timeout_s, watch_reconnect_s)
+        store = cls(endpoints, timeout_s, watch_reconnect_s, security)
         for _ in store._clients:
             index = store._current
             try:

@@ -1,0 +1,1 @@
+"""Security shared by every component: TLS transport (``tls``) and certificate identities (``identity``)."""
