@@ -25,6 +25,19 @@ _LISTENING = re.compile(r"listening on (\S+:\d+)")
 STARTUP_TIMEOUT_S = 90.0
 
 
+def wait_for_line(proc: subprocess.Popen, pattern: str, max_lines: int = 100) -> re.Match | None:
+    """The first line of ``proc``'s output matching ``pattern`` (a daemon logs a few lines before its ready
+    line); None when the output ends or ``max_lines`` pass without one."""
+    for _ in range(max_lines):
+        line = proc.stdout.readline()
+        if not line:
+            return None
+        match = re.search(pattern, line)
+        if match:
+            return match
+    return None
+
+
 class RuntimeProcess:
     """A running ``python -m runtime``: its address, its process and its output so far."""
 

@@ -43,6 +43,13 @@ RESNET_CREATED_MS = NOW_MS - ((3 * 24 + 2) * 3600 + 600) * 1000  # "3d2h"
 HANG_LIMIT_S = 10.0
 
 
+@pytest.fixture(autouse=True)
+def ctl_clock_at_import(monkeypatch):
+    """ctl reads "now" when it prints ages; pin it to the moment the canned data was made, so ages do not
+    move when this module runs minutes after it was imported (a full suite collects everything first)."""
+    monkeypatch.setattr(ctl, "_now_unix_ms", lambda: NOW_MS)
+
+
 def gpu(index: int, name: str, total_gib: float, used_gib: float, util: int, pids=()) -> pb.GpuInfo:
     total, used = int(total_gib * GIB), int(used_gib * GIB)
     return pb.GpuInfo(index=index, uuid=f"GPU-{index:04d}-{name.split()[-1].lower()}", name=name,

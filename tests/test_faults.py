@@ -87,8 +87,9 @@ def assert_exactly(admin: Admin, cluster: Mesh, deployment: str, count: int, rev
     agents = {p.name.removeprefix("agent-"): p for p in cluster.processes if p.name.startswith("agent-")}
 
     def processes_match():
+        every = admin.replicas()   # other deployments' replicas run under the same agents
         live = {name: runtime_children(agent.proc.pid) for name, agent in agents.items()}
-        return all({r.pid for r in replicas if r.node == name} == pids for name, pids in live.items())
+        return all({r.pid for r in every if r.node == name} == pids for name, pids in live.items())
 
     admin.wait_for(processes_match, "one runtime process per replica record and no other", mesh_=cluster)
     return replicas

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess
+from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess, wait_for_line
 from protos.inference import grpc_service_pb2 as pb
 from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, LoopThread, ProxyRig, route
 from test_runtime_helpers import (
@@ -398,9 +398,8 @@ def test_tritonclient_works_through_the_proxy_cli(loop, replicas, tmp_path):
                               "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        line = proxy.stdout.readline()
-        match = re.search(r"meshserve proxy listening on (\S+:\d+)", line)
-        assert match, line
+        match = wait_for_line(proxy, r"meshserve proxy listening on (\S+:\d+)")
+        assert match, "the proxy did not start"
         script = tmp_path / "triton_through_proxy.py"
         script.write_text(TRITON_SCRIPT)
         done = subprocess.run([sys.executable, str(script), match.group(1)], capture_output=True, text=True,

@@ -9,7 +9,6 @@ traceback holds the frames), freed only whenever the garbage collector ran.
 from __future__ import annotations
 
 import gc
-import re
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess
+from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess, wait_for_line
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from test_proxy_helpers import RPC_TIMEOUT_S, LoopThread, ProxyRig, route
@@ -66,9 +65,8 @@ def proxy_process(replica, tmp_path):
                       f'endpoints {{ replica_id: "r0" address: "{replica.address}" node: "n" }} }}\n')
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "--routes-file", str(routes), "--listen", "127.0.0.1:0"],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+)", line)
-    assert match, f"proxy did not start: {line!r}"
+    match = wait_for_line(proc, r"listening on (\S+)")
+    assert match, "the proxy did not start"
     yield proc, match.group(1)
     proc.terminate()
     proc.wait(20)
