@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from importlib import metadata
 
-from protos.errors import InvalidArgument, MeshError, NotFound, Unimplemented
+from protos.errors import InvalidArgument, MeshError, NotFound, Unimplemented, status_message
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -25,6 +25,12 @@ from .shared_memory import SharedMemoryRegistry
 from .telemetry import RequestTrace, extract_context, runtime_tracer
 
 SERVER_NAME = "meshserve"
+# What one ModelStreamInfer stream may hold at once. 64 requests in flight let one stream fill
+# a batch of max_batch_size 64 (the examples' largest) or keep a perf_analyzer-style pipeline
+# busy; with the queued responses they bound a stream that is never read to about 80 times its
+# message size, where it was every request it could send.
+STREAM_REQUESTS_IN_FLIGHT = 64
+STREAM_RESPONSES_QUEUED = 16
 # Only what this runtime really implements (Triton's load generator reads this).
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "schedule_policy",
               "statistics", "parameters", "system_shared_memory"]
@@ -114,9 +120,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         without it the last response itself is marked final (held back until
         the next one exists). A failing request answers ``error_message``
         as "STATUS_CODE: message" (a stream has no per-request status) and
-        the stream goes on.
+        the stream goes on; a message that cannot be decoded ends the stream
+        with INVALID_ARGUMENT.
+
+        Bounded: at most ``STREAM_REQUESTS_IN_FLIGHT`` requests are read and
+        not yet fully answered, and at most ``STREAM_RESPONSES_QUEUED``
+        responses wait to be sent. A client that stops reading therefore
+        stops this stream reading its requests, and HTTP/2 flow control holds
+        the rest in the client. When the stream ends every request task is
+        cancelled and nothing of it is kept.
         """
-        responses: asyncio.Queue = asyncio.Queue()
+        responses: asyncio.Queue = asyncio.Queue(maxsize=STREAM_RESPONSES_QUEUED)
+        slots = asyncio.Semaphore(STREAM_REQUESTS_IN_FLIGHT)
         running: set[asyncio.Task] = set()
         parent = None if self._tracer is None else extract_context(context.invocation_metadata())
 
@@ -129,7 +144,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except MeshError as err:
                 error = err
                 await responses.put(pb.ModelStreamInferResponse(
-                    error_message=f"{err.code.name}: {err.message}",
+                    error_message=status_message(f"{err.code.name}: {err.message}"),
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
                 ))
             except BaseException as err:
@@ -138,17 +153,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if trace is not None:
                     trace.end(error)
+                slots.release()
 
         async def read_requests() -> None:
-            async for request in request_iterator:
+            requests = request_iterator.__aiter__()
+            while True:
+                await slots.acquire()  # waits while the stream holds its limit
+                try:
+                    request = await requests.__anext__()
+                except StopAsyncIteration:
+                    break
                 task = asyncio.create_task(answer(request))
+                request = None  # the task holds it, for as long as it needs it
                 running.add(task)
                 task.add_done_callback(running.discard)
             while running:
                 await asyncio.wait(set(running))
+
+        async def read_then_end() -> None:
+            """Reads and answers every request, then ends ``responses`` (also when reading fails)."""
+            try:
+                await read_requests()
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                await responses.put(None)  # the stream ends with this error (``await reader``)
+                raise
             await responses.put(None)
 
-        reader = asyncio.create_task(read_requests())
+        reader = asyncio.create_task(read_then_end())
         try:
             while (response := await responses.get()) is not None:
                 yield response
