@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
+from .heap_trim import HeapTrimmer
 from .repository import ModelRepository
 from .servicer import InferenceServicer
 from .status_interceptor import StatusInterceptor
@@ -59,6 +60,7 @@ class RuntimeServer:
         self.options = options
         self.repository = ModelRepository(options.repository, options.models, options.remote_models)
         self.servicer = InferenceServicer(self.repository)
+        self.heap_trimmer = HeapTrimmer()  # refused and finished large requests leave no resident memory
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         limit = options.max_message_bytes
         self.server = grpc.aio.server(
@@ -80,6 +82,7 @@ class RuntimeServer:
 
     async def start(self) -> None:
         await self.server.start()
+        self.heap_trimmer.start()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.repository.load_all()
         failed = [(name, reason) for name, _, state, reason in self.repository.index() if state != "READY"]
@@ -87,6 +90,7 @@ class RuntimeServer:
             log.warning("model '%s' is not available: %s", name, reason)
         if failed and self.options.strict:
             await self.server.stop(0)
+            await self.heap_trimmer.stop()
             await self.repository.close()
             raise SystemExit(f"--strict: {len(failed)} model(s) failed to load: "
                              + "; ".join(f"{name}: {reason}" for name, reason in failed))
@@ -100,6 +104,7 @@ class RuntimeServer:
         if self.options.drain_delay_s > 0:
             await asyncio.sleep(self.options.drain_delay_s)  # a deliberate pause: still serving
         await self.server.stop(self.options.grace_period_s)
+        await self.heap_trimmer.stop()
         await self.repository.close()
 
 
