@@ -89,6 +89,22 @@ def status_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
     return f"{head} {_CUT}[{cut} bytes cut]{_CUT} {tail}"
 
 
+def drop_tracebacks(err: BaseException) -> None:
+    """Drop the frames a handled error holds, and those of the errors it chains.
+
+    A frame in a traceback keeps every local of its function alive (the
+    request, its tensors), and a frame that also holds the error (``except
+    ... as err: error = err``) makes a cycle that only the cyclic garbage
+    collector frees. Call this once an error has been turned into a status
+    or a response and nothing will read its traceback again.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     cls.code: cls
     for cls in (

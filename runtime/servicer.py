@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 from importlib import metadata
 
-from protos.errors import InvalidArgument, MeshError, NotFound, Unimplemented, status_message
+import grpc
+
+from protos.errors import InvalidArgument, MeshError, NotFound, Unimplemented, drop_tracebacks, status_message
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -153,6 +155,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if trace is not None:
                     trace.end(error)
+                if isinstance(error, MeshError):  # answered: its frames would keep the request
+                    drop_tracebacks(error)
+                error = None  # this frame holding its own exception would be a cycle
                 slots.release()
 
         async def read_requests() -> None:
@@ -182,9 +187,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await responses.put(None)
 
         reader = asyncio.create_task(read_then_end())
-        try:
+        try:  # context.write, not yield: a write to a client that is gone fails here, and this
+            # finally runs at once (a generator left at its yield would wait for the gc)
             while (response := await responses.get()) is not None:
-                yield response
+                try:
+                    await context.write(response)
+                except grpc.aio.InternalError:  # the call is over: the client cancelled or left
+                    return
+            response = None
             await reader
         finally:
             reader.cancel()

@@ -30,7 +30,7 @@ import logging
 import grpc
 from google.protobuf.message import DecodeError
 
-from protos.errors import InvalidArgument, MeshError, status_message
+from protos.errors import InvalidArgument, MeshError, drop_tracebacks, status_message
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,6 @@ def _status_of(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
         return err.code, err.message
     log.exception("unexpected error in %s", method)
     return grpc.StatusCode.INTERNAL, f"{method}: {type(err).__name__}: {err}"
-
-
-def _forget_tracebacks(err: BaseException) -> None:
-    """Drop the frames an error (and the errors it chains) holds: they hold the request."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        err.__traceback__ = None
-        err = err.__cause__ or err.__context__
 
 
 def _set_status(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
@@ -90,7 +81,6 @@ class _DecodingIterator:
 
 def _wrap_unary(behavior, method: str, decode, streaming_requests: bool):
     async def wrapped(request, context):
-        code = None
         try:
             if decode is not None:
                 request = _DecodingIterator(request, decode) if streaming_requests else decode(request)
@@ -99,7 +89,7 @@ def _wrap_unary(behavior, method: str, decode, streaming_requests: bool):
             raise
         except Exception as err:
             code, message = _status_of(err, method)
-            _forget_tracebacks(err)
+            drop_tracebacks(err)
         del request
         _set_status(context, code, message)  # outside the except block: nothing chains the error
         return None
@@ -108,7 +98,6 @@ def _wrap_unary(behavior, method: str, decode, streaming_requests: bool):
 
 def _wrap_streaming(behavior, method: str, decode, streaming_requests: bool):
     async def wrapped(request, context):
-        code = None
         try:
             if decode is not None:
                 request = _DecodingIterator(request, decode) if streaming_requests else decode(request)
@@ -119,7 +108,7 @@ def _wrap_streaming(behavior, method: str, decode, streaming_requests: bool):
             raise
         except Exception as err:
             code, message = _status_of(err, method)
-            _forget_tracebacks(err)
+            drop_tracebacks(err)
         del request
         _set_status(context, code, message)
     return wrapped
