@@ -2,7 +2,7 @@
 
 Each test runs a real ``python -m runtime`` and reads its resident memory
 (VmRSS in /proc/PID/status) while a real gRPC client misbehaves. The bounds
-are multiples of the message size, far under what the failures cost before:
+are in units of the message size, far under what the failures cost before:
 a refused request was kept alive by reference cycles until the cyclic
 garbage collector ran, so N of them held about N times their size; a stream
 that was never read queued every request it was sent.
@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 
 from protos.inference import grpc_service_pb2 as pb
-from test_runtime_helpers import EXAMPLES, RPC_TIMEOUT_S, assert_status, decode_outputs, infer_request, open_stub
+from test_runtime_helpers import EXAMPLES, RPC_TIMEOUT_S, decode_outputs, infer_request, open_stub, wait_until
 
 MIB = 1 << 20
 # Refused requests: modest, well within the server's 256 MiB message limit.
 OVERSIZE_BYTES = 64 * MIB
-OVERSIZE_CALLS = 8
-# What a refused request may leave resident: the allocator keeps some freed memory for
-# reuse (a plateau, not a growth). Before the fix the second call alone was over this.
-REFUSED_RSS_BOUND = 3 * OVERSIZE_BYTES
+OVERSIZE_CALLS = 4  # before the fix the first call already left twice its size
+# What may stay resident once a refused request is gone: less than the request itself (the
+# replica's heap trimmer returns what the allocator kept, runtime/heap_trim.py). Before the
+# fix each call left more than twice its size, held by reference cycles until gc ran.
+REFUSED_RSS_BOUND = OVERSIZE_BYTES
 
 # A stream that writes and never reads: 600 x 1 MiB, the failing case of the issue.
 STREAM_MESSAGE_BYTES = 1 * MIB
@@ -36,6 +37,8 @@ WRITE_STALL_S = 1.0
 # The server may hold a stream's in-flight requests and queued responses (64 + 16, see
 # runtime/servicer.py), each a few copies of the message; before the fix it held all 600.
 STREAM_RSS_BOUND = 400 * MIB
+# Once the stream is cancelled nothing of it is kept (before the fix: all of it, 1 GiB).
+ENDED_STREAM_RSS_BOUND = 64 * MIB
 
 
 def resident_bytes(pid: int) -> int:
@@ -65,21 +68,34 @@ def _wrong_size_add_sub(size: int) -> pb.ModelInferRequest:
     return request
 
 
-def test_refused_oversize_requests_leave_no_memory_behind(add_sub_runtime):
+def _refused_unary(channel: grpc.Channel, request: bytes) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(request, timeout=RPC_TIMEOUT_S)
+    return info.value.code(), info.value.details()
+
+
+def _refused_in_stream(channel: grpc.Channel, request: bytes) -> tuple[grpc.StatusCode, str]:
+    stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                   response_deserializer=pb.ModelStreamInferResponse.FromString)
+    (response,) = list(stream(iter([request]), timeout=RPC_TIMEOUT_S))
+    code, _, message = response.error_message.partition(": ")
+    return grpc.StatusCode[code], message
+
+
+@pytest.mark.parametrize("send", [_refused_unary, _refused_in_stream], ids=["ModelInfer", "ModelStreamInfer"])
+def test_refused_oversize_requests_leave_no_memory_behind(add_sub_runtime, send):
     pid = add_sub_runtime.proc.pid
     channel = grpc.insecure_channel(add_sub_runtime.address,
                                     options=[("grpc.max_send_message_length", 2 * OVERSIZE_BYTES)])
     try:
-        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         request = _wrong_size_add_sub(OVERSIZE_BYTES).SerializeToString()
         baseline = resident_bytes(pid)
-        growth = []
-        for _ in range(OVERSIZE_CALLS):
-            with pytest.raises(grpc.RpcError) as info:
-                infer(request, timeout=RPC_TIMEOUT_S)
-            assert_status(info.value, grpc.StatusCode.INVALID_ARGUMENT, "'INPUT0'", "needs 64")
-            growth.append(resident_bytes(pid) - baseline)
-        assert max(growth) <= REFUSED_RSS_BOUND, [f"{g / MIB:.0f} MiB" for g in growth]
+        for call in range(OVERSIZE_CALLS):
+            code, message = send(channel, request)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "'INPUT0'" in message, (code, message)
+            wait_until(lambda: resident_bytes(pid) - baseline <= REFUSED_RSS_BOUND,
+                       f"the replica back within {REFUSED_RSS_BOUND // MIB} MiB of its "
+                       f"{baseline // MIB} MiB after refused call {call + 1}")
     finally:
         channel.close()
 
@@ -119,6 +135,9 @@ def test_a_stream_that_is_never_read_is_bounded_and_pushed_back(echo_runtime):
     written, peak = asyncio.run(_write_and_never_read(echo_runtime.address, pid))
     assert written < STREAM_WRITES, "the server read every request of a stream nobody reads"
     assert peak - baseline <= STREAM_RSS_BOUND, f"grew {(peak - baseline) / MIB:.0f} MiB"
+    wait_until(lambda: resident_bytes(pid) - baseline <= ENDED_STREAM_RSS_BOUND,
+               f"the replica back within {ENDED_STREAM_RSS_BOUND // MIB} MiB of its {baseline // MIB} MiB "
+               f"once the stream ended")
 
     channel, stub = open_stub(echo_runtime.address)
     try:  # the cancelled stream left the server serving
