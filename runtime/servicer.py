@@ -29,8 +29,8 @@ from .telemetry import RequestTrace, extract_context, runtime_tracer
 SERVER_NAME = "meshserve"
 # What one ModelStreamInfer stream may hold at once. 64 requests in flight let one stream fill
 # a batch of max_batch_size 64 (the examples' largest) or keep a perf_analyzer-style pipeline
-# busy; with the queued responses they bound a stream that is never read to about 80 times its
-# message size, where it was every request it could send.
+# busy; with the queued responses they bound a stream that is never read to 80 messages, a few
+# copies each (about 250 MB with 1 MB messages), where it held every request it was sent.
 STREAM_REQUESTS_IN_FLIGHT = 64
 STREAM_RESPONSES_QUEUED = 16
 # Only what this runtime really implements (Triton's load generator reads this).
