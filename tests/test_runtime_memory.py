@@ -32,8 +32,9 @@ REFUSED_RSS_BOUND = OVERSIZE_BYTES
 # A stream that writes and never reads: 600 x 1 MiB, the failing case of the issue.
 STREAM_MESSAGE_BYTES = 1 * MIB
 STREAM_WRITES = 600
-# A write that waits this long is held back by flow control: the server stopped reading.
-WRITE_STALL_S = 1.0
+# A write that waits this long is held back by flow control: the server stopped reading
+# (a busy shared machine can pause a server that reads everything for a second).
+WRITE_STALL_S = 2.0
 # The server may hold a stream's in-flight requests and queued responses (64 + 16, see
 # runtime/servicer.py), each a few copies of the message; before the fix it held all 600.
 STREAM_RSS_BOUND = 400 * MIB
