@@ -10,6 +10,14 @@ from __future__ import annotations
 
 import grpc
 
+# A status message travels in the trailers as grpc-message, percent-encoded: up to 3 ASCII bytes
+# per UTF-8 byte. A peer refuses trailers over grpc's 8 KiB default metadata limit, and the
+# client then sees RESOURCE_EXHAUSTED "metadata size exceeds hard limit" instead of the error.
+# 1 KiB of UTF-8 (at most 3 KiB encoded) always fits beside the other trailers, and is far more
+# than a message that names a problem needs; only a message echoing hostile input is cut.
+MAX_STATUS_MESSAGE_BYTES = 1024
+_CUT = "…"
+
 
 class MeshError(Exception):
     """Base of every meshserve error; ``code`` is its gRPC status."""
@@ -59,6 +67,42 @@ class Cancelled(MeshError):
 
 class Internal(MeshError):
     code = grpc.StatusCode.INTERNAL
+
+
+def status_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """``message`` bounded to ``limit`` bytes of UTF-8 for a status: the head and the tail kept.
+
+    A longer message keeps its first and last parts, joined by an ellipsis that
+    says how many bytes were cut (an error names the problem at its start and
+    often the expectation at its end). Never splits a character.
+    """
+    if len(message) * 4 <= limit:  # no UTF-8 character is longer than 4 bytes
+        return message
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    marker_room = 32  # " …[1234567 bytes cut]… " and then some
+    keep = max(limit - marker_room, 0)
+    head = data[:keep * 2 // 3].decode("utf-8", "ignore")
+    tail = data[len(data) - (keep - keep * 2 // 3):].decode("utf-8", "ignore")
+    cut = len(data) - len(head.encode()) - len(tail.encode())
+    return f"{head} {_CUT}[{cut} bytes cut]{_CUT} {tail}"
+
+
+def drop_tracebacks(err: BaseException) -> None:
+    """Drop the frames a handled error holds, and those of the errors it chains.
+
+    A frame in a traceback keeps every local of its function alive (the
+    request, its tensors), and a frame that also holds the error (``except
+    ... as err: error = err``) makes a cycle that only the cyclic garbage
+    collector frees. Call this once an error has been turned into a status
+    or a response and nothing will read its traceback again.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
 
 
 _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {

@@ -20,6 +20,7 @@ one per output.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -76,6 +77,35 @@ class ModelSignature:
 def parameter_value(parameter: pb.InferParameter):
     choice = parameter.WhichOneof("parameter_choice")
     return getattr(parameter, choice) if choice else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _top_k(output: str, parameter: pb.InferParameter) -> int:
+    """The ``classification`` parameter of a requested output: a whole number of classes, 0 or more."""
+    value = parameter_value(parameter)
+    if not _is_number(value) or not math.isfinite(value) or value < 0 or value != int(value):
+        raise InvalidArgument(
+            f"output '{output}': parameter '{CLASSIFICATION_PARAMETER}' must be a whole number of "
+            f"classes (0 or more), not {value!r:.40}"
+        )
+    return int(value)
+
+
+def _deadline(timeout_us, default_timeout_us: int) -> float | None:
+    """The ``time.monotonic()`` deadline of a ``timeout`` in microseconds (none when 0 or absent).
+
+    Only a finite number of 0 or more is a timeout: NaN would never expire.
+    """
+    timeout_us = timeout_us or default_timeout_us
+    if not _is_number(timeout_us) or not math.isfinite(timeout_us) or timeout_us < 0:
+        raise InvalidArgument(
+            f"parameter '{TIMEOUT_PARAMETER}' must be a finite number of microseconds, 0 or more, "
+            f"not {timeout_us!r:.40}"
+        )
+    return time.monotonic() + timeout_us / 1e6 if timeout_us else None
 
 
 def _region(shared_memory: SharedMemoryRegistry | None, location: TensorLocation,
@@ -179,7 +209,10 @@ def decode_request(request: pb.ModelInferRequest, signature: ModelSignature,
                     f"it has {', '.join(sorted(signature.outputs))}"
                 )
             top_k = output.parameters.get(CLASSIFICATION_PARAMETER)
-            requested[output.name] = int(parameter_value(top_k)) if top_k is not None else 0
+            requested[output.name] = _top_k(output.name, top_k) if top_k is not None else 0
+            if requested[output.name] and signature.outputs[output.name].datatype == "BYTES":
+                raise InvalidArgument(f"output '{output.name}' is BYTES; parameter "
+                                      f"'{CLASSIFICATION_PARAMETER}' ranks numeric outputs only")
             if not output.parameters:
                 continue
             what = f"output '{output.name}'"
@@ -190,10 +223,7 @@ def decode_request(request: pb.ModelInferRequest, signature: ModelSignature,
                 output_regions[output.name] = (location, _region(shared_memory, location, what))
 
     parameters = {key: parameter_value(value) for key, value in request.parameters.items()}
-    timeout_us = parameters.get(TIMEOUT_PARAMETER) or signature.default_timeout_us
-    if not isinstance(timeout_us, (int, float)) or isinstance(timeout_us, bool) or timeout_us < 0:
-        raise InvalidArgument("parameter 'timeout' must be a non-negative number of microseconds")
-    deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+    deadline = _deadline(parameters.get(TIMEOUT_PARAMETER), signature.default_timeout_us)
     return InferRequest(
         id=request.id,
         inputs=inputs,

@@ -29,6 +29,7 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.listen import grpc_server
 from protos.security.tls import TlsConfig, add_port
 
+from .heap_trim import HeapTrimmer
 from .repository import ModelRepository
 from .model_control import NONE, ModelControl
 from .servicer import InferenceServicer
@@ -69,6 +70,7 @@ class RuntimeServer:
         self.repository = ModelRepository(options.repository, options.models, options.remote_models, options.tls)
         control = ModelControl(options.model_control, frozenset(options.models) if options.models else None)
         self.servicer = InferenceServicer(self.repository, control, on_models_changed=self._refresh_health)
+        self.heap_trimmer = HeapTrimmer()  # refused and finished large requests leave no resident memory
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         limit = options.max_message_bytes
         self.server = grpc_server(
@@ -94,6 +96,7 @@ class RuntimeServer:
 
     async def start(self) -> None:
         await self.server.start()
+        self.heap_trimmer.start()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.repository.load_all()
         failed = [(name, reason) for name, _, state, reason in self.repository.index() if state != "READY"]
@@ -101,6 +104,7 @@ class RuntimeServer:
             log.warning("model '%s' is not available: %s", name, reason)
         if failed and self.options.strict:
             await self.server.stop(0)
+            await self.heap_trimmer.stop()
             await self.repository.close()
             raise SystemExit(f"--strict: {len(failed)} model(s) failed to load: "
                              + "; ".join(f"{name}: {reason}" for name, reason in failed))
@@ -114,6 +118,7 @@ class RuntimeServer:
         if self.options.drain_delay_s > 0:
             await asyncio.sleep(self.options.drain_delay_s)  # a deliberate pause: still serving
         await self.server.stop(self.options.grace_period_s)
+        await self.heap_trimmer.stop()
         await self.repository.close()
 
 

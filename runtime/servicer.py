@@ -16,7 +16,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from importlib import metadata
 
-from protos.errors import InvalidArgument, MeshError, NotFound, Unimplemented
+import grpc
+
+from protos.errors import InvalidArgument, MeshError, NotFound, Unimplemented, drop_tracebacks, status_message
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -28,6 +30,12 @@ from .shared_memory import SharedMemoryRegistry
 from .telemetry import RequestTrace, extract_context, runtime_tracer
 
 SERVER_NAME = "meshserve"
+# What one ModelStreamInfer stream may hold at once. 64 requests in flight let one stream fill
+# a batch of max_batch_size 64 (the examples' largest) or keep a perf_analyzer-style pipeline
+# busy; with the queued responses they bound a stream that is never read to 80 messages, a few
+# copies each (about 250 MB with 1 MB messages), where it held every request it was sent.
+STREAM_REQUESTS_IN_FLIGHT = 64
+STREAM_RESPONSES_QUEUED = 16
 # Only what this runtime really implements (Triton's load generator reads this).
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "schedule_policy",
               "statistics", "parameters", "system_shared_memory"]
@@ -124,9 +132,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         without it the last response itself is marked final (held back until
         the next one exists). A failing request answers ``error_message``
         as "STATUS_CODE: message" (a stream has no per-request status) and
-        the stream goes on.
+        the stream goes on; a message that cannot be decoded ends the stream
+        with INVALID_ARGUMENT.
+
+        Bounded: at most ``STREAM_REQUESTS_IN_FLIGHT`` requests are read and
+        not yet fully answered, and at most ``STREAM_RESPONSES_QUEUED``
+        responses wait to be sent. A client that stops reading therefore
+        stops this stream reading its requests, and HTTP/2 flow control holds
+        the rest in the client. When the stream ends every request task is
+        cancelled and nothing of it is kept.
         """
-        responses: asyncio.Queue = asyncio.Queue()
+        responses: asyncio.Queue = asyncio.Queue(maxsize=STREAM_RESPONSES_QUEUED)
+        slots = asyncio.Semaphore(STREAM_REQUESTS_IN_FLIGHT)
         running: set[asyncio.Task] = set()
         parent = None if self._tracer is None else extract_context(context.invocation_metadata())
 
@@ -139,7 +156,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except MeshError as err:
                 error = err
                 await responses.put(pb.ModelStreamInferResponse(
-                    error_message=f"{err.code.name}: {err.message}",
+                    error_message=status_message(f"{err.code.name}: {err.message}"),
                     infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
                 ))
             except BaseException as err:
@@ -148,20 +165,46 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if trace is not None:
                     trace.end(error)
+                if isinstance(error, MeshError):  # answered: its frames would keep the request
+                    drop_tracebacks(error)
+                error = None  # this frame holding its own exception would be a cycle
+                slots.release()
 
         async def read_requests() -> None:
-            async for request in request_iterator:
+            requests = request_iterator.__aiter__()
+            while True:
+                await slots.acquire()  # waits while the stream holds its limit
+                try:
+                    request = await requests.__anext__()
+                except StopAsyncIteration:
+                    break
                 task = asyncio.create_task(answer(request))
+                request = None  # the task holds it, for as long as it needs it
                 running.add(task)
                 task.add_done_callback(running.discard)
             while running:
                 await asyncio.wait(set(running))
+
+        async def read_then_end() -> None:
+            """Reads and answers every request, then ends ``responses`` (also when reading fails)."""
+            try:
+                await read_requests()
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                await responses.put(None)  # the stream ends with this error (``await reader``)
+                raise
             await responses.put(None)
 
-        reader = asyncio.create_task(read_requests())
-        try:
+        reader = asyncio.create_task(read_then_end())
+        try:  # context.write, not yield: a write to a client that is gone fails here, and this
+            # finally runs at once (a generator left at its yield would wait for the gc)
             while (response := await responses.get()) is not None:
-                yield response
+                try:
+                    await context.write(response)
+                except grpc.aio.InternalError:  # the call is over: the client cancelled or left
+                    return
+            response = None
             await reader
         finally:
             reader.cancel()
