@@ -104,3 +104,24 @@ def examples_runtime():
     process = RuntimeProcess(["--listen", "127.0.0.1:0", "--model-repository", str(EXAMPLES)])
     yield process
     process.stop()
+
+
+@pytest.fixture
+def cluster():
+    """A real mesh on loopback (tests/mesh_harness.py); every process it started is stopped after the test."""
+    from mesh_harness import Mesh
+
+    mesh_ = Mesh()
+    yield mesh_
+    mesh_.close()
+
+
+@pytest.fixture
+def etcd():
+    """An etcd of the test's own (it may stop and start it), removed after the test."""
+    from etcd_server import EtcdServer, require_etcd
+
+    require_etcd()
+    server = EtcdServer().start()
+    yield server
+    server.cleanup()

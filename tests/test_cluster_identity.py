@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from clients import InferenceClient
-from mesh_harness import CONVERGE_TIMEOUT_S, REPO_ROOT, Admin, Mesh, deployment_yaml
+from mesh_harness import REPO_ROOT, Admin, Mesh, deployment_yaml
 from node_agent.membership import ClusterMembership, ForeignCluster
 from node_agent.process import pid_alive
 from scheduler.records import NodeRecord

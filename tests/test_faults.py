@@ -23,10 +23,8 @@ import re
 import time
 
 import numpy as np
-import pytest
 
 from clients import InferenceClient
-from etcd_server import EtcdServer, require_etcd
 from mesh_harness import CONVERGE_TIMEOUT_S, HEARTBEAT_TIMEOUT_S, Admin, Mesh, Process, deployment_yaml
 from protos.mesh import control_pb2 as mesh
 from steady_load import SteadyLoad
@@ -35,21 +33,6 @@ from steady_load import SteadyLoad
 WARMUP_CALLS = 200
 # Pauses are longer than the heartbeat timeout and the election TTL, so the fault is really noticed.
 PAUSE_S = HEARTBEAT_TIMEOUT_S + 3.0
-
-
-@pytest.fixture
-def cluster():
-    mesh_ = Mesh()
-    yield mesh_
-    mesh_.close()
-
-
-@pytest.fixture
-def etcd():
-    require_etcd()
-    server = EtcdServer().start()
-    yield server
-    server.cleanup()
 
 
 def ready(admin: Admin, deployment: str, count: int, revision: int | None = None):

@@ -18,7 +18,6 @@ import time
 import grpc
 import pytest
 
-from etcd_server import EtcdServer, require_etcd
 from mesh_harness import ELECTION_TTL_S, START_TIMEOUT_S, Admin, Mesh
 from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
@@ -155,14 +154,6 @@ def wait_until(predicate, what: str, timeout: float, cluster: Mesh) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}\n{cluster.logs()}")
         time.sleep(0.1)      # polling other processes' logs: there is no event to await
-
-
-@pytest.fixture
-def etcd():
-    require_etcd()
-    server = EtcdServer().start()
-    yield server
-    server.cleanup()
 
 
 def test_a_paused_leader_ends_its_watches_on_resume_and_its_agent_moves_to_the_new_leader(etcd):

@@ -14,24 +14,8 @@ import numpy as np
 import pytest
 
 from clients import InferenceClient
-from etcd_server import EtcdServer, require_etcd
 from mesh_harness import Admin, Mesh, deployment_yaml
 from protos.mesh import control_pb2 as mesh
-
-
-@pytest.fixture
-def cluster():
-    mesh_ = Mesh()
-    yield mesh_
-    mesh_.close()
-
-
-@pytest.fixture
-def etcd():
-    require_etcd()
-    server = EtcdServer().start()
-    yield server
-    server.cleanup()
 
 
 def ready(admin: Admin, deployment: str, count: int):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scheduler.placement import GiB, Snapshot
+from scheduler.placement import Snapshot
 from scheduler.placement.gpu_memory import GpuMemory
 from scheduler.placement.host_resources import HostResources
 from scheduler.placement.node_ready import NodeReady

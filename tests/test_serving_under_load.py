@@ -17,10 +17,9 @@ import signal
 import threading
 
 import numpy as np
-import pytest
 
 from clients import InferenceClient
-from mesh_harness import HEARTBEAT_TIMEOUT_S, Admin, Mesh, Process, deployment_yaml
+from mesh_harness import HEARTBEAT_TIMEOUT_S, Admin, Process, deployment_yaml
 from protos.errors import MeshError
 from protos.mesh import control_pb2 as mesh
 
@@ -77,13 +76,6 @@ def _gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
-
-
-@pytest.fixture
-def cluster():
-    mesh_ = Mesh()
-    yield mesh_
-    mesh_.close()
 
 
 def ready_replicas(admin: Admin, count: int, revision: int = 1):

@@ -8,28 +8,12 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from etcd_server import EtcdServer, require_etcd
-from mesh_harness import Admin, Mesh, deployment_yaml
+from mesh_harness import Admin, deployment_yaml
 from protos.mesh import control_pb2 as mesh
 from scheduler import ctl
 
 # The status interceptor's line for an exception it did not expect (runtime/status_interceptor.py).
 UNEXPECTED = "unexpected error in /mesh.AdminService"
-
-
-@pytest.fixture
-def etcd():
-    require_etcd()
-    server = EtcdServer().start()
-    yield server
-    server.cleanup()
-
-
-@pytest.fixture
-def cluster():
-    mesh_ = Mesh()
-    yield mesh_
-    mesh_.close()
 
 
 def test_admin_calls_while_etcd_is_down_answer_unavailable_naming_the_store(cluster, etcd, capsys):
