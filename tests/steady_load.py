@@ -29,11 +29,16 @@ MAX_CALLS_PER_WORKER = 200_000
 
 
 class SteadyLoad:
-    """``workers`` closed-loop clients calling add_sub at ``address`` until ``stop()``."""
+    """``workers`` closed-loop clients calling add_sub at ``address`` until ``stop()``.
 
-    def __init__(self, address: str, workers: int = 4, model: str = "add_sub",
+    ``retries=0`` counts every failure the server answers (no client retries); the default is the
+    client library's own policy, as a user would see it.
+    """
+
+    def __init__(self, address: str, workers: int = 4, model: str = "add_sub", retries: int | None = None,
                  call_timeout_s: float = CALL_TIMEOUT_S, max_calls: int = MAX_CALLS_PER_WORKER):
         self.address = address
+        self.retries = retries
         self.model = model
         self.call_timeout_s = call_timeout_s
         self.max_calls = max_calls
@@ -75,7 +80,8 @@ class SteadyLoad:
     def _work(self) -> None:
         a = np.arange(16, dtype=np.float32)[None, :]
         expected = 2 * a
-        with InferenceClient(self.address, timeout=self.call_timeout_s) as client:
+        options = {} if self.retries is None else {"retries": self.retries}
+        with InferenceClient(self.address, timeout=self.call_timeout_s, **options) as client:
             for _ in range(self.max_calls):
                 if self._stopping.is_set():
                     return

@@ -11,63 +11,16 @@ every failure the proxy answers is counted).
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
-import threading
 
-import numpy as np
 
-from clients import InferenceClient
 from mesh_harness import HEARTBEAT_TIMEOUT_S, Admin, Process, deployment_yaml
-from protos.errors import MeshError
 from protos.mesh import control_pb2 as mesh
+from steady_load import SteadyLoad
 
 CLIENTS = 8
-# Bounds a broken test, not a performance claim (a loaded 2-core machine).
-CALL_TIMEOUT_S = 10.0
 STEADY_CALLS = 200          # successful calls before and after the change: the load is really flowing
-MAX_CALLS_PER_CLIENT = 1_000_000   # the load stops on an event; this only bounds a runaway loop
-
-
-class Load:
-    """``CLIENTS`` threads calling add_sub through the proxy until ``stop()``; counts outcomes."""
-
-    def __init__(self, address: str):
-        self.address = address
-        self.ok = 0
-        self.failed: collections.Counter[str] = collections.Counter()
-        self.examples: dict[str, str] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(CLIENTS)]
-
-    def start(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def _run(self) -> None:
-        a = np.arange(16, dtype=np.float32)[None, :]
-        with InferenceClient(self.address, timeout=CALL_TIMEOUT_S, retries=0) as client:
-            for _ in range(MAX_CALLS_PER_CLIENT):
-                if self._stop.is_set():
-                    return
-                try:
-                    out = client.infer("add_sub", {"INPUT0": a, "INPUT1": a})
-                    assert np.array_equal(out["OUTPUT0"], 2 * a)
-                except MeshError as err:
-                    with self._lock:
-                        self.failed[err.code.name] += 1
-                        self.examples.setdefault(err.code.name, err.message)
-                    continue
-                with self._lock:
-                    self.ok += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(CALL_TIMEOUT_S * 2)
 
 
 def _gone(pid: int) -> bool:
@@ -96,10 +49,10 @@ def test_scaling_down_and_rolling_out_under_load_fails_no_call(cluster, tmp_path
     proxy.wait_listening()
 
     def flowing(what: str) -> None:
-        before = load.ok
-        admin.wait_for(lambda: load.ok >= before + STEADY_CALLS, f"calls to flow {what}", mesh_=cluster)
+        before = load.succeeded
+        admin.wait_for(lambda: load.succeeded >= before + STEADY_CALLS, f"calls to flow {what}", mesh_=cluster)
 
-    load = Load(proxy.address).start()
+    load = SteadyLoad(proxy.address, workers=CLIENTS, retries=0).start()
     try:
         flowing("through the proxy")
         admin.stub.Scale(mesh.ScaleRequest(name="adder", replicas=1), timeout=10)
@@ -114,8 +67,8 @@ def test_scaling_down_and_rolling_out_under_load_fails_no_call(cluster, tmp_path
         flowing("after the rollout")
     finally:
         load.stop()
-    print(f"scale 3 -> 1 and a rollout under load: {load.ok} calls succeeded, failed: {dict(load.failed)}")
-    assert not load.failed, (dict(load.failed), load.examples)
+    print(f"scale 3 -> 1 and a rollout under load: {load.summary()}")
+    assert not load.failed, load.summary()
     admin.close()
 
 
@@ -135,10 +88,10 @@ def test_a_frozen_agents_healthy_replica_serves_until_its_replacement_is_ready(c
     frozen = agents[first.node]
 
     def flowing(what: str) -> None:
-        before = load.ok
-        admin.wait_for(lambda: load.ok >= before + STEADY_CALLS, f"calls to flow {what}", mesh_=cluster)
+        before = load.succeeded
+        admin.wait_for(lambda: load.succeeded >= before + STEADY_CALLS, f"calls to flow {what}", mesh_=cluster)
 
-    load = Load(proxy.address).start()
+    load = SteadyLoad(proxy.address, workers=CLIENTS, retries=0).start()
     try:
         flowing("through the proxy")
         os.kill(frozen.proc.pid, signal.SIGSTOP)   # the agent only: its replica keeps running
@@ -155,9 +108,8 @@ def test_a_frozen_agents_healthy_replica_serves_until_its_replacement_is_ready(c
         flowing("after the agent woke up")
     finally:
         load.stop()
-    print(f"agent SIGSTOP past the heartbeat timeout under load: {load.ok} calls succeeded, "
-          f"failed: {dict(load.failed)}")
-    assert not load.failed, (dict(load.failed), load.examples)
+    print(f"agent SIGSTOP past the heartbeat timeout under load: {load.summary()}")
+    assert not load.failed, load.summary()
     assert [r.id for r in admin.replicas("adder")] == [replacement.id]
     admin.close()
 
