@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import numpy as np
 import pytest
 
-from protos.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from protos.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable, drop_tracebacks
 from runtime.batcher import Batcher, BatchingPolicy
 from runtime.instance_pool import InstancePool
 from runtime.request import InferRequest
@@ -275,3 +277,36 @@ def test_frequent_arrivals_wait_for_company_up_to_the_preferred_size():
         assert instance.batches == [1, 3, 3, 3]
         await batcher.close()
     run(body())
+
+
+class RefusingInstance:
+    """Refuses every batch with a taxonomy error, as a model's own validation would."""
+
+    async def execute(self, inputs):
+        raise InvalidArgument("refused by the model")
+
+
+def test_a_refused_batch_leaves_no_reference_cycle_holding_its_requests():
+    """A failed batch's error must not keep its requests' tensors alive until a garbage collection
+    (issue 8 item 5: refused requests held their memory through exception frames)."""
+    async def body():
+        batcher = Batcher("m", InstancePool([RefusingInstance()]), policy(),
+                          ModelStatisticsRecorder("m", "1"))
+        doomed = request(1.0)
+        tensor = weakref.ref(doomed.inputs["X"])
+        future = batcher.submit(doomed)
+        del doomed
+        with pytest.raises(InvalidArgument) as refused:
+            await future
+        drop_tracebacks(refused.value)   # what the status interceptor does with the caller's own frames
+        del future, refused
+        await asyncio.sleep(0)           # let the batch task finish
+        await batcher.close()
+        return tensor
+
+    gc.disable()
+    try:
+        tensor = run(body())
+        assert tensor() is None, "the refused request's tensor is still alive without a collection"
+    finally:
+        gc.enable()
