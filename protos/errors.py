@@ -61,11 +61,23 @@ class Internal(MeshError):
     code = grpc.StatusCode.INTERNAL
 
 
+class Unauthenticated(MeshError):
+    """The caller presented no credentials this server accepts."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MeshError):
+    """The caller is known, but its role may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     cls.code: cls
     for cls in (
         InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
-        DeadlineExceeded, Unavailable, Unimplemented, Cancelled, Internal,
+        DeadlineExceeded, Unavailable, Unimplemented, Cancelled, Internal, Unauthenticated, PermissionDenied,
     )
 }
 
