@@ -125,3 +125,21 @@ def test_a_second_stream_is_refused_until_the_first_is_gone_or_silent(tmp_path):
             b.core.disconnect("node-a", new)                          # closed: a reconnect is welcome at once
             await b.register("node-a")
     asyncio.run(main())
+
+
+def test_replicas_never_inherit_the_agents_token():
+    """A replica runs model code: the agent's bearer token (or token file) must not reach its environment."""
+    from node_agent.replica import ReplicaSpec
+    from test_node_agent_supervisor import FakeLauncher, fake_supervisor, state_of
+
+    async def main():
+        launcher = FakeLauncher("serve")
+        supervisor = fake_supervisor(launcher, base_env={"PATH": "/usr/bin", "MESHSERVE_TOKEN": "agent-secret",
+                                                         "MESHSERVE_TOKEN_FILE": "/etc/meshserve/tokens"})
+        supervisor.apply([ReplicaSpec.create("r1", model_repository="/models", model_name="m",
+                                             env={"MESHSERVE_TOKEN": "from-spec", "A": "b"})])
+        await supervisor.wait_for(state_of("r1", state="ready"), 5)
+        await supervisor.drain_all()
+        return launcher.commands[0][1]
+    env = asyncio.run(main())
+    assert "MESHSERVE_TOKEN" not in env and "MESHSERVE_TOKEN_FILE" not in env and env["A"] == "b"

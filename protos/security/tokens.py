@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 ENV_TOKEN_FILE = "MESHSERVE_TOKEN_FILE"   # server: the tokens it accepts
 ENV_TOKEN = "MESHSERVE_TOKEN"             # client: the token it presents
+# Never inherited by a process a daemon starts (a replica runs model code): see ``without_token_environment``.
+ENVIRONMENT_VARIABLES = (ENV_TOKEN, ENV_TOKEN_FILE)
 METADATA_KEY = "authorization"
 BEARER = "Bearer "
 DIGEST_PREFIX = "sha256:"
@@ -250,6 +252,11 @@ def _metadata(details, token: str) -> list[tuple[str, str]]:
     return [*kept, (METADATA_KEY, BEARER + token)]
 
 
+def without_token_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` less the token variables: a child (a replica running model code) never gets this process's token."""
+    return {k: v for k, v in env.items() if k not in ENVIRONMENT_VARIABLES}
+
+
 def aio_token_interceptors(token: str | None) -> list:
     """Client interceptors for a ``grpc.aio`` channel that send ``token`` on every call; [] without one."""
     if not token:
@@ -264,4 +271,4 @@ def with_token(channel: grpc.Channel, token: str | None) -> grpc.Channel:
 
 
 __all__ = ["ENV_TOKEN", "ENV_TOKEN_FILE", "TokenError", "TokenTable", "aio_token_interceptors", "bearer_token",
-           "client_token", "digest", "new_token", "parse_token_file", "token_line", "with_token"]
+           "client_token", "digest", "new_token", "parse_token_file", "token_line", "with_token", "without_token_environment"]
