@@ -8,8 +8,8 @@ name) and ``detail`` (the refusal's message). Lines go to ``--audit-log
 FILE`` (appended, flushed per line, file created 0600), else to the
 scheduler's log at INFO under the logger ``meshserve.audit``.
 
-Written by the scheduler's ``AuthInterceptor`` (protos/security/auth.py):
-only when authentication is on, since with it off every caller is anonymous.
+Written by the scheduler's ``AuthInterceptor`` (protos/security/auth.py),
+with authentication off too (``who`` is then null: every caller is anonymous).
 """
 
 from __future__ import annotations

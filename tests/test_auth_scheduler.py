@@ -160,10 +160,11 @@ def test_no_credentials_or_an_unknown_token_is_unauthenticated(token_scheduler):
             assert ("unknown bearer token" if token else "no credentials") in details
 
 
-def test_without_authentication_every_caller_is_allowed(loop, tmp_path):
-    """No client certificates required and no token file: development mode, as before."""
+def test_without_authentication_every_caller_is_allowed_and_changes_are_still_audited(loop, tmp_path):
+    """No client certificates required and no token file: development mode, as before; the audit says anonymous."""
     scheduler = Scheduler(loop, SchedulerOptions(listen="127.0.0.1:0", store_url=f"sqlite:///{tmp_path}/state.db",
-                                                 scheduler_id="dev", election_ttl_s=2))
+                                                 scheduler_id="dev", election_ttl_s=2,
+                                                 audit_log=str(tmp_path / "audit.jsonl")))
     try:
         with grpc.insecure_channel(scheduler.address) as channel:
             code, _ = _status(lambda: mesh_grpc.AdminServiceStub(channel).Scale(
@@ -171,6 +172,9 @@ def test_without_authentication_every_caller_is_allowed(loop, tmp_path):
             assert code == grpc.StatusCode.NOT_FOUND
     finally:
         scheduler.close()
+    [line] = _audit_lines(tmp_path / "audit.jsonl")
+    assert (line["who"], line["method"], line["target"], line["outcome"]) == (None, "Scale", "deployment/absent",
+                                                                              "NOT_FOUND")
 
 
 def _first_table_or_status(channel: grpc.Channel) -> tuple[grpc.StatusCode, str]:
