@@ -398,9 +398,13 @@ def test_tritonclient_works_through_the_proxy_cli(loop, replicas, tmp_path):
                               "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        line = proxy.stdout.readline()
-        match = re.search(r"meshserve proxy listening on (\S+:\d+)", line)
-        assert match, line
+        lines = []
+        for _ in range(20):   # log lines (plaintext, authentication off) come before "listening"
+            lines.append(proxy.stdout.readline())
+            match = re.search(r"meshserve proxy listening on (\S+:\d+)", lines[-1])
+            if match or not lines[-1]:
+                break
+        assert match, "".join(lines)
         script = tmp_path / "triton_through_proxy.py"
         script.write_text(TRITON_SCRIPT)
         done = subprocess.run([sys.executable, str(script), match.group(1)], capture_output=True, text=True,
