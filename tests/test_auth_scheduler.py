@@ -362,3 +362,39 @@ def test_scheduler_serve_takes_token_file_and_audit_log_flags(tmp_path, pki):
 def test_ctl_with_a_certificate_is_refused_naming_the_role(mtls_scheduler, pki):
     viewer = _ctl(mtls_scheduler.address, *as_flags(pki.tls("carol", "viewer")), "cordon", "node-q")
     assert viewer.returncode == 1 and "PERMISSION_DENIED" in viewer.stderr and "needs role admin" in viewer.stderr
+
+
+def test_node_agent_and_proxy_present_their_tokens(loop, token_scheduler, tokens, tmp_path):
+    """node-agent --token-file registers as its node; a proxy with a client token follows the routes."""
+    import time
+
+    from mesh_harness import Process
+    from proxy import ProxyOptions, ProxyServer
+
+    _, issued = tokens
+    (tmp_path / "node.token").write_text(issued["node-a"] + "\n")
+    agent = Process("agent", ["-m", "node_agent", "--scheduler", token_scheduler.address, "--name", "node-a",
+                              "--fake-gpus", "1x24GiB", "--state-dir", str(tmp_path / "state"),
+                              "--token-file", str(tmp_path / "node.token")], env={"MESHSERVE_TOKEN": ""})
+    try:
+        deadline = time.monotonic() + 30
+        core = token_scheduler.server.core
+        while not (core.cluster.live.get("node-a") and core.cluster.live["node-a"].connected):
+            assert time.monotonic() < deadline and agent.proc.poll() is None, "".join(agent.output[-20:])
+            time.sleep(0.1)     # another process's state: nothing to await across processes
+    finally:
+        agent.stop()
+
+    async def follow(token):
+        proxy = ProxyServer(ProxyOptions(schedulers=[token_scheduler.address], listen="127.0.0.1:0",
+                                         client_token=token))
+        await proxy.start()
+        try:
+            await proxy.wait_for_routes(timeout=3)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            await proxy.stop(0)
+    assert loop.run(follow(issued["proxy"]))
+    assert not loop.run(follow(issued["client"]))       # a client's token may not watch routes
