@@ -207,3 +207,16 @@ def test_proxy_does_not_pass_a_clients_token_on_to_the_replica(loop, token_proxy
     from proxy.tracing import forwarded_metadata
 
     assert forwarded_metadata([("authorization", "Bearer secret"), ("x-request-id", "1")]) == [("x-request-id", "1")]
+
+
+def test_async_client_sends_its_token_from_the_environment(loop, token_proxy, monkeypatch):
+    from clients import AsyncInferenceClient
+
+    proxy, issued = token_proxy
+    monkeypatch.setenv("MESHSERVE_TOKEN", issued["client"])
+    a = np.arange(16, dtype=np.float32)[None, :]
+
+    async def call():
+        async with AsyncInferenceClient(proxy.address, timeout=RPC_TIMEOUT_S, retries=0) as client:
+            return (await client.infer("add_sub", {"INPUT0": a, "INPUT1": a}))["OUTPUT0"]
+    assert loop.run(call())[0, 1] == 2.0
