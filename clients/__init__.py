@@ -17,7 +17,9 @@ from protos.errors import (
     InvalidArgument,
     MeshError,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
 )
@@ -41,10 +43,12 @@ __all__ = [
     "InvalidArgument",
     "MeshError",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
     "RetryPolicy",
     "SharedMemory",
     "SharedMemoryRegion",
+    "Unauthenticated",
     "Unavailable",
     "Unimplemented",
 ]

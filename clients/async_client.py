@@ -20,7 +20,9 @@ from protos.errors import MeshError, Unavailable
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.security.tls import TlsConfig
+from protos.security.tokens import aio_token_interceptors
 
+from .channel import bearer_token as _bearer_token
 from .channel import channel_credentials as _channel_credentials
 from .channel import channel_options as _channel_options
 from .encoding import build_infer_request, build_stream_request, decode_infer_response, decode_stream_response
@@ -135,13 +137,16 @@ class AsyncInferenceClient:
         credentials: grpc.ChannelCredentials | None = None,
         tls: TlsConfig | None = None,
         channel_options: Sequence[tuple[str, object]] | None = None,
+        token: str | None = None,
     ):
         options = _channel_options(channel_options)
         credentials = _channel_credentials(credentials, tls)
+        interceptors = aio_token_interceptors(_bearer_token(token))
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(address, options=options)
+            self._channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
         else:
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options,
+                                                    interceptors=interceptors)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.address = address

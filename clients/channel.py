@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from protos.security.tls import TlsConfig
+from protos.security.tokens import client_token
 
 # gRPC's default 4 MiB receive limit is smaller than many tensors; -1 lifts
 # the client's own limits and leaves the size policy to the server.
@@ -34,3 +35,8 @@ def channel_credentials(credentials: grpc.ChannelCredentials | None,
     if credentials is not None:
         return credentials
     return (tls if tls is not None else TlsConfig.from_env()).channel_credentials()
+
+
+def bearer_token(token: str | None) -> str | None:
+    """The bearer token a client sends: ``token`` if given, else ``$MESHSERVE_TOKEN``; None sends none."""
+    return token or client_token()

@@ -27,7 +27,9 @@ from protos.errors import MeshError
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.security.tls import TlsConfig
+from protos.security.tokens import with_token
 
+from .channel import bearer_token as _bearer_token
 from .channel import channel_credentials as _channel_credentials
 from .channel import channel_options as _channel_options
 from .encoding import build_infer_request, build_stream_request, decode_infer_response, decode_stream_response
@@ -109,7 +111,9 @@ class InferenceClient:
     ``protos.security.tls.TlsConfig``: CA bundle, client certificate and key
     files) makes the channel TLS; with neither, the ``MESHSERVE_TLS_*``
     environment decides, as for every daemon (none set: plaintext);
-    ``channel_options`` overlay the defaults of ``clients.channel``.
+    ``channel_options`` overlay the defaults of ``clients.channel``;
+    ``token`` (else ``$MESHSERVE_TOKEN``) is sent as ``authorization:
+    Bearer TOKEN`` on every call, for servers with a ``--token-file``.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class InferenceClient:
         credentials: grpc.ChannelCredentials | None = None,
         tls: TlsConfig | None = None,
         channel_options: Sequence[tuple[str, object]] | None = None,
+        token: str | None = None,
     ):
         options = _channel_options(channel_options)
         credentials = _channel_credentials(credentials, tls)
@@ -128,6 +133,7 @@ class InferenceClient:
             self._channel = grpc.insecure_channel(address, options=options)
         else:
             self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._channel = with_token(self._channel, _bearer_token(token))
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.address = address

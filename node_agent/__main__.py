@@ -30,6 +30,7 @@ import socket
 import sys
 
 from protos.security.tls import add_tls_arguments, tls_from_args
+from protos.security.tokens import ENV_TOKEN, TokenError, client_token
 
 from .agent import Agent, AgentConfig
 from .gpu_probe import parse_fake_spec, select_probe
@@ -104,7 +105,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "flags, run_as user, caps; default: nothing is allowed to run")
     parser.add_argument("--log-level", default="INFO")
     add_tls_arguments(parser)
+    parser.add_argument("--token-file", metavar="FILE",
+                        help=f"a file holding this node's bearer token for the scheduler (role agent, NAME the "
+                             f"node name; default ${ENV_TOKEN}); with mutual TLS its certificate is enough")
     args = parser.parse_args(argv)
+    try:
+        args.token = client_token(args.token_file)
+    except TokenError as err:
+        parser.error(str(err))
     # Replicas listen on --bind-host (else --host) with these settings: plaintext only on loopback.
     args.tls = tls_from_args(parser, args, f"{args.bind_host or args.host}:0")
     return args
@@ -132,7 +140,7 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
                              tls=args.tls)
     supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=policy.run_as))
     agent = Agent(AgentConfig(node_name=args.name, schedulers=args.scheduler, host=args.host,
-                              labels=args.labels, report_interval_s=args.report_interval, tls=args.tls,
+                              labels=args.labels, report_interval_s=args.report_interval, tls=args.tls, token=args.token,
                               membership_file=os.path.join(args.state_dir, f"node-{args.name}.json")),
                   probe, supervisor)
     loop = asyncio.get_running_loop()

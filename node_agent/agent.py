@@ -50,6 +50,7 @@ from protos.mesh.leader import leader_named
 from protos.mesh import control_pb2 as pb
 from protos.mesh import control_pb2_grpc as pb_grpc
 from protos.security.tls import TlsConfig, aio_channel
+from protos.security.tokens import aio_token_interceptors
 
 from . import __version__, messages
 from .gpu_probe import SOURCE_FAKE, SOURCE_NONE, GpuProbe
@@ -99,6 +100,8 @@ class AgentConfig:
     membership_file: str | None = None
     # TLS to the scheduler; each connection attempt reads the current files. None: plaintext.
     tls: TlsConfig | None = None
+    # A bearer token for the scheduler (--token-file, MESHSERVE_TOKEN; role agent, NAME this node). None: none.
+    token: str | None = None
 
 
 class Refused(Exception):
@@ -261,7 +264,8 @@ class Agent:
     async def _session(self, target: str) -> str | None:
         """One stream to ``target``: raises ``Refused`` unless it answers Registered with our cluster's id;
         else returns when it ends, with where to try first next (see ``_connect_round``)."""
-        async with aio_channel(target, self.config.tls, options=CHANNEL_OPTIONS) as channel:
+        async with aio_channel(target, self.config.tls, options=CHANNEL_OPTIONS,
+                               interceptors=aio_token_interceptors(self.config.token)) as channel:
             call = pb_grpc.AgentServiceStub(channel).Connect()
             try:
                 registered = await self._handshake(target, call)

@@ -43,6 +43,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.backoff import Backoff
 from protos.mesh.assignment_env import GPU_MEMORY_ENV
 from protos.security.tls import TlsConfig, aio_channel, without_tls_environment
+from protos.security.tokens import without_token_environment
 from protos.sizes import parse_size
 
 from .gpu_probe import GpuLoad
@@ -319,7 +320,8 @@ class Replica:
             argv.append("--strict")
         argv += ["--drain-delay", f"{options.drain_delay_s:g}"]
         argv.extend(spec.runtime_args)  # after ours: a deployment's runtime_args may override them
-        env = without_tls_environment({**options.base_env, "PYTHONUNBUFFERED": "1", **dict(spec.env)})
+        env = without_token_environment(without_tls_environment({**options.base_env, "PYTHONUNBUFFERED": "1",
+                                                                 **dict(spec.env)}))   # the agent's token stays
         env.update((options.tls or TlsConfig()).as_environment())   # the agent's TLS, whatever the spec says
         # gpu_indices decide, whatever the env says: the scheduler placed the replica there.
         env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices

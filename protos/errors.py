@@ -105,11 +105,23 @@ def drop_tracebacks(err: BaseException) -> None:
         err = err.__cause__ or err.__context__
 
 
+class Unauthenticated(MeshError):
+    """The caller presented no credentials this server accepts."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MeshError):
+    """The caller is known, but its role may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {
     cls.code: cls
     for cls in (
         InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
-        DeadlineExceeded, Unavailable, Unimplemented, Cancelled, Internal,
+        DeadlineExceeded, Unavailable, Unimplemented, Cancelled, Internal, Unauthenticated, PermissionDenied,
     )
 }
 

@@ -18,7 +18,9 @@ from google.protobuf import text_format
 
 from protos.listen import ListenError, exit_on_listen_error
 from protos.mesh import control_pb2 as mesh
+from protos.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
 from protos.security.tls import add_tls_arguments, tls_from_args
+from protos.security.tokens import ENV_TOKEN, TokenError, client_token
 from runtime.telemetry import configure_tracing, shutdown_tracing
 
 from .routes import RouteTable
@@ -43,8 +45,17 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--log-level", default="INFO")
     add_tls_arguments(parser)
+    add_auth_arguments(parser, data_plane=True)
+    parser.add_argument("--client-token-file", metavar="FILE",
+                        help=f"a file holding the bearer token this proxy presents to the schedulers "
+                             f"(default ${ENV_TOKEN}); with mutual TLS its certificate is enough")
     args = parser.parse_args(argv)
     tls = tls_from_args(parser, args, args.listen)
+    auth, roles = authenticator_from_args(parser, args, tls), data_plane_table_from_args(parser, args)
+    try:
+        token = client_token(args.client_token_file)
+    except TokenError as err:
+        parser.error(str(err))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     routes = None
     if args.routes_file:
@@ -54,6 +65,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
     return args, ProxyOptions(
         schedulers=schedulers, listen=args.listen, metrics_listen=args.metrics_listen,
         max_message_bytes=args.max_message_bytes, routes=routes, max_retries=args.max_retries, tls=tls,
+        auth=auth, roles=roles, client_token=token,
         channels_per_replica=args.channels_per_replica,
     )
 

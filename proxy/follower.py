@@ -40,6 +40,7 @@ from protos.mesh.leader import leader_named
 from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 from protos.security.tls import TlsConfig, aio_channel
+from protos.security.tokens import aio_token_interceptors
 
 from .routes import RouteTable
 
@@ -64,13 +65,14 @@ LIVENESS_TIMEOUT_S = 3.0
 
 class RouteFollower:
     def __init__(self, schedulers: Sequence[str], on_table: Callable[[RouteTable], None],
-                 backoff: Backoff = RECONNECT_BACKOFF, tls: TlsConfig | None = None):
+                 backoff: Backoff = RECONNECT_BACKOFF, tls: TlsConfig | None = None, token: str | None = None):
         if not schedulers:
             raise ValueError("at least one scheduler address is needed")
         self.schedulers = list(schedulers)
         self.on_table = on_table
         self.backoff = backoff
         self.tls = tls          # each watch opens a new channel: it reads the current files
+        self.token = token      # a bearer token for the schedulers; None: the certificate (or nothing)
         self.connected_to: str | None = None
         self.cluster_id = ""             # the first cluster id a scheduler sent; others are refused
         self._task: asyncio.Task | None = None
@@ -105,7 +107,7 @@ class RouteFollower:
     async def _watch(self, address: str) -> tuple[bool, str | None]:
         """Follow one scheduler until its watch ends or it goes silent:
         (whether it sent a table, the leader it named)."""
-        async with aio_channel(address, self.tls) as channel:
+        async with aio_channel(address, self.tls, interceptors=aio_token_interceptors(self.token)) as channel:
             call = mesh_grpc.RouteServiceStub(channel).WatchRoutes(mesh.WatchRoutesRequest())
             state = _WatchState()
             reader = asyncio.create_task(self._read(address, call, state), name=f"routes from {address}")

@@ -24,6 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
 from protos.listen import grpc_server
+from protos.security.auth import AuthInterceptor, Authenticator
+from protos.security.roles import RoleTable, data_plane_table
 from protos.security.tls import TlsConfig, add_port
 from runtime.status_interceptor import StatusInterceptor
 
@@ -66,6 +68,12 @@ class ProxyOptions:
     tracer_provider: trace.TracerProvider | None = None   # default: the global one (no-op without an SDK)
     # TLS for the front, the replica channels and the route watch (protos/security/tls.py); None: plaintext.
     tls: TlsConfig | None = None
+    # Who clients are and which endpoint groups each role may call (protos/security/auth.py, roles.py);
+    # None: authentication off / the default groups.
+    auth: Authenticator | None = None
+    roles: RoleTable | None = None
+    # The bearer token this proxy presents to the schedulers it follows (--client-token-file); None: none.
+    client_token: str | None = None
 
 
 class ProxyServer:
@@ -82,8 +90,9 @@ class ProxyServer:
         )
         self.health = health.aio.HealthServicer()
         limit = options.max_message_bytes
+        auth = AuthInterceptor(options.auth or Authenticator(), options.roles or data_plane_table())
         self.server = grpc_server(
-            interceptors=[StatusInterceptor()],
+            interceptors=[StatusInterceptor(), auth],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      *FRONT_DOOR_QUEUE],
         )
@@ -96,7 +105,8 @@ class ProxyServer:
         self.port = int(self.address.rsplit(":", 1)[1])
         self.metrics_server = MetricsHttpServer(options.metrics_listen, self.metrics.render) \
             if options.metrics_listen else None
-        self.follower = RouteFollower(options.schedulers, self.set_routes, tls=options.tls) \
+        self.follower = RouteFollower(options.schedulers, self.set_routes, tls=options.tls,
+                                      token=options.client_token) \
             if options.schedulers else None
         self._has_table = asyncio.Event()
         self._background: set[asyncio.Task] = set()

@@ -19,7 +19,8 @@ from opentelemetry import propagate, trace
 
 TRACER_NAME = "meshserve.proxy"
 # Metadata the transport owns or that must not travel to the replica as is.
-_NOT_FORWARDED = frozenset({"user-agent", "content-type", "te", "host", "content-length"})
+# authorization: a client's bearer token is for the proxy alone, never passed on to a replica.
+_NOT_FORWARDED = frozenset({"user-agent", "content-type", "te", "host", "content-length", "authorization"})
 _TRACE_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
 
 Metadata = tuple[tuple[str, str | bytes], ...]

@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from protos.listen import ListenError, exit_on_listen_error
+from protos.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
 from protos.security.tls import add_tls_arguments, tls_from_args
 
 from .ensemble_remote import parse_remote_model
@@ -40,8 +41,10 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
                         help="uvloop serves ~10%% more requests per second (bench/replica.py)")
     parser.add_argument("--log-level", default="INFO")
     add_tls_arguments(parser)
+    add_auth_arguments(parser, data_plane=True)
     args = parser.parse_args(argv)
     tls = tls_from_args(parser, args, args.listen)
+    auth, roles = authenticator_from_args(parser, args, tls), data_plane_table_from_args(parser, args)
     remote_models = {}
     for text in args.remote_model:
         try:
@@ -54,7 +57,7 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
         repository=args.model_repository, models=args.models, listen=args.listen,
         max_message_bytes=args.max_message_bytes, grace_period_s=args.grace_period,
         drain_delay_s=args.drain_delay, strict=args.strict, remote_models=remote_models, tls=tls,
-        model_control=args.model_control,
+        model_control=args.model_control, auth=auth, roles=roles,
     )
 
 

@@ -27,6 +27,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.listen import grpc_server
+from protos.security.auth import AuthInterceptor, Authenticator
+from protos.security.roles import RoleTable, data_plane_table
 from protos.security.tls import TlsConfig, add_port
 
 from .heap_trim import HeapTrimmer
@@ -60,6 +62,10 @@ class ServerOptions:
     model_control: str = NONE
     # TLS for the server and the --remote-model channels (protos/security/tls.py); None: plaintext on loopback.
     tls: TlsConfig | None = None
+    # Who callers are and which endpoint groups each role may call (protos/security/auth.py, roles.py);
+    # None: authentication off / the default groups.
+    auth: Authenticator | None = None
+    roles: RoleTable | None = None
 
 
 class RuntimeServer:
@@ -73,8 +79,9 @@ class RuntimeServer:
         self.heap_trimmer = HeapTrimmer()  # refused and finished large requests leave no resident memory
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         limit = options.max_message_bytes
+        auth = AuthInterceptor(options.auth or Authenticator(), options.roles or data_plane_table())
         self.server = grpc_server(
-            interceptors=[StatusInterceptor()],
+            interceptors=[StatusInterceptor(), auth],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)

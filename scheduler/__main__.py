@@ -8,6 +8,7 @@ import logging
 import sys
 
 from protos.listen import ListenError, exit_on_listen_error
+from protos.security.auth import add_auth_arguments, authenticator_from_args
 from protos.security.tls import add_tls_arguments, tls_from_args
 
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S
@@ -31,9 +32,14 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S)
     parser.add_argument("--log-level", default="INFO")
     add_tls_arguments(parser)
+    add_auth_arguments(parser, data_plane=False)
+    parser.add_argument("--audit-log", metavar="FILE",
+                        help="append one JSON line per mutating admin call (allowed or refused) to FILE; "
+                             "default: the log, at INFO under logger meshserve.audit")
     add_etcd_arguments(parser)
     args = parser.parse_args(argv)
     tls = tls_from_args(parser, args, args.listen)
+    auth = authenticator_from_args(parser, args, tls)
     try:
         etcd_security = etcd_security_from_args(args)
     except ValueError as err:
@@ -41,7 +47,8 @@ def _serve(argv: list[str]) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = SchedulerOptions(listen=args.listen, store_url=args.store, scheduler_id=args.id,
                                election_ttl_s=args.election_ttl, report_interval_s=args.report_interval,
-                               heartbeat_timeout_s=args.heartbeat_timeout, tls=tls, etcd_security=etcd_security)
+                               heartbeat_timeout_s=args.heartbeat_timeout, tls=tls, etcd_security=etcd_security,
+                               auth=auth, audit_log=args.audit_log)
     try:
         asyncio.run(serve(options))
     except CorruptStore as exc:

@@ -1,17 +1,23 @@
 """``mesh.AgentService``: one bidirectional stream per node agent.
 
-A stream ends when the agent closes it, when a newer stream of the same node
-replaces it (OK), or when this scheduler stops leading: then with
-FAILED_PRECONDITION naming the leader, as a standby refuses a new stream.
+A stream ends when the agent closes it, when the node is deleted, or when
+this scheduler stops leading: then with FAILED_PRECONDITION naming the
+leader, as a standby refuses a new stream. A second stream for a node that
+is connected is refused (scheduler/core.py).
+
+When authentication is on, an agent is the node its identity names: a
+Register with an empty node name takes the identity's NAME, one naming
+another node is refused with PERMISSION_DENIED (an admin may register any).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from protos.errors import InvalidArgument
+from protos.errors import InvalidArgument, PermissionDenied
 from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
+from protos.security.auth import Authenticator
 
 from .core import SchedulerCore
 
@@ -20,8 +26,9 @@ REGISTER_TIMEOUT_S = 10.0
 
 
 class AgentService(mesh_grpc.AgentServiceServicer):
-    def __init__(self, core: SchedulerCore):
+    def __init__(self, core: SchedulerCore, auth: Authenticator | None = None):
         self.core = core
+        self.auth = auth or Authenticator()
 
     async def Connect(self, request_iterator, context):
         self.core.require_leader()
@@ -33,7 +40,7 @@ class AgentService(mesh_grpc.AgentServiceServicer):
             raise InvalidArgument("an agent stream must start with a Register message") from None
         if first.WhichOneof("kind") != "register":
             raise InvalidArgument(f"an agent stream must start with Register, not {first.WhichOneof('kind')}")
-        name = first.register.node_name
+        name = self._node_name(first.register, context)
         channel = await self.core.register(first.register)
 
         async def read_reports() -> None:
@@ -57,3 +64,16 @@ class AgentService(mesh_grpc.AgentServiceServicer):
         finally:
             reader.cancel()
             self.core.disconnect(name, channel)
+
+    def _node_name(self, register: mesh.Register, context) -> str:
+        """The node this stream speaks for: its identity's name when authentication is on."""
+        if not self.auth.enabled:
+            return register.node_name
+        who = self.auth.identify(context)
+        if who.role != "agent":
+            return register.node_name      # an admin (the interceptor admits no one else)
+        if not register.node_name:
+            register.node_name = who.name
+        elif register.node_name != who.name:
+            raise PermissionDenied(f"{who} may register only as node {who.name!r}, not {register.node_name!r}")
+        return who.name

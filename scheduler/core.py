@@ -16,6 +16,11 @@ Guarantees:
 - Every agent always holds the complete, latest set of replicas its node
   should run (sent whenever it changes): level-triggered, so a lost message
   or a reconnect needs no special handling.
+- One stream per node: a Register for a node whose stream is open and
+  reported within the heartbeat timeout is refused (FAILED_PRECONDITION
+  "node X is already connected"), so an impostor cannot push the real agent
+  off. Once the old stream is closed, or silent past the heartbeat timeout
+  (a half-open connection), a new one takes its place.
 - A replica is assigned to at most one node at a time: a returning agent
   gets only what the store says is its own, and stops anything else.
 - Route watchers get a complete table whenever the set of ready replicas
@@ -31,7 +36,7 @@ import logging
 import time
 from typing import Awaitable, Callable
 
-from protos.errors import InvalidArgument
+from protos.errors import FailedPrecondition, InvalidArgument
 from protos.mesh import control_pb2 as mesh
 from protos.mesh.assignment_env import CPU_ENV, GPU_MEMORY_ENV
 from protos.mesh.leader import not_leader_message
@@ -176,6 +181,7 @@ class SchedulerCore:
         if not name:
             raise InvalidArgument("Register.node_name is empty")
         cluster = self.cluster
+        self._refuse_second_stream(name)
         node = cluster.nodes.get(name) or NodeRecord(name=name)
         before = node.to_json()
         node.host, node.labels, node.gpu_source = register.host, dict(register.labels), register.gpu_source
@@ -187,7 +193,7 @@ class SchedulerCore:
         cluster.record_event(f"node/{name}", f"registered ({register.gpu_source} GPUs: {len(register.gpus)})")
         previous = self._node_channels.pop(name, None)
         if previous is not None:
-            previous.put_nowait(None)  # a second stream for one node replaces the first
+            previous.put_nowait(None)  # silent past the heartbeat timeout (_refuse_second_stream): ended
         live = LiveNode(connected=True, last_report=cluster.clock())
         cluster.live[name] = live
         self._apply_usage(name, register.gpus, register.resources, register.replicas)
@@ -199,6 +205,16 @@ class SchedulerCore:
         self._push_assignments(only=name)
         self.poke()
         return channel
+
+    def _refuse_second_stream(self, name: str) -> None:
+        if name not in self._node_channels:
+            return
+        live = self.cluster.live.get(name)
+        silent_s = self.cluster.clock() - live.last_report if live else float("inf")
+        if silent_s < self.heartbeat_timeout_s:
+            raise FailedPrecondition(f"node {name} is already connected (its stream reported {silent_s:.1f}s ago); "
+                                     f"a second connection is refused")
+        log.warning("node %s: replacing its stream, silent for %.1fs", name, silent_s)
 
     async def report(self, name: str, report: mesh.UsageReport) -> None:
         try:

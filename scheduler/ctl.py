@@ -55,6 +55,7 @@ from protos import errors
 from protos.mesh import control_pb2 as pb
 from protos.mesh import control_pb2_grpc as pb_grpc
 from protos.security.tls import TlsConfig, TlsError, add_tls_arguments, sync_channel
+from protos.security.tokens import ENV_TOKEN, TokenError, client_token, with_token
 
 from . import output
 from .spec import MAX_REPLICAS, SpecError, parse_deployments, specs_to_yaml
@@ -132,10 +133,12 @@ def _unreachable_reason(code: grpc.StatusCode, details: str, timeout_s: float) -
 class Session:
     """The channel to the leader, found on the first call and closed on exit."""
 
-    def __init__(self, servers: list[str], timeout_s: float, tls: TlsConfig | None = None):
+    def __init__(self, servers: list[str], timeout_s: float, tls: TlsConfig | None = None,
+                 token: str | None = None):
         self.servers = servers
         self.timeout_s = timeout_s
         self.tls = tls              # --tls-* / MESHSERVE_TLS_*; None: plaintext
+        self.token = token          # --token-file / MESHSERVE_TOKEN: sent as a bearer token on every call
         self.address: str | None = None
         self._leader_unimplemented = False     # the chosen address did not know the Leader RPC
         self._channel: grpc.Channel | None = None
@@ -147,6 +150,9 @@ class Session:
     def __exit__(self, *exc_info: Any) -> None:
         if self._channel is not None:
             self._channel.close()
+
+    def _open(self, address: str) -> grpc.Channel:
+        return with_token(sync_channel(address, self.tls), self.token)
 
     def _probe(self, channels: dict[str, grpc.Channel], timeout_s: float) -> dict[str, Any]:
         """Ask every address ``Leader`` at once; its reply or its RpcError, by address.
@@ -179,7 +185,7 @@ class Session:
 
     def _find_leader(self) -> None:
         probe_timeout = min(self.timeout_s, LEADER_PROBE_TIMEOUT_S)
-        channels = {address: sync_channel(address, self.tls) for address in self.servers}
+        channels = {address: self._open(address) for address in self.servers}
         answers = self._probe(channels, probe_timeout)
         unreachable: list[str] = []
         named: list[tuple[str, str]] = []      # (standby, the leader it names)
@@ -200,6 +206,12 @@ class Session:
                 continue
             code, details = (_rpc_failure(answer) if answer is not None
                              else (grpc.StatusCode.DEADLINE_EXCEEDED, ""))
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                for channel in channels.values():
+                    channel.close()
+                raise CtlError(f"the scheduler at {address} refused us ({code.name}): {details}"
+                               + (f"; give --token-file or ${ENV_TOKEN}, or a client certificate"
+                                  if code is grpc.StatusCode.UNAUTHENTICATED else ""))
             if code is grpc.StatusCode.UNIMPLEMENTED:
                 unimplemented.append(address)
             elif code is grpc.StatusCode.UNAVAILABLE and names_an_unavailable_store(details):
@@ -234,7 +246,7 @@ class Session:
             if address != chosen:
                 channel.close()
         self.address = chosen
-        self._channel = channels.get(chosen) or sync_channel(chosen, self.tls)
+        self._channel = channels.get(chosen) or self._open(chosen)
         self._stub = pb_grpc.AdminServiceStub(self._channel)
 
     def call(self, method: str, request: Any) -> Any:
@@ -265,6 +277,8 @@ class Session:
         if isinstance(error, errors.Unimplemented):
             return CtlError(f"the scheduler at {self.address} does not implement {method} "
                             f"(is it an older version?)")
+        if isinstance(error, (errors.Unauthenticated, errors.PermissionDenied)):
+            return CtlError(f"{method} refused ({code.name}): {error.message}")
         if isinstance(error, (errors.Internal, errors.Cancelled)) or type(error) is errors.MeshError:
             return CtlError(f"the scheduler failed ({code.name}): {error.message}")
         return CtlError(error.message)
@@ -505,6 +519,9 @@ def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
                                        description=description)
     _add_global_options(parser, defaults=True)
     add_tls_arguments(parser)   # before the verb: scheduler ctl --tls-ca ca.pem get nodes (or MESHSERVE_TLS_*)
+    parser.add_argument("--token-file", metavar="FILE",
+                        help=f"a file holding your bearer token (`scheduler ctl tokens create`); "
+                             f"default ${ENV_TOKEN}")
     common = argparse.ArgumentParser(add_help=False)
     _add_global_options(common, defaults=False)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -565,6 +582,13 @@ def _tls(args: argparse.Namespace) -> TlsConfig:
         raise CtlError(str(err), EXIT_USAGE) from None
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    try:
+        return client_token(getattr(args, "token_file", None))
+    except TokenError as err:
+        raise CtlError(str(err), EXIT_USAGE) from None
+
+
 def _print_error(message: str) -> None:
     first, *rest = message.split("\n")
     sys.stderr.write(f"error: {first}\n" + "".join(f"  {line}\n" for line in rest))
@@ -573,7 +597,7 @@ def _print_error(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run a parsed command; the exit code. Prints results on stdout and failures on stderr."""
     try:
-        with Session(_servers(args), args.timeout, _tls(args)) as session:
+        with Session(_servers(args), args.timeout, _tls(args), _token(args)) as session:
             return _VERBS[args.verb](args, session)
     except CtlError as err:
         _print_error(err.message)
@@ -594,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
         from .certs import main as certs_main
 
         return certs_main(argv[1:])
+    if argv and argv[0] == "tokens":  # prints a new token and its token file line: no scheduler is asked
+        from .tokens import main as tokens_main
+
+        return tokens_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -33,11 +33,14 @@ from dataclasses import dataclass
 from protos.mesh import control_pb2_grpc as mesh_grpc
 from protos.listen import grpc_server
 from protos.mesh.leader import leader_hint
+from protos.security.auth import AuthInterceptor, Authenticator
+from protos.security.roles import control_plane_table
 from protos.security.tls import TlsConfig, add_port
 from runtime.status_interceptor import StatusInterceptor
 
 from .admin_service import AdminService
 from .agent_service import AgentService
+from .audit import AuditLog
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S, SchedulerCore
 from .election import Election
 from .route_service import RouteService
@@ -81,12 +84,20 @@ class SchedulerOptions:
     tls: TlsConfig | None = None
     # TLS and user/password auth towards an etcd store.
     etcd_security: EtcdSecurity | None = None
+    # Who callers are (protos/security/auth.py); None: authentication off, every caller allowed.
+    auth: Authenticator | None = None
+    # Audit lines of mutating admin calls go here (JSON lines); None: the log, logger meshserve.audit.
+    audit_log: str | None = None
 
 
 class SchedulerServer:
     def __init__(self, options: SchedulerOptions):
         self.options = options
-        self.server = grpc_server(interceptors=[StatusInterceptor()], options=SERVER_OPTIONS)
+        self.auth = options.auth or Authenticator()
+        self.audit = AuditLog(options.audit_log)
+        self.server = grpc_server(
+            interceptors=[StatusInterceptor(), AuthInterceptor(self.auth, control_plane_table(), self.audit)],
+            options=SERVER_OPTIONS)
         self.address = add_port(self.server, options.listen, options.tls)  # ListenError: the port is taken
         self.port = int(self.address.rsplit(":", 1)[1])
         self.scheduler_id = options.scheduler_id or f"{socket.gethostname()}:{self.port}"
@@ -105,7 +116,7 @@ class SchedulerServer:
                                   report_interval_s=self.options.report_interval_s,
                                   heartbeat_timeout_s=self.options.heartbeat_timeout_s)
         self.core.cluster_id = cluster_id
-        mesh_grpc.add_AgentServiceServicer_to_server(AgentService(self.core), self.server)
+        mesh_grpc.add_AgentServiceServicer_to_server(AgentService(self.core, self.auth), self.server)
         mesh_grpc.add_AdminServiceServicer_to_server(AdminService(self.core, self._leader_info), self.server)
         mesh_grpc.add_RouteServiceServicer_to_server(RouteService(self.core), self.server)
         await self.server.start()
@@ -169,6 +180,7 @@ class SchedulerServer:
         await self.server.stop(1.0)
         if self.store:
             await self.store.close()
+        self.audit.close()
 
 
 async def _first_of(*waits) -> None:

@@ -65,11 +65,11 @@ def test_a_mesh_over_mutual_tls_end_to_end(tmp_path, processes):
                                       "0.3", *flags("scheduler-1", "scheduler")])
     processes.append(scheduler)
     address = scheduler.wait_listening()
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(development_policy_yaml(REPO_ROOT / "examples"))
+    policy = tmp_path / "policy.yaml"     # the host policy lets replicas run from this checkout's examples
+    policy.write_text(development_policy_yaml(REPO_ROOT / "examples", REPO_ROOT / "tests"))
     processes.append(Process("agent", ["-m", "node_agent", "--scheduler", address, "--name", "node-a",
-                                       "--fake-gpus", "1x24GiB", "--host", "127.0.0.1", *flags("node-a", "agent"),
-                                       "--state-dir", str(tmp_path / "agent-state"), "--policy", str(policy)]))
+                                       "--fake-gpus", "1x24GiB", "--host", "127.0.0.1", "--policy", str(policy),
+                                       "--state-dir", str(tmp_path / "agent-state"), *flags("node-a", "agent")]))
     admin_tls = pki.tls("admin-1", "admin")
     channel = sync_channel(address, admin_tls)
     admin = mesh_grpc.AdminServiceStub(channel)

@@ -346,12 +346,15 @@ def check_listen(address: str, tls: TlsConfig) -> None:
 
 
 def aio_channel(target: str, tls: TlsConfig | None,
-                options: Sequence[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
-    """A ``grpc.aio`` channel to ``target``: TLS with the current files when ``tls`` is enabled."""
+                options: Sequence[tuple[str, Any]] | None = None,
+                interceptors: Sequence[Any] | None = None) -> grpc.aio.Channel:
+    """A ``grpc.aio`` channel to ``target``: TLS with the current files when ``tls`` is enabled.
+
+    ``interceptors``: client interceptors, e.g. ``tokens.aio_token_interceptors`` (a bearer token)."""
     credentials = tls.channel_credentials() if tls else None
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=options)
-    return grpc.aio.secure_channel(target, credentials, options=options)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
 
 
 def sync_channel(target: str, tls: TlsConfig | None,
