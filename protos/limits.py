@@ -36,8 +36,9 @@ CONTROL_PLANE_MAX_MESSAGE_BYTES = 4 * MIB
 # unary calls at once (MAX_CALLS_PER_REPLICA), plus its pinned streams and a health watch. 1024 leaves
 # room for those many times over; one client past it gets its extra calls held, not served.
 DATA_PLANE_MAX_STREAMS_PER_CONNECTION = 1024
-# An agent holds one stream, a proxy one route watch and a liveness call, ctl a call or two.
-CONTROL_PLANE_MAX_STREAMS_PER_CONNECTION = 64
+# An agent holds one stream, a proxy one route watch and a liveness call, ctl a call or two; the
+# in-process agents and proxies of ``scheduler dev`` share one connection (gRPC shares subchannels).
+CONTROL_PLANE_MAX_STREAMS_PER_CONNECTION = 256
 
 # Node agents ping the scheduler every 2 s (node_agent/agent.py KEEPALIVE_TIME_MS) to notice a silent
 # one; 1 s lets them, and stops a client pinging in a loop. The data plane's clients keep their
@@ -49,7 +50,7 @@ MAX_PING_STRIKES = 2
 
 # gRPC core queues calls its application has not picked up yet, at most 1,000 by default, and sheds the
 # rest with a bare CANCELLED. The runtime picks calls up at once (its batcher queues them), the
-# scheduler's calls are few: gRPC's bound stands. The proxy raises it (proxy/server.py FRONT_DOOR_QUEUE).
+# scheduler's calls are few: gRPC's bound stands. The proxy raises it (proxy/server.py FRONT_DOOR_*).
 DEFAULT_MAX_PENDING_REQUESTS = 1000
 
 

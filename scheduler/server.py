@@ -30,6 +30,7 @@ import socket
 from dataclasses import dataclass
 
 
+from protos import limits
 from protos.mesh import control_pb2_grpc as mesh_grpc
 from protos.listen import grpc_server
 from protos.mesh.leader import leader_hint
@@ -58,14 +59,9 @@ STORE_RETRY_S = 1.0
 # a paused or partitioned scheduler (node_agent/agent.py KEEPALIVE_*). gRPC
 # servers refuse pings more often than every 5 min on a stream with no data
 # sent back (and then close the connection); the scheduler sends agents
-# nothing for long stretches, so allow a ping per second, without strikes.
-MIN_CLIENT_PING_INTERVAL_MS = 1000
-SERVER_OPTIONS = [
-    # (gRPC core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS)
-    ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
+# nothing for long stretches, so allow a ping per second; pinging faster is struck (protos/limits.py).
+MIN_CLIENT_PING_INTERVAL_MS = limits.CONTROL_PLANE_MIN_PING_INTERVAL_MS
+SERVER_OPTIONS = limits.CONTROL_PLANE.server_options()
 
 
 @dataclass
