@@ -41,9 +41,10 @@ DATA_PLANE_MAX_STREAMS_PER_CONNECTION = 1024
 CONTROL_PLANE_MAX_STREAMS_PER_CONNECTION = 256
 
 # Node agents ping the scheduler every 2 s (node_agent/agent.py KEEPALIVE_TIME_MS) to notice a silent
-# one; 1 s lets them, and stops a client pinging in a loop. The data plane's clients keep their
-# connections busy with calls; a keepalive more often than every 10 s only costs the server.
-CONTROL_PLANE_MIN_PING_INTERVAL_MS = 1000
+# one, and gRPC clients ping at most once a second whatever they are set to; half a second lets every
+# one of them (with timer jitter), and strikes a client pinging in a loop. The data plane's clients
+# keep their connections busy with calls; a keepalive more often than every 10 s only costs the server.
+CONTROL_PLANE_MIN_PING_INTERVAL_MS = 500
 DATA_PLANE_MIN_PING_INTERVAL_MS = 10_000
 # gRPC core's default: a third ping too early closes the connection.
 MAX_PING_STRIKES = 2

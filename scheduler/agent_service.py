@@ -13,6 +13,7 @@ from protos.errors import InvalidArgument
 from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 
+from .agent_channel import carries_secrets
 from .core import SchedulerCore
 
 # How long an agent may take to say who it is after opening its stream.
@@ -34,7 +35,7 @@ class AgentService(mesh_grpc.AgentServiceServicer):
         if first.WhichOneof("kind") != "register":
             raise InvalidArgument(f"an agent stream must start with Register, not {first.WhichOneof('kind')}")
         name = first.register.node_name
-        channel = await self.core.register(first.register)
+        channel = await self.core.register(first.register, carries_secrets=carries_secrets(context))
 
         async def read_reports() -> None:
             try:

@@ -45,6 +45,7 @@ from .route_service import RouteService
 from .store import CorruptStore, StoreError, open_store
 from .store.etcd_security import EtcdSecurity
 from .store.identity import ensure_cluster_id
+from .verify import GrpcReplicaVerifier
 from .writer import FencedWriter
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ class SchedulerServer:
         writer = FencedWriter(self.store, self.election.fence)
         self.core = SchedulerCore(writer, scheduler_id=self.scheduler_id,
                                   report_interval_s=self.options.report_interval_s,
-                                  heartbeat_timeout_s=self.options.heartbeat_timeout_s)
+                                  heartbeat_timeout_s=self.options.heartbeat_timeout_s,
+                                  verifier=GrpcReplicaVerifier(self.options.tls))
         self.core.cluster_id = cluster_id
         mesh_grpc.add_AgentServiceServicer_to_server(AgentService(self.core), self.server)
         mesh_grpc.add_AdminServiceServicer_to_server(AdminService(self.core, self._leader_info), self.server)
