@@ -30,6 +30,9 @@ _NAME_FIELD, _VERSION_FIELD, _ID_FIELD = 1, 2, 3
 # ModelInferRequest.inputs and .outputs: their parameters are where a tensor names a shared memory region.
 _TENSOR_FIELDS = (5, 6)
 _SHM_KEY = b"shared_memory_region"  # runtime.shared_memory.REGION_PARAMETER
+# Up to this size one search of the whole request (C speed, under a microsecond) rules the key out
+# before any field is walked in Python (~15 µs); above it the walk is cheaper than the search.
+_WHOLE_SEARCH_BYTES = 8192
 _STRING_FIELDS = {_NAME_FIELD: "the model name", _VERSION_FIELD: "the model version", _ID_FIELD: "the request id"}
 
 
@@ -103,6 +106,13 @@ def may_name_shared_memory(data: bytes) -> bool:
     ``shared_memory_region`` parameter key. Only those small messages are searched, never the
     tensor bytes (field 7); True may be a tensor merely named so: parse to be sure. Call it after
     ``scan_request`` accepted ``data`` (a malformed message answers False here)."""
+    size = len(data)
+    if size <= _WHOLE_SEARCH_BYTES:
+        return _SHM_KEY in data and _key_in_tensors(data)
+    return _key_in_tensors(data)
+
+
+def _key_in_tensors(data: bytes) -> bool:
     pos, size = 0, len(data)
     try:
         while pos < size:

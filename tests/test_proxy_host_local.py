@@ -102,3 +102,31 @@ def test_a_tensor_merely_named_like_the_parameter_is_forwarded(proxy):
     request.outputs.add(name="OUTPUT0").parameters["note"].string_param = "shared_memory_region"
     response = proxy.ModelInfer(request, timeout=RPC_TIMEOUT_S)
     assert response.outputs[0].name == "OUTPUT0"
+
+
+@pytest.mark.parametrize("elements", [16, 1 << 16])     # below and above the whole-buffer search
+def test_the_scan_finds_the_parameter_in_any_tensor_and_only_there(elements):
+    from proxy.wire import may_name_shared_memory
+
+    def request(where: str) -> bytes:
+        r = pb.ModelInferRequest(model_name="add_sub")
+        data = np.zeros(elements, np.uint8).tobytes()
+        if where == "bytes":
+            data = b"shared_memory_region" + data
+        t = r.inputs.add(name="INPUT0", datatype="UINT8", shape=[len(data)])
+        if where == "input":
+            t.parameters["shared_memory_region"].string_param = "x"
+        o = r.outputs.add(name="OUTPUT0")
+        if where == "output":
+            o.parameters["shared_memory_region"].string_param = "x"
+        r.raw_input_contents.append(data)
+        return r.SerializeToString()
+
+    assert may_name_shared_memory(request("input")) and may_name_shared_memory(request("output"))
+    assert not may_name_shared_memory(request("none")) and not may_name_shared_memory(request("bytes"))
+    # Fields in any order (a hostile client need not follow protobuf's): the tensor bytes first.
+    head = pb.ModelInferRequest(model_name="add_sub")
+    head.raw_input_contents.append(b"\0" * elements)
+    tail = pb.ModelInferRequest()
+    tail.inputs.add(name="INPUT0").parameters["shared_memory_region"].string_param = "x"
+    assert may_name_shared_memory(head.SerializeToString() + tail.SerializeToString())
