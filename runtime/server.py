@@ -62,7 +62,7 @@ class ServerOptions:
     model_control: str = NONE
     # TLS for the server and the --remote-model channels (protos/security/tls.py); None: plaintext on loopback.
     tls: TlsConfig | None = None
-    # System shared memory: "system" (Triton's default) or "none" (runtime/shared_memory.py SHARED_MEMORY_MODES).
+    # System shared memory: "system" (Triton's default) or "none" (runtime/shared_memory.py MODES).
     shared_memory: str = SYSTEM
 
 

@@ -30,9 +30,9 @@ from .telemetry import RequestTrace, extract_context, runtime_tracer
 
 SERVER_NAME = "meshserve"
 # Only what this runtime really implements (Triton's load generator reads this).
-EXTENSIONS = ["classification", "model_repository", "model_configuration", "schedule_policy",
-              "statistics", "parameters", "system_shared_memory"]
 SHM_EXTENSION = "system_shared_memory"   # not listed when --shared-memory none
+EXTENSIONS = ["classification", "model_repository", "model_configuration", "schedule_policy",
+              "statistics", "parameters", SHM_EXTENSION]
 
 
 def _server_version() -> str:

@@ -10,7 +10,8 @@ so a region is visible only on the connection that registered it.
 Guarantees: ``owner_of`` never returns the same key for two different
 identities or for an identity and a bare connection ("id:" and "peer:"
 prefixes); a call whose peer cannot be told (no ``peer()``) gets a key of its
-own that nothing else gets, so it shares regions with nobody. ``identity_of``
+own that nothing else gets, so it shares regions with nobody; an in-process
+call (no context) is ``LOCAL_OWNER``. ``identity_of``
 is the one place a future authentication layer (tokens) plugs its caller's
 identity in.
 """
@@ -24,6 +25,7 @@ from typing import NamedTuple
 from protos.security.identity import Identity, from_certificate
 
 from .peer_connections import PeerKey, peer_key
+from .shared_memory import LOCAL_OWNER
 
 # A few distinct client certificates are all a server sees; parsing one costs ~50 µs.
 _CERTIFICATE_CACHE = 256
@@ -55,9 +57,11 @@ def identity_of(context) -> Identity | None:
 
 def scope_of(context) -> Scope:
     """The scope of the calling client (see the module docstring)."""
-    peer = context.peer() if context is not None else None
+    if context is None:             # an in-process call, no gRPC client
+        return Scope(LOCAL_OWNER, None)
+    peer = context.peer()
     connection = peer_key(peer) if peer else None
-    who = identity_of(context) if context is not None else None
+    who = identity_of(context)
     if who is not None:
         return Scope(f"id:{who.uri}", connection)
     if peer:

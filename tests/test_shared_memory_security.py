@@ -163,3 +163,26 @@ def test_a_runtime_started_without_shared_memory_refuses_registration():
             assert "system_shared_memory" not in extensions
     finally:
         process.stop()
+
+
+def test_peer_keys_match_the_kernels_socket_table():
+    import socket
+
+    from runtime.peer_connections import open_peers, peer_key
+
+    assert peer_key("ipv4:127.0.0.1:5000") == ("127.0.0.1", 5000)
+    assert peer_key("ipv6:[::1]:5000") == peer_key("ipv6:%5B::1%5D:5000") == ("::1", 5000)
+    assert peer_key("ipv6:[::ffff:127.0.0.1]:5000") == ("127.0.0.1", 5000)
+    assert peer_key("unix:/tmp/socket") is None
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        assert client.getsockname() in open_peers(port)
+        client.close()
+        deadline = time.monotonic() + RELEASE_TIMEOUT_S
+        while ("127.0.0.1", client_port := accepted.getpeername()[1]) in open_peers(port) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ("127.0.0.1", client_port) not in open_peers(port)
+        accepted.close()
