@@ -32,10 +32,13 @@ DATA_PLANE_MAX_MESSAGE_BYTES = 256 * MIB
 # default receive limit (4 MiB) leaves room for a cluster of thousands of replicas in one table.
 CONTROL_PLANE_MAX_MESSAGE_BYTES = 4 * MIB
 
-# The proxy sends every call to a replica over one HTTP/2 connection (proxy.endpoints): up to 128
-# unary calls at once (MAX_CALLS_PER_REPLICA), plus its pinned streams and a health watch. 1024 leaves
-# room for those many times over; one client past it gets its extra calls held, not served.
-DATA_PLANE_MAX_STREAMS_PER_CONNECTION = 1024
+# Clients burst: 3,000 calls at once through the proxy on one connection (gRPC shares a connection
+# between a process's channels to one address; tests/test_proxy_admission.py) must all be answered, and a
+# client that starts calls before it has read the server's limit gets the excess refused (REFUSED_STREAM,
+# UNAVAILABLE). The proxy sends every call to a replica over one connection too (128 unary calls at once,
+# MAX_CALLS_PER_REPLICA, plus pinned streams). 4,096 covers both; past it one connection cannot go, so
+# one client holds at most that many handler tasks and HTTP/2 streams (a few KiB each).
+DATA_PLANE_MAX_STREAMS_PER_CONNECTION = 4096
 # An agent holds one stream, a proxy one route watch and a liveness call, ctl a call or two; the
 # in-process agents and proxies of ``scheduler dev`` share one connection (gRPC shares subchannels).
 CONTROL_PLANE_MAX_STREAMS_PER_CONNECTION = 256

@@ -29,23 +29,22 @@ class SharedMemoryJanitor:
         self.registry = registry
         self.interval_s = interval_s
         registry.track_connections(lambda: open_peers(port))
-        self._task: asyncio.Task | None = None
+        # A timer, not a task: a server stopped without stop() (tests) leaves nothing pending behind.
+        self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        if self.registry.enabled and self._task is None:
-            self._task = asyncio.create_task(self._sweep(), name="shared-memory-janitor")
+        if self.registry.enabled and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._sweep)
 
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            if len(self.registry):
-                try:
-                    self.registry.release_closed_connections()
-                except OSError as err:  # an unreadable table: keep the regions, say so once a sweep
-                    log.warning("cannot read the socket table to release shared memory regions: %s", err)
+    def _sweep(self) -> None:
+        if len(self.registry):
+            try:
+                self.registry.release_closed_connections()
+            except OSError as err:  # an unreadable table: keep the regions, say so once a sweep
+                log.warning("cannot read the socket table to release shared memory regions: %s", err)
+        self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._sweep)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
