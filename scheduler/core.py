@@ -294,6 +294,8 @@ class SchedulerCore:
             reason = status.message if state == FAILED else ""
             if state == READY and (replica.state != READY or replica.address != status.address):
                 problem = await self._check_claim(replica, status.address)
+                if self.cluster.replicas.get(replica.id) is not replica or replica.state == DRAINING:
+                    continue  # removed or drained while the claim was checked
                 if problem:   # not routed: it stays (or goes back to) starting, saying why
                     state, reason = STARTING, problem
             update = (state, status.address, status.pid, status.restarts, reason)
@@ -318,6 +320,8 @@ class SchedulerCore:
         model = replica.models[0] if replica.models else self._model_of(replica)
         problem = await self.verifier.problem(address, model) if address else "reported ready without an address"
         if problem:
+            for gone in [key for key in self._refused_claims if key not in self.cluster.replicas]:
+                del self._refused_claims[gone]
             self._refused_claims[replica.id] = (address, now + RETRY_AFTER_S, problem)
             if refused is None or refused[0] != address:
                 log.warning("replica %s is not routed: %s", replica.id, problem)
