@@ -14,7 +14,11 @@ host decides, from a local file the scheduler cannot change
 - runtime flags: only those of ``SAFE_RUNTIME_FLAGS`` (node_agent/runtime_flags.py; or the file's subset),
   matched exactly, never an abbreviation, each value checked. Flags that
   choose where the runtime listens or which repository it reads are never
-  allowed; ``--model-control`` only with ``allow_model_control: true``;
+  allowed, nor ``--insecure`` or ``--tls-*`` (TLS comes from the agent);
+  ``--model-control`` only with ``allow_model_control: true``;
+- shared memory: replicas get ``--shared-memory`` from ``shared_memory``
+  (``none``, the default, or ``system``: clients on this host may register
+  regions with a replica, each seeing only its own), never from a spec;
 - the Unix user: ``run_as`` names it; replicas never run as root unless
   ``allow_root: true`` says so (the dev default on a host where everything
   runs as root);
@@ -29,7 +33,7 @@ loosens or silently ignores a rule.
 
 Defaults, without ``--policy``: no repository root (every assignment is
 refused, saying to pass ``--policy``), the built-in environment variables,
-every safe runtime flag, no model control, replicas run as the agent's user
+every safe runtime flag, no model control, no shared memory, replicas run as the agent's user
 but never as root, no caps.
 """
 
@@ -50,6 +54,8 @@ from protos.errors import MeshError
 from protos.mesh.assignment_env import CPU_ENV, GPU_MEMORY_ENV
 from protos.sizes import format_size, parse_size
 from runtime.model_names import plain_model_name
+from runtime.shared_memory import MODES as SHARED_MEMORY_MODES
+from runtime.shared_memory import NONE as SHARED_MEMORY_NONE
 
 from .runtime_flags import NEVER_FLAGS, SAFE_RUNTIME_FLAGS, runtime_arg_problems
 from .runtime_flags import shown as _shown
@@ -104,6 +110,7 @@ class HostPolicy:
     env_patterns: tuple[str, ...] = ()                    # "PREFIX_*"
     runtime_flags: frozenset[str] = frozenset(SAFE_RUNTIME_FLAGS)
     allow_model_control: bool = False
+    shared_memory: str = SHARED_MEMORY_NONE               # the replicas' --shared-memory
     run_as: RunAs | None = None                           # None: the agent's own user
     allow_root: bool = False
     limits: Limits = field(default_factory=Limits)
@@ -150,6 +157,7 @@ class HostPolicy:
             repository_roots=roots, env_names=frozenset(names), env_patterns=tuple(patterns),
             runtime_flags=flags,
             allow_model_control=_bool(data.get("allow_model_control", False), f"{source}: allow_model_control"),
+            shared_memory=_shared_memory(data.get("shared_memory", SHARED_MEMORY_NONE), source),
             run_as=None if run_as is None else _user(run_as, source),
             allow_root=_bool(data.get("allow_root", False), f"{source}: allow_root"),
             limits=_limits(data.get("limits") or {}, source), source=source,
@@ -232,8 +240,15 @@ class HostPolicy:
                 problems.append(f"{cores:g} CPU cores asked for, at most {limits.cpu_cores:g} per replica")
 
 
-_KEYS = {"repository_roots", "env", "runtime_flags", "allow_model_control", "run_as", "allow_root", "limits"}
+_KEYS = {"repository_roots", "env", "runtime_flags", "allow_model_control", "shared_memory", "run_as",
+         "allow_root", "limits"}
 _LIMIT_KEYS = {"gpus", "gpu_memory", "cpu"}
+
+
+def _shared_memory(value: Any, source: str) -> str:
+    if value not in SHARED_MEMORY_MODES:
+        raise PolicyError(f"{source}: shared_memory: expected one of {', '.join(SHARED_MEMORY_MODES)}, not {value!r}")
+    return value
 
 
 def _strings(value: Any, where: str) -> list[str]:

@@ -47,6 +47,9 @@ from protos.security.tokens import without_token_environment
 from protos.sizes import parse_size
 
 from .gpu_probe import GpuLoad
+from runtime.shared_memory import FLAG as SHARED_MEMORY_FLAG
+from runtime.shared_memory import NONE as SHARED_MEMORY_NONE
+
 from .policy import HostPolicy, Refused
 from .process import ChildProcess, Clock, Launcher, signal_name
 
@@ -319,6 +322,8 @@ class Replica:
         if options.strict:
             argv.append("--strict")
         argv += ["--drain-delay", f"{options.drain_delay_s:g}"]
+        # The host's choice: a spec may not pass --shared-memory (node_agent/runtime_flags.py).
+        argv += [SHARED_MEMORY_FLAG, options.policy.shared_memory if options.policy else SHARED_MEMORY_NONE]
         argv.extend(spec.runtime_args)  # after ours: a deployment's runtime_args may override them
         env = without_token_environment(without_tls_environment({**options.base_env, "PYTHONUNBUFFERED": "1",
                                                                  **dict(spec.env)}))   # the agent's token stays

@@ -6,7 +6,9 @@ each argument must be a flag spelled out in full, from the allowed set, with
 a value that its own check accepts: ``--flag VALUE`` or ``--flag=VALUE``,
 nothing positional. Guarantees: ``--listen`` and ``--model-repository`` are
 never allowed (where a replica listens and what it reads are the agent's to
-decide); ``--model-control`` only when the host policy says so.
+decide), nor ``--insecure``, any ``--tls-*`` (TLS comes from the agent) or
+``--shared-memory`` (the host policy's); ``--model-control`` only when the
+host policy says so.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from protos.errors import MeshError
 from runtime.model_control import FLAG as MODEL_CONTROL_FLAG
 from runtime.model_control import MODES as MODEL_CONTROL_MODES
 from runtime.model_names import plain_model_name
+from runtime.shared_memory import FLAG as SHARED_MEMORY_FLAG
+
+# The agent hands replicas its own TLS settings (node_agent/replica.py): a spec cannot turn TLS off or swap them.
+TLS_FROM_THE_AGENT = "TLS settings come from the node agent"
 
 # A model name, HOST:PORT or a number: far shorter. Bounds what a refusal message repeats.
 MAX_SHOWN_CHARS = 80
@@ -71,8 +77,22 @@ SAFE_RUNTIME_FLAGS: dict[str, Callable[[str], None] | None] = {
     "--log-level": _one_of("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
 }
 NEVER_FLAGS = {"--listen": "the agent picks where a replica listens",
-               "--model-repository": "the repository comes from model.repository, checked against the roots"}
+               "--model-repository": "the repository comes from model.repository, checked against the roots",
+               SHARED_MEMORY_FLAG: "the host policy's shared_memory decides",
+               "--insecure": TLS_FROM_THE_AGENT}
+# --tls-cert, --tls-key, --tls-ca, --tls-client-*, --tls-require-client-cert (protos/security/tls.py) and
+# any other --tls*: a replica serves with the node agent's TLS settings, whatever a spec says.
+TLS_FLAG_PREFIX = "--tls"
 _MODEL_CONTROL_VALUE = _one_of(*MODEL_CONTROL_MODES)
+
+
+def never_allowed(flag: str) -> str | None:
+    """Why ``flag`` is never allowed in a spec's runtime_args, None if it may be."""
+    if flag in NEVER_FLAGS:
+        return NEVER_FLAGS[flag]
+    if flag.startswith(TLS_FLAG_PREFIX):
+        return TLS_FROM_THE_AGENT
+    return None
 
 
 def runtime_arg_problems(args: Iterable[str], allowed: Collection[str], allow_model_control: bool,
@@ -88,8 +108,10 @@ def runtime_arg_problems(args: Iterable[str], allowed: Collection[str], allow_mo
         if not flag.startswith("--"):
             problems.append(f"runtime argument {shown(item)} is not a flag")
             continue
-        if flag in NEVER_FLAGS:
-            problems.append(f"runtime flag {flag} is never allowed ({NEVER_FLAGS[flag]})")
+        never = never_allowed(flag)
+        if never:
+            name = flag if flag in NEVER_FLAGS else shown(flag)
+            problems.append(f"runtime flag {name} is never allowed ({never})")
             continue
         if flag == MODEL_CONTROL_FLAG:
             if not allow_model_control:

@@ -2,7 +2,9 @@
 
 Guarantees:
 - The request bytes go to the replica as they came and the response bytes
-  come back as they went; only fields 1-2 (model name, version) are read.
+  come back as they went; only fields 1-2 (model name, version) are read,
+  and a ModelInfer request whose tensors may name a shared memory region is
+  parsed and refused if one does (``proxy.host_local``).
 - A call is retried on another replica only when the replica answered
   UNAVAILABLE: refused, unreachable, draining, or gone before answering
   (which for inference, free of side effects, is safe to run again). At
@@ -26,8 +28,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos.errors import DeadlineExceeded, InvalidArgument, MeshError, NotFound, Unavailable, error_for_status
+from protos.inference import grpc_service_pb2 as pb
 
 from .balancer import Balancer
 from .endpoints import Endpoint, EndpointPool
@@ -35,9 +39,18 @@ from .metrics import ProxyMetrics
 from .retry_budget import RetryBudget
 from .routes import Route, RouteTable
 from .tracing import ProxyTracing, forwarded_metadata
-from .wire import scan_request
+from .host_local import refuse_shared_memory
+from .wire import may_name_shared_memory, scan_request
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+INFER = "ModelInfer"
+
+
+def _parse_infer_request(request: bytes) -> pb.ModelInferRequest:
+    try:
+        return pb.ModelInferRequest.FromString(request)
+    except DecodeError as err:
+        raise InvalidArgument(f"{INFER}: malformed request: {err}") from None
 
 
 @dataclass
@@ -125,6 +138,8 @@ class UnaryForwarder:
                 head = scan_request(request)
                 if not head.model:
                     raise InvalidArgument(f"{method}: the request names no model")
+                if method == INFER and may_name_shared_memory(request):
+                    refuse_shared_memory(_parse_infer_request(request))
                 routes = self.up.routes(head.model, head.version)
             except MeshError as err:
                 raise self.reject(err) from None

@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
+from protos import limits
 from protos.listen import grpc_server
 from protos.security.auth import AuthInterceptor, Authenticator
 from protos.security.roles import RoleTable, data_plane_table
@@ -50,8 +51,8 @@ log = logging.getLogger(__name__)
 # proxy picks calls up quickly and bounds them per replica itself
 # (proxy.admission: waiting, or RESOURCE_EXHAUSTED with a message), so its
 # front door queues a burst of this size rather than dropping it.
-FRONT_DOOR_QUEUE = [("grpc.server.max_pending_requests", 20_000),
-                    ("grpc.server.max_pending_requests_hard_limit", 40_000)]
+FRONT_DOOR_PENDING_REQUESTS = 20_000
+FRONT_DOOR_QUEUE = [("grpc.server.max_pending_requests_hard_limit", 40_000)]
 
 
 @dataclass
@@ -59,8 +60,9 @@ class ProxyOptions:
     schedulers: Sequence[str] = ()          # RouteService addresses; empty: static routes only
     listen: str = "127.0.0.1:8001"          # Triton's gRPC port: clients find the mesh where they expect a server
     metrics_listen: str | None = None       # HOST:PORT for GET /metrics; None: no metrics endpoint
-    # As the runtime: large image batches pass, a runaway client gets RESOURCE_EXHAUSTED.
-    max_message_bytes: int = 256 * 1024 * 1024
+    # Server limits, with their reasons: protos/limits.py (as the runtime's).
+    max_message_bytes: int = limits.DATA_PLANE_MAX_MESSAGE_BYTES
+    max_streams_per_connection: int = limits.DATA_PLANE_MAX_STREAMS_PER_CONNECTION
     routes: RouteTable | None = None        # a static table (tests, --routes-file)
     max_retries: int = 2                    # per call, on top of the first attempt
     channels_per_replica: int = 1           # HTTP/2 connections to each replica
@@ -89,13 +91,12 @@ class ProxyServer:
             tracing=ProxyTracing(options.tracer_provider), max_retries=options.max_retries,
         )
         self.health = health.aio.HealthServicer()
-        limit = options.max_message_bytes
+        server_limits = replace(limits.DATA_PLANE, max_message_bytes=options.max_message_bytes,
+                                max_streams_per_connection=options.max_streams_per_connection,
+                                max_pending_requests=FRONT_DOOR_PENDING_REQUESTS)
         auth = AuthInterceptor(options.auth or Authenticator(), options.roles or data_plane_table())
-        self.server = grpc_server(
-            interceptors=[StatusInterceptor(), auth],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                     *FRONT_DOOR_QUEUE],
-        )
+        self.server = grpc_server(interceptors=[StatusInterceptor(), auth],
+                                  options=[*server_limits.server_options(), *FRONT_DOOR_QUEUE])
         servicer = ProxyServicer(self.upstreams, has_table=lambda: self._table is not None)
         self.server.add_generic_rpc_handlers((
             service_handler(servicer, UnaryForwarder(self.upstreams), StreamForwarder(self.upstreams)),

@@ -8,8 +8,9 @@
   the model (version) has a replica in rotation; ServerMetadata: the
   proxy's; RepositoryIndex: the models of the table; ModelStatistics:
   every replica's statistics of the model(s), summed.
-- Repository load/unload, shared memory, trace and log settings concern
-  one server: UNIMPLEMENTED here, naming what to call instead.
+- Repository load/unload and shared memory are refused, FAILED_PRECONDITION
+  (``proxy.host_local``); trace and log settings concern one server:
+  UNIMPLEMENTED here, naming what to call instead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from .endpoints import SERVICE_NAME, Endpoint
 from .forwarder import Upstreams, UnaryForwarder
+from .host_local import model_control_refused, shared_memory_refused
 from .routes import RouteTable
 from .statistics import aggregate
 from .streams import StreamForwarder
@@ -126,28 +128,28 @@ class ProxyServicer(pb_grpc.GRPCInferenceServiceServicer):
         raise Unimplemented(f"{what} is not served by the proxy; call a replica (or use scheduler ctl)")
 
     async def RepositoryModelLoad(self, request, context):
-        await self._not_here("RepositoryModelLoad")
+        raise model_control_refused("RepositoryModelLoad")
 
     async def RepositoryModelUnload(self, request, context):
-        await self._not_here("RepositoryModelUnload")
+        raise model_control_refused("RepositoryModelUnload")
 
     async def SystemSharedMemoryStatus(self, request, context):
-        await self._not_here("system shared memory")
+        raise shared_memory_refused("SystemSharedMemoryStatus")
 
     async def SystemSharedMemoryRegister(self, request, context):
-        await self._not_here("system shared memory")
+        raise shared_memory_refused("SystemSharedMemoryRegister")
 
     async def SystemSharedMemoryUnregister(self, request, context):
-        await self._not_here("system shared memory")
+        raise shared_memory_refused("SystemSharedMemoryUnregister")
 
     async def CudaSharedMemoryStatus(self, request, context):
-        await self._not_here("CUDA shared memory")
+        raise shared_memory_refused("CudaSharedMemoryStatus")
 
     async def CudaSharedMemoryRegister(self, request, context):
-        await self._not_here("CUDA shared memory")
+        raise shared_memory_refused("CudaSharedMemoryRegister")
 
     async def CudaSharedMemoryUnregister(self, request, context):
-        await self._not_here("CUDA shared memory")
+        raise shared_memory_refused("CudaSharedMemoryUnregister")
 
     async def TraceSetting(self, request, context):
         await self._not_here("TraceSetting")

@@ -11,6 +11,8 @@ Guarantees:
   failing request: ``error_message`` "INVALID_ARGUMENT: ...", "NOT_FOUND:
   ..." or "UNAVAILABLE: ..." with the request's model and id; the stream
   goes on.
+- A request whose input or output names a shared memory region is answered
+  in the stream "INVALID_ARGUMENT: ..." and not forwarded (``proxy.host_local``).
 - A request that is not a valid ``ModelInferRequest`` (garbage bytes) ends
   the stream at once with INVALID_ARGUMENT naming the defect, whatever the
   replica would make of it: each request is parsed here (protobuf's C
@@ -37,8 +39,9 @@ from protos.inference import grpc_service_pb2 as pb
 
 from .endpoints import Endpoint
 from .forwarder import UpstreamFailure, Upstreams, no_replica, remaining_timeout
+from .host_local import refuse_shared_memory
 from .tracing import forwarded_metadata
-from .wire import scan_request
+from .wire import may_name_shared_memory, scan_request
 
 METHOD = "ModelStreamInfer"
 # Responses held for a slow client, over all of one stream's models.
@@ -93,13 +96,16 @@ class _Session:
         try:
             async for raw in requests:
                 head = scan_request(raw, with_id=True)
-                _check_parses(raw)
+                parsed = _parse(raw)
+                shared_memory = may_name_shared_memory(raw)
                 upstream = self.streams.get((head.model, head.version))
-                if upstream is None:
+                if upstream is None or shared_memory:
                     try:
                         if not head.model:
                             raise InvalidArgument(f"{METHOD}: the request names no model")
-                        upstream = self._open(head.model, head.version)
+                        if shared_memory:
+                            refuse_shared_memory(parsed)
+                        upstream = upstream or self._open(head.model, head.version)
                     except MeshError as err:
                         self.up.metrics.rejected.labels(err.code.name).inc()
                         await self.out.put(_error_response(err, head.model, head.id))
@@ -162,10 +168,10 @@ class _Session:
                 upstream.relay.cancel()
 
 
-def _check_parses(raw: bytes) -> None:
-    """InvalidArgument unless ``raw`` is a ``ModelInferRequest`` protobuf would accept."""
+def _parse(raw: bytes) -> pb.ModelInferRequest:
+    """``raw`` parsed; InvalidArgument unless it is a ``ModelInferRequest`` protobuf would accept."""
     try:
-        pb.ModelInferRequest.FromString(raw)
+        return pb.ModelInferRequest.FromString(raw)
     except DecodeError as err:
         raise InvalidArgument(f"{METHOD}: malformed request: {err}") from None
 

@@ -14,6 +14,8 @@ from .ensemble_remote import parse_remote_model
 from .model_control import FLAG as MODEL_CONTROL_FLAG
 from .model_control import MODES as MODEL_CONTROL_MODES
 from .server import ServerOptions, run
+from .shared_memory import FLAG as SHARED_MEMORY_FLAG
+from .shared_memory import MODES as SHARED_MEMORY_MODES
 from .telemetry import configure_tracing, shutdown_tracing
 
 SERVICE_NAME = "meshserve-runtime"  # OpenTelemetry service.name unless OTEL_SERVICE_NAME says otherwise
@@ -37,6 +39,9 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
     parser.add_argument(MODEL_CONTROL_FLAG, choices=MODEL_CONTROL_MODES, default=ServerOptions.model_control,
                         help="explicit: allow RepositoryModelLoad/Unload (only of the --model names when given); "
                              "none (default): refuse them")
+    parser.add_argument(SHARED_MEMORY_FLAG, choices=SHARED_MEMORY_MODES, default=ServerOptions.shared_memory,
+                        help="system (default): serve system shared memory to clients on this host, each "
+                             "client seeing only its own regions; none: refuse every registration")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="uvloop serves ~10%% more requests per second (bench/replica.py)")
     parser.add_argument("--log-level", default="INFO")
@@ -57,7 +62,7 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
         repository=args.model_repository, models=args.models, listen=args.listen,
         max_message_bytes=args.max_message_bytes, grace_period_s=args.grace_period,
         drain_delay_s=args.drain_delay, strict=args.strict, remote_models=remote_models, tls=tls,
-        model_control=args.model_control, auth=auth, roles=roles,
+        model_control=args.model_control, auth=auth, roles=roles, shared_memory=args.shared_memory,
     )
 
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from protos import limits
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.listen import grpc_server
@@ -35,6 +36,8 @@ from .heap_trim import HeapTrimmer
 from .repository import ModelRepository
 from .model_control import NONE, ModelControl
 from .servicer import InferenceServicer
+from .shared_memory import SYSTEM, SharedMemoryRegistry
+from .shared_memory_janitor import SharedMemoryJanitor
 from .status_interceptor import StatusInterceptor
 
 log = logging.getLogger(__name__)
@@ -47,9 +50,9 @@ class ServerOptions:
     repository: str
     models: list[str] | None = None
     listen: str = "127.0.0.1:8001"
-    # Triton accepts messages up to 2 GiB; 256 MiB fits large image batches and
-    # still refuses a runaway client with RESOURCE_EXHAUSTED before it costs memory.
-    max_message_bytes: int = 256 * 1024 * 1024
+    # Server limits, with their reasons: protos/limits.py.
+    max_message_bytes: int = limits.DATA_PLANE_MAX_MESSAGE_BYTES
+    max_streams_per_connection: int = limits.DATA_PLANE_MAX_STREAMS_PER_CONNECTION
     # Long enough for a GPU batch in flight to finish; systemd's stop timeout must exceed it.
     grace_period_s: float = 30.0
     # 0 by default: a standalone replica has nobody to tell. Behind a load balancer
@@ -66,6 +69,8 @@ class ServerOptions:
     # None: authentication off / the default groups.
     auth: Authenticator | None = None
     roles: RoleTable | None = None
+    # System shared memory: "system" (Triton's default) or "none" (runtime/shared_memory.py MODES).
+    shared_memory: str = SYSTEM
 
 
 class RuntimeServer:
@@ -75,19 +80,19 @@ class RuntimeServer:
         self.options = options
         self.repository = ModelRepository(options.repository, options.models, options.remote_models, options.tls)
         control = ModelControl(options.model_control, frozenset(options.models) if options.models else None)
-        self.servicer = InferenceServicer(self.repository, control, on_models_changed=self._refresh_health)
+        self.servicer = InferenceServicer(self.repository, control, on_models_changed=self._refresh_health,
+                                          shared_memory=SharedMemoryRegistry(enabled=options.shared_memory == SYSTEM))
         self.heap_trimmer = HeapTrimmer()  # refused and finished large requests leave no resident memory
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        limit = options.max_message_bytes
+        server_limits = replace(limits.DATA_PLANE, max_message_bytes=options.max_message_bytes,
+                                max_streams_per_connection=options.max_streams_per_connection)
         auth = AuthInterceptor(options.auth or Authenticator(), options.roles or data_plane_table())
-        self.server = grpc_server(
-            interceptors=[StatusInterceptor(), auth],
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-        )
+        self.server = grpc_server(interceptors=[StatusInterceptor(), auth], options=server_limits.server_options())
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.address = add_port(self.server, options.listen, options.tls)  # ListenError: the port is taken
         self.port = int(self.address.rsplit(":", 1)[1])
+        self.shared_memory_janitor = SharedMemoryJanitor(self.servicer.shared_memory, self.port)
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
@@ -104,6 +109,7 @@ class RuntimeServer:
     async def start(self) -> None:
         await self.server.start()
         self.heap_trimmer.start()
+        self.shared_memory_janitor.start()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.repository.load_all()
         failed = [(name, reason) for name, _, state, reason in self.repository.index() if state != "READY"]
@@ -112,6 +118,7 @@ class RuntimeServer:
         if failed and self.options.strict:
             await self.server.stop(0)
             await self.heap_trimmer.stop()
+            await self.shared_memory_janitor.stop()
             await self.repository.close()
             raise SystemExit(f"--strict: {len(failed)} model(s) failed to load: "
                              + "; ".join(f"{name}: {reason}" for name, reason in failed))
@@ -126,6 +133,8 @@ class RuntimeServer:
             await asyncio.sleep(self.options.drain_delay_s)  # a deliberate pause: still serving
         await self.server.stop(self.options.grace_period_s)
         await self.heap_trimmer.stop()
+        await self.shared_memory_janitor.stop()
+        self.servicer.shared_memory.close()
         await self.repository.close()
 
 

@@ -27,6 +27,7 @@ from .model_names import plain_model_name
 from .repository import READY, ModelRepository
 from .request import EMPTY_FINAL_PARAMETER, FINAL_RESPONSE_PARAMETER, decode_request, encode_response
 from .shared_memory import SharedMemoryRegistry
+from .shm_scope import scope_of
 from .telemetry import RequestTrace, extract_context, runtime_tracer
 
 SERVER_NAME = "meshserve"
@@ -37,8 +38,9 @@ SERVER_NAME = "meshserve"
 STREAM_REQUESTS_IN_FLIGHT = 64
 STREAM_RESPONSES_QUEUED = 16
 # Only what this runtime really implements (Triton's load generator reads this).
+SHM_EXTENSION = "system_shared_memory"   # not listed when --shared-memory none
 EXTENSIONS = ["classification", "model_repository", "model_configuration", "schedule_policy",
-              "statistics", "parameters", "system_shared_memory"]
+              "statistics", "parameters", SHM_EXTENSION]
 
 
 def _server_version() -> str:
@@ -57,14 +59,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     load and unload go through ``model_control``, and ``on_models_changed`` runs after either."""
 
     def __init__(self, repository: ModelRepository, model_control: ModelControl = ModelControl(),
-                 on_models_changed: Callable[[], Awaitable[None]] | None = None):
+                 on_models_changed: Callable[[], Awaitable[None]] | None = None,
+                 shared_memory: SharedMemoryRegistry | None = None):
         self.repository = repository
         self.model_control = model_control
         self._on_models_changed = on_models_changed
         self.ready = False  # false while loading and while draining
         self._version = _server_version()
         self._tracer = runtime_tracer()  # None: tracing off, no span work on the hot path
-        self.shared_memory = SharedMemoryRegistry()  # regions live as long as the servicer
+        # Regions live as long as the servicer, each visible only to its client (runtime/shm_scope.py).
+        self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry()
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -81,7 +85,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.ready)
 
     async def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=EXTENSIONS)
+        extensions = EXTENSIONS if self.shared_memory.enabled else [e for e in EXTENSIONS if e != SHM_EXTENSION]
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=extensions)
 
     async def ModelMetadata(self, request, context):
         model = self.repository.get(plain_model_name(request.name), request.version)
@@ -102,22 +107,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         if self._tracer is None:
-            return await self._infer(request, None)
+            return await self._infer(request, None, context)
         trace = RequestTrace(self._tracer, "ModelInfer", request.model_name, request.id,
                              extract_context(context.invocation_metadata()))
         try:
-            response = await self._infer(request, trace)
+            response = await self._infer(request, trace, context)
         except BaseException as err:
             trace.end(err)
             raise
         trace.end()
         return response
 
-    async def _infer(self, request: pb.ModelInferRequest, trace: RequestTrace | None) -> pb.ModelInferResponse:
+    def _regions_of(self, context):
+        """The shared memory regions the calling client may name; none when there are none at all."""
+        return self.shared_memory.client(scope_of(context).owner) if len(self.shared_memory) else None
+
+    async def _infer(self, request: pb.ModelInferRequest, trace: RequestTrace | None,
+                     context=None) -> pb.ModelInferResponse:
         model = self.repository.get(plain_model_name(request.model_name), request.model_version)
         if trace is not None:
             trace.model_version(model.version)
-        infer_request = decode_request(request, model.signature, self.shared_memory)
+        infer_request = decode_request(request, model.signature, self._regions_of(context))
         outputs = await model.infer(infer_request, trace)
         return encode_response(model.name, model.version, request.id, outputs, model.signature,
                                infer_request.requested_outputs, model.labels,
@@ -152,7 +162,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._tracer, "ModelStreamInfer", request.model_name, request.id, parent)
             error = None
             try:
-                await self._stream_one(request, responses, trace)
+                await self._stream_one(request, responses, trace, context)
             except MeshError as err:
                 error = err
                 await responses.put(pb.ModelStreamInferResponse(
@@ -212,11 +222,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _stream_one(self, request: pb.ModelInferRequest, responses: asyncio.Queue,
-                          trace: RequestTrace | None) -> None:
+                          trace: RequestTrace | None, context=None) -> None:
         model = self.repository.get(plain_model_name(request.model_name), request.model_version)
         if trace is not None:
             trace.model_version(model.version)
-        infer_request = decode_request(request, model.signature, self.shared_memory)
+        infer_request = decode_request(request, model.signature, self._regions_of(context))
         empty_final = bool(infer_request.parameters.get(EMPTY_FINAL_PARAMETER)) and model.decoupled
 
         def response(outputs, final: bool) -> pb.ModelStreamInferResponse:
@@ -291,17 +301,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def SystemSharedMemoryStatus(self, request, context):
         response = pb.SystemSharedMemoryStatusResponse()
-        for region in self.shared_memory.status(request.name):
+        for region in self.shared_memory.status(request.name, owner=scope_of(context).owner):
             response.regions[region.name].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(
                 name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size))
         return response
 
     async def SystemSharedMemoryRegister(self, request, context):
-        self.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        scope = scope_of(context)
+        self.shared_memory.register(request.name, request.key, request.offset, request.byte_size,
+                                    owner=scope.owner, connection=scope.connection)
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request, context):
-        self.shared_memory.unregister(request.name)
+        self.shared_memory.unregister(request.name, owner=scope_of(context).owner)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     async def CudaSharedMemoryStatus(self, request, context):

@@ -29,10 +29,26 @@ Guarantees:
   A key with any other ``/``, a NUL byte or more than ``NAME_MAX`` bytes, a
   symlink, or anything but a regular file is refused ``InvalidArgument``, so
   a key can never reach a file outside that namespace.
+- Only real POSIX shared memory objects: the key's file is opened with
+  ``O_NOFOLLOW`` (a symlink is refused, even one into ``/dev/shm``) and must
+  be a regular file with one link on the ``/dev/shm`` file system (a hard
+  link to another file, or something mounted over the name, is refused).
 - ``read`` either returns exactly ``byte_size`` bytes of a registered
   region, or raises: ``NotFound`` for an unknown region, ``InvalidArgument``
   naming offset and size when the window falls outside, or naming the region
   when it has shrunk.
+
+Clients: a region belongs to the client that registered it (its owner: its
+authenticated identity when the server has one, else its connection;
+``runtime.shm_scope``). Another client cannot name it in a request, see it
+in a status, or unregister it: to everyone else it does not exist
+(``NotFound``). A region registered over a connection is released when that
+connection closes (``release_closed_connections``, run every second by
+``runtime.shared_memory_janitor`` and before any quota refusal). Quotas: at
+most ``MAX_REGIONS_PER_CLIENT`` regions and ``MAX_BYTES_PER_CLIENT`` bytes per
+client and ``MAX_REGIONS`` in all; past one, registering answers
+``ResourceExhausted``. With ``--shared-memory none`` registering answers
+``FailedPrecondition``.
 
 Opening a tmpfs object, ``fstat`` and a read or write of a tensor are a few
 system calls plus a memcpy, cheap enough for the event loop.
@@ -41,11 +57,34 @@ system calls plus a memcpy, cheap enough for the event loop.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from protos.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+# ``--shared-memory``: "system" serves Triton's system shared memory extension (the default of a
+# standalone runtime, as in Triton); "none" refuses every registration. A node agent passes what
+# its host policy says (node_agent/policy.py ``shared_memory``, default none).
+FLAG = "--shared-memory"
+NONE, SYSTEM = "none", "system"
+MODES = (NONE, SYSTEM)
+# The owner of regions registered in-process (tests, library use): no gRPC client.
+LOCAL_OWNER = ""
+# A client registers a region per tensor it passes through shared memory and reuses them; 64 is
+# room for an ensemble's inputs and outputs at a few requests in flight, and every region holds a
+# file descriptor, so it bounds what one client makes the runtime keep open.
+MAX_REGIONS_PER_CLIENT = 64
+# The bytes one client's regions may span: far more than one request's tensors (256 MiB messages;
+# shared memory exists to pass more), far less than a sparse object a client could claim to have.
+MAX_BYTES_PER_CLIENT = 64 * 1024 ** 3
+# Every client together: each region is a descriptor, and 1024 stays far below the usual limit
+# (65,536) with room for connections and model files, however many connections clients open.
+MAX_REGIONS = 1024
 
 # Where shm_open(3) keeps its objects on Linux (glibc maps "/name" to this folder).
 SHM_DIRECTORY = "/dev/shm"
@@ -128,10 +167,27 @@ def _open_object(key: str) -> int:
                 f"cannot open shared memory key '{key}': {err.strerror}; unregister regions no longer used"
             ) from None
         raise InvalidArgument(f"shared memory key '{key}' cannot be opened: {err.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    problem = _not_a_shm_object(os.fstat(fd))
+    if problem:
         os.close(fd)
-        raise InvalidArgument(f"shared memory key '{key}' is not a shared memory object (not a regular file)")
+        raise InvalidArgument(f"shared memory key '{key}' is not a shared memory object ({problem})")
     return fd
+
+
+def _not_a_shm_object(info: os.stat_result) -> str:
+    """Why an opened file is not a POSIX shared memory object of this host ("" when it is one).
+
+    shm_open(3) makes a regular file with one link on the /dev/shm file system. A
+    hard link planted there (to a file of the same file system) has two or more
+    links; anything bind-mounted over a name lives on another device.
+    """
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_nlink != 1:
+        return f"{info.st_nlink} hard links"
+    if info.st_dev != os.stat(SHM_DIRECTORY).st_dev:
+        return f"not on the {SHM_DIRECTORY} file system"
+    return ""
 
 
 class SharedMemoryRegion:
@@ -153,6 +209,7 @@ class SharedMemoryRegion:
             os.close(fd)
             raise
         self._fd = fd
+        self.connection = None   # the registering connection (SharedMemoryRegistry), None: no connection
         self.name = name
         self.key = key
         self.offset = offset
@@ -216,47 +273,139 @@ class SharedMemoryRegion:
 
 
 class SharedMemoryRegistry:
-    """The regions registered with one server, by name."""
+    """The regions registered with one server, by client and name; see "Clients" in the module docstring.
 
-    def __init__(self):
-        self._regions: dict[str, SharedMemoryRegion] = {}
+    ``owner`` names the client a call comes from (``runtime.shm_scope``); the
+    default, ``LOCAL_OWNER``, is in-process use. ``connection`` is the
+    registering connection's key (``runtime.peer_connections.peer_key``), or
+    None for a region that lives until it is unregistered.
+    """
 
-    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+    def __init__(self, enabled: bool = True, *, max_regions_per_client: int = MAX_REGIONS_PER_CLIENT,
+                 max_bytes_per_client: int = MAX_BYTES_PER_CLIENT, max_regions: int = MAX_REGIONS):
+        self.enabled = enabled
+        self.max_regions_per_client = max_regions_per_client
+        self.max_bytes_per_client = max_bytes_per_client
+        self.max_regions = max_regions
+        self._regions: dict[str, dict[str, SharedMemoryRegion]] = {}   # owner -> name -> region
+        self._count = 0
+        # Returns the keys of the connections still open, None if unknown (runtime.peer_connections).
+        self._open_connections: Callable[[], frozenset | None] | None = None
+
+    def track_connections(self, open_connections: Callable[[], frozenset | None]) -> None:
+        """Release a region once the connection that registered it is no longer among ``open_connections()``."""
+        self._open_connections = open_connections
+
+    def __len__(self) -> int:
+        return self._count
+
+    def register(self, name: str, key: str, offset: int, byte_size: int, *, owner: str = LOCAL_OWNER,
+                 connection=None) -> None:
+        if not self.enabled:
+            raise FailedPrecondition(f"system shared memory is disabled on this runtime "
+                                     f"(it was started with {FLAG} {NONE})")
         if not name:
             raise InvalidArgument("a shared memory region needs a name")
-        if name in self._regions:
+        regions = self._regions.get(owner, {})
+        if name in regions:
             raise AlreadyExists(f"shared memory region '{name}' is already registered")
-        self._regions[name] = SharedMemoryRegion(name, key, offset, byte_size)
+        self._check_quota(owner, byte_size)
+        region = SharedMemoryRegion(name, key, offset, byte_size)
+        region.connection = connection
+        self._regions.setdefault(owner, {})[name] = region
+        self._count += 1
 
-    def unregister(self, name: str = "") -> None:
-        """Unregister ``name``, or every region when ``name`` is empty. Unknown names are no error
-        (as in Triton: unregistering is idempotent)."""
-        names = [name] if name else list(self._regions)
-        for each in names:
-            region = self._regions.pop(each, None)
+    def _check_quota(self, owner: str, byte_size: int) -> None:
+        """ResourceExhausted past a quota, once the regions of closed connections are released."""
+        for attempt in range(2):
+            regions = self._regions.get(owner, {})
+            used = sum(region.byte_size for region in regions.values())
+            problem = None
+            if len(regions) >= self.max_regions_per_client:
+                problem = (f"this client already has {len(regions)} shared memory regions registered, "
+                           f"the most one client may have")
+            elif used + max(byte_size, 0) > self.max_bytes_per_client:
+                problem = (f"registering {byte_size} more bytes would give this client {used + byte_size} bytes "
+                           f"of shared memory regions, over its {self.max_bytes_per_client}")
+            elif self._count >= self.max_regions:
+                problem = f"this runtime already holds {self._count} shared memory regions, the most it will hold"
+            if problem is None:
+                return
+            if attempt == 0 and self.release_closed_connections():
+                continue
+            raise ResourceExhausted(f"{problem}; unregister regions no longer used")
+
+    def unregister(self, name: str = "", *, owner: str = LOCAL_OWNER) -> None:
+        """Unregister the client's region ``name``, or every region of the client when ``name`` is
+        empty. Unknown names are no error (as in Triton: unregistering is idempotent)."""
+        regions = self._regions.get(owner)
+        if not regions:
+            return
+        for each in [name] if name else list(regions):
+            region = regions.pop(each, None)
             if region is not None:
                 region.close()
+                self._count -= 1
+        if not regions:
+            del self._regions[owner]
 
-    def status(self, name: str = "") -> list[SharedMemoryRegion]:
-        """The region ``name`` (NotFound if unknown), or every region when ``name`` is empty."""
+    def status(self, name: str = "", *, owner: str = LOCAL_OWNER) -> list[SharedMemoryRegion]:
+        """The client's region ``name`` (NotFound if it has none of that name), or all of its regions."""
+        regions = self._regions.get(owner, {})
         if not name:
-            return list(self._regions.values())
-        region = self._regions.get(name)
+            return list(regions.values())
+        region = regions.get(name)
         if region is None:
             raise NotFound(f"shared memory region '{name}' is not registered")
         return [region]
 
-    def region(self, location: TensorLocation, tensor: str) -> SharedMemoryRegion:
-        """The registered region ``location`` names, once the window is known to fit in it."""
-        region = self._regions.get(location.region)
+    def region(self, location: TensorLocation, tensor: str, *, owner: str = LOCAL_OWNER) -> SharedMemoryRegion:
+        """The client's region ``location`` names, once the window is known to fit in it."""
+        region = self._regions.get(owner, {}).get(location.region)
         if region is None:
             raise NotFound(f"{tensor}: shared memory region '{location.region}' is not registered")
         region.check_window(location, tensor)
         return region
 
-    def read(self, location: TensorLocation, tensor: str) -> bytes:
+    def read(self, location: TensorLocation, tensor: str, *, owner: str = LOCAL_OWNER) -> bytes:
         """A copy of the tensor's bytes; see ``SharedMemoryRegion.read``."""
-        return self.region(location, tensor).read(location, tensor)
+        return self.region(location, tensor, owner=owner).read(location, tensor)
+
+    def client(self, owner: str) -> ClientRegions:
+        """The regions one client may name in its requests (what ``decode_request`` is given)."""
+        return ClientRegions(self, owner)
+
+    def release_closed_connections(self) -> int:
+        """Unregister every region whose registering connection has closed; how many went."""
+        if self._open_connections is None or not self._count:
+            return 0
+        open_now = self._open_connections()
+        if open_now is None:
+            return 0
+        released = 0
+        for owner in list(self._regions):
+            for name, region in list(self._regions[owner].items()):
+                if region.connection is not None and region.connection not in open_now:
+                    self.unregister(name, owner=owner)
+                    released += 1
+        if released:
+            log.info("released %d shared memory region(s) of closed connections", released)
+        return released
 
     def close(self) -> None:
-        self.unregister()
+        for owner in list(self._regions):
+            self.unregister(owner=owner)
+
+
+class ClientRegions:
+    """One client's view of a registry: it finds only the regions that client registered."""
+
+    def __init__(self, registry: SharedMemoryRegistry, owner: str):
+        self._registry = registry
+        self._owner = owner
+
+    def region(self, location: TensorLocation, tensor: str) -> SharedMemoryRegion:
+        return self._registry.region(location, tensor, owner=self._owner)
+
+    def read(self, location: TensorLocation, tensor: str) -> bytes:
+        return self._registry.read(location, tensor, owner=self._owner)

@@ -19,6 +19,7 @@ from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 from protos.security.auth import Authenticator
 
+from .agent_channel import carries_secrets
 from .core import SchedulerCore
 
 # How long an agent may take to say who it is after opening its stream.
@@ -41,7 +42,7 @@ class AgentService(mesh_grpc.AgentServiceServicer):
         if first.WhichOneof("kind") != "register":
             raise InvalidArgument(f"an agent stream must start with Register, not {first.WhichOneof('kind')}")
         name = self._node_name(first.register, context)
-        channel = await self.core.register(first.register)
+        channel = await self.core.register(first.register, carries_secrets=carries_secrets(context))
 
         async def read_reports() -> None:
             try:

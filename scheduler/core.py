@@ -23,6 +23,13 @@ Guarantees:
   (a half-open connection), a new one takes its place.
 - A replica is assigned to at most one node at a time: a returning agent
   gets only what the store says is its own, and stops anything else.
+- What an agent reports is a claim: a replica turns ready (and is routed)
+  only once the scheduler has called the address reported and the replica
+  said it serves its model (scheduler/verify.py); until then it stays
+  starting, with the reason.
+- A deployment's ``env`` (which may hold secrets) is not sent to an agent
+  whose stream is neither authenticated TLS nor from loopback
+  (scheduler/agent_channel.py).
 - Route watchers get a complete table whenever the set of ready replicas
   changes. Every deployment has a route, with no endpoints while none is
   ready (so a proxy answers UNAVAILABLE, not NOT_FOUND); a lost node's
@@ -47,6 +54,7 @@ from .records import DRAINING, FAILED, LEAVING, LOST, NODE_LOST, NODE_READY, REA
 from .reconciler import Reconciler
 from .spec_fields import model_of
 from .store import StoreError
+from .verify import RETRY_AFTER_S, GrpcReplicaVerifier, ReplicaVerifier
 from .writer import FencedWriter, NotLeader
 
 log = logging.getLogger(__name__)
@@ -69,8 +77,13 @@ _AGENT_STATES = {"starting": STARTING, "ready": READY, "failed": FAILED}
 class SchedulerCore:
     def __init__(self, writer: FencedWriter, *, scheduler_id: str,
                  report_interval_s: float = DEFAULT_REPORT_INTERVAL_S,
-                 heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S, clock=time.monotonic):
+                 heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S, clock=time.monotonic,
+                 verifier: ReplicaVerifier | None = None):
         self.cluster = Cluster(clock=clock)
+        # Checks a replica's claim to be ready before it is routed (scheduler/verify.py).
+        self.verifier: ReplicaVerifier = verifier if verifier is not None else GrpcReplicaVerifier()
+        self._refused_claims: dict[str, tuple[str, float, str]] = {}   # replica -> (address, retry at, why)
+        self._no_secrets: set[str] = set()   # nodes whose agent stream may not carry a spec's env
         self.writer = writer
         self.scheduler_id = scheduler_id
         self.report_interval_s = report_interval_s
@@ -167,9 +180,16 @@ class SchedulerCore:
 
     # -- agents --------------------------------------------------------------
 
-    async def register(self, register: mesh.Register) -> asyncio.Queue:
-        """A (re)connecting agent: record the node, adopt its replicas, open its channel."""
+    async def register(self, register: mesh.Register, carries_secrets: bool = True) -> asyncio.Queue:
+        """A (re)connecting agent: record the node, adopt its replicas, open its channel.
+
+        ``carries_secrets`` false (an agent connected without TLS from another host): its
+        assignments go without the specs' ``env``, which may hold secrets."""
         self.require_leader()
+        (self._no_secrets.discard if carries_secrets else self._no_secrets.add)(register.node_name)
+        if not carries_secrets:
+            log.warning("node %s: its agent connected without TLS from another host; deployments' env is "
+                        "not sent to it", register.node_name)
         try:
             return await self._register(register)
         except NotLeader:
@@ -288,6 +308,12 @@ class SchedulerCore:
                 continue  # not ours to run: the agent stops it, since it is not assigned
             state = _AGENT_STATES.get(status.state, replica.state)
             reason = status.message if state == FAILED else ""
+            if state == READY and (replica.state != READY or replica.address != status.address):
+                problem = await self._check_claim(replica, status.address)
+                if self.cluster.replicas.get(replica.id) is not replica or replica.state == DRAINING:
+                    continue  # removed or drained while the claim was checked
+                if problem:   # not routed: it stays (or goes back to) starting, saying why
+                    state, reason = STARTING, problem
             update = (state, status.address, status.pid, status.restarts, reason)
             if update != (replica.state, replica.address, replica.pid, replica.restarts, replica.reason):
                 if state != replica.state:
@@ -297,6 +323,32 @@ class SchedulerCore:
                 changed.append(replica)
         await self.writer.put_many([replica for replica in changed if replica is not None])
         return bool(changed)
+
+    async def _check_claim(self, replica, address: str) -> str:
+        """Why the agent's claim that ``replica`` is ready at ``address`` is not believed ("" if it is).
+
+        One call to the replica (scheduler/verify.py); a refused claim is not checked again
+        for RETRY_AFTER_S."""
+        now = self.cluster.clock()
+        refused = self._refused_claims.get(replica.id)
+        if refused is not None and refused[0] == address and now < refused[1]:
+            return refused[2]
+        model = replica.models[0] if replica.models else self._model_of(replica)
+        problem = await self.verifier.problem(address, model) if address else "reported ready without an address"
+        if problem:
+            for gone in [key for key in self._refused_claims if key not in self.cluster.replicas]:
+                del self._refused_claims[gone]
+            self._refused_claims[replica.id] = (address, now + RETRY_AFTER_S, problem)
+            if refused is None or refused[0] != address:
+                log.warning("replica %s is not routed: %s", replica.id, problem)
+                self.cluster.record_event(f"replica/{replica.id}", f"not routed: {problem}")
+        else:
+            self._refused_claims.pop(replica.id, None)
+        return problem
+
+    def _model_of(self, replica) -> str:
+        deployment = self.cluster.deployments.get(replica.deployment)
+        return model_of(deployment.spec_of(replica.revision))[1] if deployment is not None else ""
 
     def assignments_for(self, node: str) -> mesh.Assignments:
         assignments = mesh.Assignments()
@@ -310,10 +362,11 @@ class SchedulerCore:
             if pipeline_args is None:
                 continue  # a split pipeline's leader waits until its remote steps are ready
             models = replica.models or [model]
+            env = {} if node in self._no_secrets else spec.get("env") or {}
             assignments.replicas.add(
                 replica_id=replica.id, deployment=replica.deployment, revision=replica.revision,
                 model_repository=repository, model_name=models[0], gpu_indices=replica.gpu_indices,
-                env={**{str(k): str(v) for k, v in (spec.get("env") or {}).items()},
+                env={**{str(k): str(v) for k, v in env.items()},
                      # what the replica may use on each of its GPUs (the fake GPU probe counts it)
                      GPU_MEMORY_ENV: str(replica.gpu_memory_bytes),
                      CPU_ENV: f"{replica_needs(self.cluster, replica).cpu:g}"},  # checked by the host policy

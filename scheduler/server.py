@@ -30,6 +30,7 @@ import socket
 from dataclasses import dataclass
 
 
+from protos import limits
 from protos.mesh import control_pb2_grpc as mesh_grpc
 from protos.listen import grpc_server
 from protos.mesh.leader import leader_hint
@@ -47,6 +48,7 @@ from .route_service import RouteService
 from .store import CorruptStore, StoreError, open_store
 from .store.etcd_security import EtcdSecurity
 from .store.identity import ensure_cluster_id
+from .verify import GrpcReplicaVerifier
 from .writer import FencedWriter
 
 log = logging.getLogger(__name__)
@@ -61,14 +63,9 @@ STORE_RETRY_S = 1.0
 # a paused or partitioned scheduler (node_agent/agent.py KEEPALIVE_*). gRPC
 # servers refuse pings more often than every 5 min on a stream with no data
 # sent back (and then close the connection); the scheduler sends agents
-# nothing for long stretches, so allow a ping per second, without strikes.
-MIN_CLIENT_PING_INTERVAL_MS = 1000
-SERVER_OPTIONS = [
-    # (gRPC core's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS)
-    ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
+# nothing for long stretches, so allow a ping per second; pinging faster is struck (protos/limits.py).
+MIN_CLIENT_PING_INTERVAL_MS = limits.CONTROL_PLANE_MIN_PING_INTERVAL_MS
+SERVER_OPTIONS = limits.CONTROL_PLANE.server_options()
 
 
 @dataclass
@@ -114,7 +111,8 @@ class SchedulerServer:
         writer = FencedWriter(self.store, self.election.fence)
         self.core = SchedulerCore(writer, scheduler_id=self.scheduler_id,
                                   report_interval_s=self.options.report_interval_s,
-                                  heartbeat_timeout_s=self.options.heartbeat_timeout_s)
+                                  heartbeat_timeout_s=self.options.heartbeat_timeout_s,
+                                  verifier=GrpcReplicaVerifier(self.options.tls))
         self.core.cluster_id = cluster_id
         mesh_grpc.add_AgentServiceServicer_to_server(AgentService(self.core, self.auth), self.server)
         mesh_grpc.add_AdminServiceServicer_to_server(AdminService(self.core, self._leader_info), self.server)

@@ -25,6 +25,13 @@ TEST_TIMEOUT_S = 20.0
 MAX_PASSES = 10
 
 
+class TrustingVerifier:
+    """The brain's tests run no replicas: every claim of an agent is believed (scheduler/verify.py)."""
+
+    async def problem(self, address: str, model: str) -> str:
+        return ""
+
+
 class FakeClock:
     def __init__(self):
         self.now = 1000.0
@@ -95,7 +102,7 @@ async def brain(tmp_path):
     store = await SqliteStore.open(str(tmp_path / "state.db"))
     clock = FakeClock()
     core = SchedulerCore(FencedWriter(store, lambda: None), scheduler_id="test",
-                         heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, clock=clock)
+                         heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, clock=clock, verifier=TrustingVerifier())
     await core.cluster.load(store)
     core.leading = True  # as start_leading does, without its background loop: the test runs each pass
     try:

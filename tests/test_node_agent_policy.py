@@ -118,6 +118,27 @@ def test_runtime_flags_are_matched_exactly_and_their_values_checked(roots, args,
     assert refused in _refusal(_policy(roots), _spec(roots, runtime_args=args))
 
 
+@pytest.mark.parametrize("args", [
+    ["--insecure"], ["--tls-cert", "/tmp/c.pem"], ["--tls-key=/tmp/k.pem"], ["--tls-ca", "/tmp/ca.pem"],
+    ["--tls-client-cert", "/tmp/c.pem"], ["--tls-require-client-cert"], ["--tls-anything-new"],
+    ["--shared-memory", "system"],
+])
+def test_tls_insecure_and_shared_memory_flags_are_never_a_specs_to_pass(roots, args):
+    """TLS comes from the agent, shared memory from the host policy: refused even by a policy listing every
+    safe flag and allowing model control."""
+    reason = _refusal(_policy(roots, allow_model_control=True), _spec(roots, runtime_args=args))
+    assert "is never allowed" in reason
+    assert ("host policy's shared_memory" if args[0] == "--shared-memory" else "TLS settings come from the node agent") \
+        in reason
+
+
+def test_shared_memory_is_the_host_policys_choice_and_off_by_default(roots):
+    assert _policy(roots).shared_memory == "none"
+    assert _policy(roots, shared_memory="system").shared_memory == "system"
+    with pytest.raises(PolicyError, match="shared_memory: expected one of none, system"):
+        _policy(roots, shared_memory="cuda")
+
+
 def test_model_control_only_where_the_policy_allows_it(roots):
     spec = _spec(roots, runtime_args=["--model-control", "explicit"])
     _policy(roots, allow_model_control=True).admit(spec, agent_euid=USER_EUID)

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients import AsyncInferenceClient
 from protos.backoff import Backoff
 from node_agent.process import pid_alive
+from node_agent.policy import HostPolicy
 from node_agent.replica import ReplicaOptions, ReplicaSpec
 from node_agent.supervisor import Supervisor
 
@@ -147,7 +148,8 @@ def test_command_line_and_environment():
         await supervisor.wait_for(state_of("r1", state="ready"), 5)
         argv, env = launcher.commands[0]
         assert argv == ["/opt/py", "-m", "runtime", "--model-repository", "/models", "--model", "m",
-                        "--listen", "10.1.2.3:0", "--strict", "--drain-delay", "2", "--grace-period", "5"]
+                        "--listen", "10.1.2.3:0", "--strict", "--drain-delay", "2", "--shared-memory", "none",
+                        "--grace-period", "5"]
         assert env["CUDA_VISIBLE_DEVICES"] == "2,0"  # gpu_indices win over the assignment's env
         assert env["A"] == "b" and env["PATH"] == "/usr/bin" and env["PYTHONUNBUFFERED"] == "1"
         assert supervisor.status("r1").address == "10.1.2.3:40100"
@@ -343,3 +345,22 @@ def test_a_stopped_real_replica_still_answers_calls_sent_after_it_said_not_servi
             await supervisor.drain_all()
 
     asyncio.run(main())
+
+
+def test_replicas_get_shared_memory_only_where_the_host_policy_allows_it(tmp_path):
+    (tmp_path / "models" / "m").mkdir(parents=True)
+
+    async def main(shared_memory: str | None) -> str:
+        keys = {"repository_roots": [str(tmp_path)], "allow_root": True}
+        if shared_memory:
+            keys["shared_memory"] = shared_memory
+        launcher = FakeLauncher("serve")
+        supervisor = fake_supervisor(launcher, policy=HostPolicy.from_mapping(keys))
+        supervisor.apply([ReplicaSpec.create("r1", model_repository=str(tmp_path / "models"), model_name="m")])
+        await supervisor.wait_for(state_of("r1", state="ready"), 5)
+        argv, _ = launcher.commands[0]
+        await supervisor.drain_all()
+        return argv[argv.index("--shared-memory") + 1]
+
+    assert asyncio.run(main(None)) == "none"
+    assert asyncio.run(main("system")) == "system"

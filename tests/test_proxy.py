@@ -328,7 +328,7 @@ def test_readiness_metadata_config_and_index(stub):
     index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=RPC_TIMEOUT_S)
     assert sorted((m.name, m.state) for m in index.models) == [("add_sub", "READY"), ("textgen", "READY")]
     error = rpc_error(stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="add_sub"))
-    assert_status(error, grpc.StatusCode.UNIMPLEMENTED, "proxy")
+    assert_status(error, grpc.StatusCode.FAILED_PRECONDITION, "proxy", "scheduler")
 
 
 def test_metrics_endpoint_serves_prometheus_text(stub, rig):

@@ -168,7 +168,9 @@ def test_4mb_in_and_out_through_shared_memory(client, stub):
             out = shm.infer("echo_fp32", {"INPUT0": x * scale}, outputs=["OUTPUT0"])
             np.testing.assert_array_equal(out["OUTPUT0"], x * scale)
 
-        # On the wire: metadata and the region's parameters, an empty raw entry, no bytes.
+        # On the wire: metadata and the region's parameters, an empty raw entry, no bytes. The
+        # stub is another connection, another client: it registers the object for itself.
+        register(stub, shm.region)
         request = pb.ModelInferRequest(model_name="echo_fp32")
         tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[ECHO_ELEMENTS])
         set_parameters(tensor.parameters, tensor_parameters(shm.region.name, 0, x.nbytes))
