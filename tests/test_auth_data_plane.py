@@ -62,7 +62,7 @@ def runtime(loop, pki):
         repository=str(EXAMPLES), models=["add_sub"], listen="127.0.0.1:0",
         tls=pki.tls("node-a", "agent", require_client_cert=True), auth=Authenticator(certificates=True)))))
     yield server
-    loop.run(server.server.stop(0))
+    loop.run(server.drain())
     loop.run(server.repository.close())
 
 
@@ -141,7 +141,7 @@ def test_restrict_replaces_a_groups_roles(loop, pki):
             assert _code(lambda: CALLS["inference"](pb_grpc.GRPCInferenceServiceStub(proxy)))[0] == \
                 grpc.StatusCode.OK
     finally:
-        loop.run(server.server.stop(0))
+        loop.run(server.drain())
         loop.run(server.repository.close())
 
 
@@ -174,7 +174,7 @@ def token_proxy(loop, tmp_path_factory):
         auth=Authenticator(tokens=TokenTable(str(folder / "tokens")))))))
     yield proxy, issued
     loop.run(proxy.stop(0))
-    loop.run(runtime.server.stop(0))
+    loop.run(runtime.drain())
     loop.run(runtime.repository.close())
 
 

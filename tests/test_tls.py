@@ -66,7 +66,7 @@ class Runtime:
         return server
 
     def close(self) -> None:
-        self.loop.run(self.server.server.stop(0))
+        self.loop.run(self.server.drain())
         self.loop.run(self.server.repository.close())
 
 
