@@ -65,8 +65,8 @@ class StreamForwarder:
     async def forward(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
         """An async generator of raw response bytes for the client's stream of raw request bytes."""
         incoming = context.invocation_metadata()
-        with self.up.tracing.server_span(METHOD, incoming) as span:
-            metadata = self.up.tracing.upstream_metadata(forwarded_metadata(incoming))
+        with self.up.tracing.server_span(METHOD, incoming, current=False) as span:
+            metadata = self.up.tracing.upstream_metadata(forwarded_metadata(incoming), span)
             session = _Session(self.up, context, metadata, span)
             reader = asyncio.create_task(session.read(requests))
             try:

@@ -39,20 +39,40 @@ class ProxyTracing:
         self.tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
 
     @contextlib.contextmanager
-    def server_span(self, method: str, incoming: Sequence[tuple[str, str | bytes]] | None) -> Iterator[trace.Span]:
+    def server_span(self, method: str, incoming: Sequence[tuple[str, str | bytes]] | None,
+                    current: bool = True) -> Iterator[trace.Span]:
+        """The ``proxy <method>`` span, child of the caller's context.
+
+        ``current=False`` for an async generator (a stream's handler): the span
+        is not made the current context, since a generator can be closed from
+        another context than the one it started in, where detaching it fails
+        ("Failed to detach context"). Such a caller passes the span to
+        ``upstream_metadata`` itself.
+        """
         carrier = {key: value for key, value in incoming or () if key in _TRACE_KEYS and isinstance(value, str)}
         parent = propagate.extract(carrier) if carrier else None
-        with self.tracer.start_as_current_span(
-            f"proxy {method}", context=parent, kind=trace.SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService",
-                        "rpc.method": method},
-            record_exception=True, set_status_on_exception=True,
-        ) as span:
+        attributes = {"rpc.system": "grpc", "rpc.service": "inference.GRPCInferenceService", "rpc.method": method}
+        if current:
+            with self.tracer.start_as_current_span(
+                f"proxy {method}", context=parent, kind=trace.SpanKind.SERVER, attributes=attributes,
+                record_exception=True, set_status_on_exception=True,
+            ) as span:
+                yield span
+            return
+        span = self.tracer.start_span(f"proxy {method}", context=parent, kind=trace.SpanKind.SERVER,
+                                      attributes=attributes)
+        try:
             yield span
+        except Exception as err:
+            span.record_exception(err)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(err).__name__}: {err}"))
+            raise
+        finally:
+            span.end()
 
     @staticmethod
-    def upstream_metadata(forwarded: list[tuple[str, str | bytes]]) -> Metadata:
-        """``forwarded`` plus the current span's context (call inside ``server_span``)."""
+    def upstream_metadata(forwarded: list[tuple[str, str | bytes]], span: trace.Span | None = None) -> Metadata:
+        """``forwarded`` plus the context of ``span``, or of the current span (call inside ``server_span``)."""
         carrier: dict[str, str] = {}
-        propagate.inject(carrier)
+        propagate.inject(carrier, context=trace.set_span_in_context(span) if span is not None else None)
         return (*forwarded, *((key.lower(), value) for key, value in carrier.items()))

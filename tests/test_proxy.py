@@ -8,6 +8,7 @@ Which replica served a call is read from each replica's own statistics.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import re
 import subprocess
@@ -417,3 +418,17 @@ def test_tritonclient_works_through_the_proxy_cli(loop, replicas, tmp_path):
     assert out["tokens"] == expected_tokens("Triton says", 5)
     assert out["missing"][0] == "StatusCode.NOT_FOUND" and "missing_model" in out["missing"][1]
     assert proxy.returncode == 0
+
+
+def test_streams_that_end_or_are_cancelled_log_no_error(stub, caplog):
+    """The proxy's span for a stream must not outlive the context it was made in: a stream ending (or a
+    client cancelling one) used to log OpenTelemetry's "Failed to detach context" with a traceback."""
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):
+            list(stub.ModelStreamInfer(iter([_textgen("Ends", 3)]), timeout=RPC_TIMEOUT_S))
+            call = stub.ModelStreamInfer(iter([_textgen("Cancelled", 50)]), timeout=RPC_TIMEOUT_S)
+            next(call)
+            call.cancel()
+        time.sleep(0.5)   # the proxy's handlers finish on its own loop
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
