@@ -184,3 +184,22 @@ def test_status_codes_of_outcomes():
     assert telemetry.status_code_of(DeadlineExceeded("x")) == 4
     assert telemetry.status_code_of(asyncio.CancelledError()) == 1
     assert telemetry.status_code_of(ValueError("bug")) == 13
+
+
+def test_a_proxy_stream_span_passes_its_context_on_without_becoming_current():
+    """A stream's span (proxy/tracing.py, current=False) is the parent the replica sees, and is never the
+    current context, so closing the stream's generator elsewhere has nothing to detach."""
+    from proxy.tracing import ProxyTracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = ProxyTracing(provider)
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with tracing.server_span("ModelStreamInfer", [("traceparent", caller)], current=False) as span:
+        assert trace.get_current_span() is not span
+        metadata = dict(tracing.upstream_metadata([], span))
+    context = span.get_span_context()
+    assert metadata["traceparent"] == f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
+    (finished,) = exporter.get_finished_spans()
+    assert finished.parent.span_id == 0xb7ad6b7169203331 and finished.kind == SpanKind.SERVER
