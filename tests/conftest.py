@@ -125,3 +125,13 @@ def etcd():
     server = EtcdServer().start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop in a thread, for a module's in-process servers (tests/test_proxy_helpers.py)."""
+    from test_proxy_helpers import LoopThread
+
+    thread = LoopThread()
+    yield thread
+    thread.close()

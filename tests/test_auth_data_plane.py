@@ -28,20 +28,13 @@ from protos.security.tokens import TokenTable, new_token, token_line, with_token
 from proxy import ProxyOptions, ProxyServer
 from proxy.routes import RouteTable
 from runtime.server import RuntimeServer, ServerOptions
-from test_proxy_helpers import LoopThread, route
+from test_proxy_helpers import route
 from tls_pki import Pki
 
 from mesh_harness import EXAMPLES, REPO_ROOT
 
 RPC_TIMEOUT_S = 10.0
 DENIED = grpc.StatusCode.PERMISSION_DENIED
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")

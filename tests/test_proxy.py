@@ -24,7 +24,7 @@ import pytest
 
 from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess, wait_for_line
 from protos.inference import grpc_service_pb2 as pb
-from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, LoopThread, ProxyRig, route
+from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, ProxyRig, route
 from test_runtime_helpers import (
     SERVING,
     add_sub_inputs,
@@ -38,13 +38,6 @@ from test_runtime_helpers import (
 )
 
 END = object()
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 def _start_replicas(count: int, *args: str) -> list[RuntimeProcess]:
@@ -334,6 +327,13 @@ def test_readiness_metadata_config_and_index(stub):
 
 def test_metrics_endpoint_serves_prometheus_text(stub, rig):
     check_add_sub(stub)
+    wrong = np.zeros((1, 3), np.float32)   # add_sub takes 16 values: the replica refuses it
+    refusals = ((infer_request("add_sub", {"INPUT0": wrong, "INPUT1": wrong}), grpc.StatusCode.INVALID_ARGUMENT),
+                (infer_request("no_such_model", {}), grpc.StatusCode.NOT_FOUND))
+    for request, code in refusals:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=RPC_TIMEOUT_S)
+        assert refused.value.code() == code
     url = f"http://{rig.proxy.metrics_address}/metrics"
     with urllib.request.urlopen(url, timeout=RPC_TIMEOUT_S) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")

@@ -18,14 +18,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, LoopThread, ProxyRig, route
-
-
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
+from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, ProxyRig, route
 
 
 class FakeReplica:

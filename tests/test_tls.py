@@ -33,13 +33,6 @@ CALL_TIMEOUT_S = 10.0   # bounds a hung call; a refused handshake fails in milli
 
 
 @pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     return Pki(tmp_path_factory.mktemp("ca"))
 
