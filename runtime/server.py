@@ -7,7 +7,9 @@ Lifecycle guarantees:
   while requests are still served for ``drain_delay_s`` (so health checkers
   and load balancers route away first), then the server stops taking new
   RPCs, in-flight and queued requests finish (up to the grace period),
-  models close, and the process exits 0.
+  models close, and the process exits 0. It exits as soon as no inference
+  call is left: open health Watch streams do not hold it for the grace
+  period (runtime/in_flight.py).
 - With ``strict``, a model that fails to load stops the server cleanly and
   the process exits 1.
 - Health is SERVING only while the server is ready AND serves at least one
@@ -131,7 +133,15 @@ class RuntimeServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.options.drain_delay_s > 0:
             await asyncio.sleep(self.options.drain_delay_s)  # a deliberate pause: still serving
-        await self.server.stop(self.options.grace_period_s)
+        # New calls are refused from here (UNAVAILABLE: a proxy retries them elsewhere); inference in
+        # progress finishes. The grace period is a ceiling, not a wait: once no inference call is left,
+        # what remains open (health Watch streams of proxies and agents) is ended at once.
+        stopping = asyncio.create_task(self.server.stop(self.options.grace_period_s))
+        if not await self.servicer.in_flight.wait_idle(self.options.grace_period_s):
+            log.warning("grace period of %.0fs over: cancelling %d call(s) still in progress",
+                        self.options.grace_period_s, self.servicer.in_flight.count)
+        await self.server.stop(0)
+        await stopping
         await self.heap_trimmer.stop()
         await self.shared_memory_janitor.stop()
         self.servicer.shared_memory.close()

@@ -22,6 +22,7 @@ from protos.errors import InvalidArgument, MeshError, NotFound, Unimplemented, d
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
+from .in_flight import InFlight
 from .model_control import ModelControl
 from .model_names import plain_model_name
 from .repository import READY, ModelRepository
@@ -69,6 +70,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._tracer = runtime_tracer()  # None: tracing off, no span work on the hot path
         # Regions live as long as the servicer, each visible only to its client (runtime/shm_scope.py).
         self.shared_memory = shared_memory if shared_memory is not None else SharedMemoryRegistry()
+        self.in_flight = InFlight()  # what a drain waits for (runtime/in_flight.py)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -106,17 +108,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(model_stats=[model.stats.to_proto() for model in models])
 
     async def ModelInfer(self, request, context):
-        if self._tracer is None:
-            return await self._infer(request, None, context)
-        trace = RequestTrace(self._tracer, "ModelInfer", request.model_name, request.id,
-                             extract_context(context.invocation_metadata()))
-        try:
-            response = await self._infer(request, trace, context)
-        except BaseException as err:
-            trace.end(err)
-            raise
-        trace.end()
-        return response
+        with self.in_flight:
+            if self._tracer is None:
+                return await self._infer(request, None, context)
+            trace = RequestTrace(self._tracer, "ModelInfer", request.model_name, request.id,
+                                 extract_context(context.invocation_metadata()))
+            try:
+                response = await self._infer(request, trace, context)
+            except BaseException as err:
+                trace.end(err)
+                raise
+            trace.end()
+            return response
 
     def _regions_of(self, context):
         """The shared memory regions the calling client may name; none when there are none at all."""
@@ -206,20 +209,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise
             await responses.put(None)
 
-        reader = asyncio.create_task(read_then_end())
-        try:  # context.write, not yield: a write to a client that is gone fails here, and this
-            # finally runs at once (a generator left at its yield would wait for the gc)
-            while (response := await responses.get()) is not None:
-                try:
-                    await context.write(response)
-                except grpc.aio.InternalError:  # the call is over: the client cancelled or left
-                    return
-            response = None
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(running):
-                task.cancel()
+        with self.in_flight:   # the whole stream: a drain lets it finish
+            reader = asyncio.create_task(read_then_end())
+            try:  # context.write, not yield: a write to a client that is gone fails here, and this
+                # finally runs at once (a generator left at its yield would wait for the gc)
+                while (response := await responses.get()) is not None:
+                    try:
+                        await context.write(response)
+                    except grpc.aio.InternalError:  # the call is over: the client cancelled or left
+                        return
+                response = None
+                await reader
+            finally:
+                reader.cancel()
+                for task in list(running):
+                    task.cancel()
 
     async def _stream_one(self, request: pb.ModelInferRequest, responses: asyncio.Queue,
                           trace: RequestTrace | None, context=None) -> None:

@@ -233,3 +233,25 @@ def test_the_plain_asyncio_event_loop_serves_and_drains(start_runtime):
     check_add_sub(stub, batch=3)
     channel.close()
     assert process.stop() == 0
+
+
+# Far longer than any drain here takes: a runtime that waits out its grace period fails these tests.
+LONG_GRACE_S = 120
+
+
+def test_a_health_watch_does_not_hold_a_draining_replica_for_its_grace_period(start_runtime):
+    """The grace period is a ceiling, not a wait: an idle replica whose health a proxy watches stops at once,
+    and one with a request in flight stops right after it answers (issue 12's fast drain)."""
+    runtime = start_runtime("--model-repository", SERVING, "--model", "sleeper",
+                            "--grace-period", str(LONG_GRACE_S))
+    channel, stub = open_stub(runtime.address)
+    with channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
+                                                          timeout=LONG_GRACE_S)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        running = stub.ModelInfer.future(_sleep_request(SLOW_REQUEST_MS, "last"), timeout=RPC_TIMEOUT_S)
+        wait_executing(stub, "sleeper", 0)
+        runtime.proc.send_signal(signal.SIGTERM)
+        assert running.result(timeout=RPC_TIMEOUT_S).id == "last"   # finished, not cut off
+        assert runtime.proc.wait(EXIT_TIMEOUT_S) == 0                # and then out, the watch still open
+        watch.cancel()
