@@ -15,7 +15,7 @@ import os
 import signal
 
 
-from mesh_harness import HEARTBEAT_TIMEOUT_S, Admin, Process, deployment_yaml
+from mesh_harness import CONVERGE_TIMEOUT_S, HEARTBEAT_TIMEOUT_S, Admin, Process, deployment_yaml
 from protos.mesh import control_pb2 as mesh
 from steady_load import SteadyLoad
 
@@ -48,23 +48,19 @@ def test_scaling_down_and_rolling_out_under_load_fails_no_call(cluster, tmp_path
     three = admin.wait_for(lambda: ready_replicas(admin, 3), "3 ready replicas", mesh_=cluster)
     proxy.wait_listening()
 
-    def flowing(what: str) -> None:
-        before = load.succeeded
-        admin.wait_for(lambda: load.succeeded >= before + STEADY_CALLS, f"calls to flow {what}", mesh_=cluster)
-
     load = SteadyLoad(proxy.address, workers=CLIENTS, retries=0).start()
     try:
-        flowing("through the proxy")
+        load.wait_calls(STEADY_CALLS, CONVERGE_TIMEOUT_S)
         admin.stub.Scale(mesh.ScaleRequest(name="adder", replicas=1), timeout=10)
         [kept] = admin.wait_for(lambda: ready_replicas(admin, 1), "1 replica left", mesh_=cluster)
         removed = [r.pid for r in three if r.id != kept.id]
         admin.wait_for(lambda: all(_gone(pid) for pid in removed), "the removed replicas to exit", mesh_=cluster)
-        flowing("after the scale-down")
+        load.wait_calls(STEADY_CALLS, CONVERGE_TIMEOUT_S)
 
         admin.apply(deployment_yaml("adder", replicas=1) + "runtime_args: [--grace-period, '20']\n")
         admin.wait_for(lambda: ready_replicas(admin, 1, revision=2), "revision 2 rolled out", mesh_=cluster)
         admin.wait_for(lambda: _gone(kept.pid), "the replica of revision 1 to exit", mesh_=cluster)
-        flowing("after the rollout")
+        load.wait_calls(STEADY_CALLS, CONVERGE_TIMEOUT_S)
     finally:
         load.stop()
     print(f"scale 3 -> 1 and a rollout under load: {load.summary()}")
@@ -87,13 +83,9 @@ def test_a_frozen_agents_healthy_replica_serves_until_its_replacement_is_ready(c
     proxy.wait_listening()
     frozen = agents[first.node]
 
-    def flowing(what: str) -> None:
-        before = load.succeeded
-        admin.wait_for(lambda: load.succeeded >= before + STEADY_CALLS, f"calls to flow {what}", mesh_=cluster)
-
     load = SteadyLoad(proxy.address, workers=CLIENTS, retries=0).start()
     try:
-        flowing("through the proxy")
+        load.wait_calls(STEADY_CALLS, CONVERGE_TIMEOUT_S)
         os.kill(frozen.proc.pid, signal.SIGSTOP)   # the agent only: its replica keeps running
         try:
             admin.wait_for(lambda: {n.name: n.state for n in admin.nodes()}[first.node] == "lost",
@@ -101,11 +93,11 @@ def test_a_frozen_agents_healthy_replica_serves_until_its_replacement_is_ready(c
             [replacement] = admin.wait_for(
                 lambda: (r := ready_replicas(admin, 1)) and r[0].node != first.node and r,
                 "the replacement to be ready on the other node", mesh_=cluster)
-            flowing("while the agent is frozen")
+            load.wait_calls(STEADY_CALLS, CONVERGE_TIMEOUT_S)
         finally:
             os.kill(frozen.proc.pid, signal.SIGCONT)
         admin.wait_for(lambda: _gone(first.pid), "the replaced replica to be stopped", mesh_=cluster)
-        flowing("after the agent woke up")
+        load.wait_calls(STEADY_CALLS, CONVERGE_TIMEOUT_S)
     finally:
         load.stop()
     print(f"agent SIGSTOP past the heartbeat timeout under load: {load.summary()}")
