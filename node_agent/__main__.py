@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 
+from protos.sd_notify import Notifier, announce
 from protos.security.tls import add_tls_arguments, tls_from_args
 from protos.security.tokens import ENV_TOKEN, TokenError, client_token
 
@@ -118,6 +119,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+async def _registered(agent: Agent) -> str:
+    """Registered with a scheduler, which re-adopted what this node runs (systemd's READY)."""
+    await agent.wait_connected(timeout=None)
+    return f"registered with scheduler {agent.connected_to}"
+
+
 def load_policy(path: str | None) -> HostPolicy:
     """The policy file's, or the defaults; exits 2 naming the problem in a bad file."""
     try:
@@ -145,10 +152,14 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
                   probe, supervisor)
     loop = asyncio.get_running_loop()
     shutdown: list[asyncio.Task] = []
+    notifier = Notifier()
+    systemd = asyncio.create_task(announce(notifier, _registered(agent)), name="systemd")
 
     def on_signal(signum: int) -> None:
         if not shutdown:
             log.info("%s: draining replicas, then exiting", signal.Signals(signum).name)
+            notifier.stopping(extend_timeout_s=args.stop_grace + 5)   # the replicas drain first
+            systemd.cancel()
             shutdown.append(asyncio.ensure_future(agent.shutdown()))
 
     for signum in (signal.SIGTERM, signal.SIGINT):

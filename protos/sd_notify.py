@@ -17,10 +17,11 @@ Guarantees:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +104,16 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+async def announce(notifier: Notifier, readiness: Awaitable[str]) -> None:
+    """READY=1 with ``readiness``'s result as STATUS once it completes, then WATCHDOG=1 from the event loop
+    every ``watchdog_interval_s`` (a blocked loop stops the pings, and systemd restarts the unit) until
+    cancelled. Run it as a task beside the daemon; does nothing but await ``readiness`` without systemd."""
+    status = await readiness
+    notifier.ready(status)
+    if notifier.watchdog_interval_s is None:
+        return
+    while True:
+        await asyncio.sleep(notifier.watchdog_interval_s)
+        notifier.watchdog()

@@ -17,6 +17,7 @@ import signal
 from google.protobuf import text_format
 
 from protos.listen import ListenError, exit_on_listen_error
+from protos.sd_notify import Notifier, announce
 from protos.mesh import control_pb2 as mesh
 from protos.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
 from protos.security.tls import add_tls_arguments, tls_from_args
@@ -75,12 +76,22 @@ async def run(options: ProxyOptions, grace_period_s: float) -> None:
     await server.start()
     metrics = f" (metrics on http://{server.metrics_address}/metrics)" if server.metrics_address else ""
     print(f"meshserve proxy listening on {server.address}{metrics}", flush=True)
+    notifier = Notifier()
+    systemd = asyncio.create_task(announce(notifier, _routes_received(server)), name="systemd")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    notifier.stopping(extend_timeout_s=grace_period_s + 5)   # calls in flight get their grace
+    systemd.cancel()
     await server.stop(grace_period_s)
+
+
+async def _routes_received(server: ProxyServer) -> str:
+    """Ready to serve: a route table is in force (systemd's READY)."""
+    await server.wait_for_routes()
+    return f"serving on {server.address}; route table version {server.routes.version}"
 
 
 def main(argv=None) -> None:

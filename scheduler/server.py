@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from protos import limits
 from protos.mesh import control_pb2_grpc as mesh_grpc
 from protos.listen import grpc_server
+from protos.sd_notify import Notifier, announce
 from protos.mesh.leader import leader_hint
 from protos.security.auth import AuthInterceptor, Authenticator
 from protos.security.roles import control_plane_table
@@ -59,6 +60,8 @@ ELECTION_NAME = "scheduler"
 LEADER_LOOKUP_TIMEOUT_S = 1.0
 # While the store is unreachable at start, try it again this often.
 STORE_RETRY_S = 1.0
+# How often a starting scheduler asks whether it leads or who does, until one of them is known.
+ROLE_POLL_S = 0.2
 # Agents and proxies ping their long-lived streams every few seconds to notice
 # a paused or partitioned scheduler (node_agent/agent.py KEEPALIVE_*). gRPC
 # servers refuse pings more often than every 5 min on a stream with no data
@@ -153,6 +156,20 @@ class SchedulerServer:
             if self.election.is_leader:
                 await self.election.resign()   # fenced out before the election noticed: drop the lease too
 
+    async def role_known(self) -> str:
+        """Once the store answers and this scheduler knows its role: "leader", or "standby (leader ...)"
+        (systemd's READY, scheduler/server.py's serve)."""
+        while True:
+            try:
+                leading, leader_id, address = await self._leader_info()
+            except StoreError:
+                leading, leader_id, address = False, "", ""
+            if leading:
+                return f"leader; store {self.options.store_url}"
+            if leader_id:
+                return f"standby; leader {leader_id} at {address}"
+            await asyncio.sleep(ROLE_POLL_S)
+
     async def _refresh_hint(self) -> None:
         self.core.leader_hint = await self._leader_hint_now()
 
@@ -197,9 +214,13 @@ async def serve(options: SchedulerOptions) -> None:
     await server.start()
     print(f"meshserve scheduler {server.scheduler_id} listening on {server.address} "
           f"(store {options.store_url})", flush=True)
+    notifier = Notifier()
+    systemd = asyncio.create_task(announce(notifier, server.role_known()), name="systemd")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    notifier.stopping()
+    systemd.cancel()
     await server.stop()
