@@ -11,6 +11,7 @@ missing=()
 command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v etcd >/dev/null || missing+=(etcd-server)   # a real etcd for the store and election tests
+command -v systemd-analyze >/dev/null || missing+=(systemd)   # `systemd-analyze verify` of deploy/systemd units
 if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
