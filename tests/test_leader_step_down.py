@@ -9,16 +9,14 @@ TTL, the standby takes over, and the paused one is resumed (SIGCONT).
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
 import threading
 import time
 
 import grpc
 import pytest
 
-from mesh_harness import ELECTION_TTL_S, START_TIMEOUT_S, Admin, Mesh
+from mesh_harness import ELECTION_TTL_S, START_TIMEOUT_S, Admin, Mesh, Process
 from protos.mesh import control_pb2 as mesh
 from protos.mesh import control_pb2_grpc as mesh_grpc
 from protos.mesh.leader import leader_named
@@ -156,23 +154,28 @@ def wait_until(predicate, what: str, timeout: float, cluster: Mesh) -> None:
         time.sleep(0.1)      # polling other processes' logs: there is no event to await
 
 
-def test_a_paused_leader_ends_its_watches_on_resume_and_its_agent_moves_to_the_new_leader(etcd):
-    cluster = Mesh()
-    watcher = None
-    paused = None
-    try:
-        store = f"etcd://{etcd.endpoint}"
-        first = cluster.scheduler(store, "s1")
-        second = cluster.scheduler(store, "s2", wait_leading=False)
-        agent = cluster.agent("node-a", f"{first.address},{second.address}")
-        wait_until(lambda: registered_with(agent, first.address), "the agent on the leader", START_TIMEOUT_S,
-                   cluster)
-        watcher = RouteWatcher(first.address)
-        assert watcher.first.wait(START_TIMEOUT_S), "the watch got no table"
+def leader_with_agent_and_watch(cluster: Mesh, etcd) -> tuple[Process, Process, Process]:
+    """Two schedulers on ``etcd`` (s1 leads) and an agent registered with the leader."""
+    store = f"etcd://{etcd.endpoint}"
+    first = cluster.scheduler(store, "s1")
+    second = cluster.scheduler(store, "s2", wait_leading=False)
+    agent = cluster.agent("node-a", f"{first.address},{second.address}")
+    wait_until(lambda: registered_with(agent, first.address), "the agent on the leader", START_TIMEOUT_S, cluster)
+    return first, second, agent
 
+
+def watch_routes(address: str) -> RouteWatcher:
+    watcher = RouteWatcher(address)
+    assert watcher.first.wait(START_TIMEOUT_S), "the watch got no table"
+    return watcher
+
+
+def test_a_paused_leader_ends_its_watches_on_resume_and_its_agent_moves_to_the_new_leader(cluster, etcd):
+    first, second, agent = leader_with_agent_and_watch(cluster, etcd)
+    watcher = watch_routes(first.address)
+    try:
         mark = len(agent.output)
-        os.kill(first.proc.pid, signal.SIGSTOP)
-        paused = first
+        first.pause()   # the mesh resumes it when the test ends, whatever happens
         standby = Admin(second.address)
         standby.wait_for(lambda: standby.leader().is_leader, "the standby to lead",
                          ELECTION_TTL_S + START_TIMEOUT_S, cluster)
@@ -184,8 +187,7 @@ def test_a_paused_leader_ends_its_watches_on_resume_and_its_agent_moves_to_the_n
             time.sleep(0.1)      # polling another process's log
         assert not watcher.ended.is_set()
 
-        os.kill(first.proc.pid, signal.SIGCONT)
-        paused = None
+        first.resume()
         assert watcher.ended.wait(RESUMED_STEP_DOWN_TIMEOUT_S), \
             f"the deposed leader kept its route watch open (agent moved while paused: {moved_while_paused})\n" \
             f"{cluster.logs()}"
@@ -210,26 +212,13 @@ def test_a_paused_leader_ends_its_watches_on_resume_and_its_agent_moves_to_the_n
         standby.close()
         assert not re.search(r"Traceback", "".join(first.output + second.output))
     finally:
-        if paused is not None:
-            os.kill(paused.proc.pid, signal.SIGCONT)
-        if watcher is not None:
-            watcher.close()
-        cluster.close()
+        watcher.close()
 
 
-def test_an_etcd_outage_ends_the_leaders_watches_and_the_mesh_recovers_without_losing_a_node(etcd):
-    cluster = Mesh()
-    watcher = None
+def test_an_etcd_outage_ends_the_leaders_watches_and_the_mesh_recovers_without_losing_a_node(cluster, etcd):
+    first, second, agent = leader_with_agent_and_watch(cluster, etcd)
+    watcher = watch_routes(first.address)
     try:
-        store = f"etcd://{etcd.endpoint}"
-        first = cluster.scheduler(store, "s1")
-        second = cluster.scheduler(store, "s2", wait_leading=False)
-        agent = cluster.agent("node-a", f"{first.address},{second.address}")
-        wait_until(lambda: registered_with(agent, first.address), "the agent on the leader", START_TIMEOUT_S,
-                   cluster)
-        watcher = RouteWatcher(first.address)
-        assert watcher.first.wait(START_TIMEOUT_S), "the watch got no table"
-
         etcd.stop()
         # The leader cannot renew its lease: after one TTL it steps down and ends its streams.
         assert watcher.ended.wait(ELECTION_TTL_S + RESUMED_STEP_DOWN_TIMEOUT_S), \
@@ -254,6 +243,4 @@ def test_an_etcd_outage_ends_the_leaders_watches_and_the_mesh_recovers_without_l
         for admin in admins:
             admin.close()
     finally:
-        if watcher is not None:
-            watcher.close()
-        cluster.close()
+        watcher.close()
