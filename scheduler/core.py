@@ -49,7 +49,7 @@ from protos.mesh.assignment_env import CPU_ENV, GPU_MEMORY_ENV
 from protos.mesh.leader import not_leader_message
 
 from .cluster import Cluster, LiveNode
-from .placing import _needs as replica_needs
+from .placing import replica_needs
 from .records import DRAINING, FAILED, LEAVING, LOST, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
 from .reconciler import Reconciler
 from .spec_fields import model_of

@@ -33,7 +33,7 @@ def build_snapshot(cluster: Cluster) -> list[placement.NodeView]:
         per_deployment = collections.Counter()
         for replica in replicas:
             per_deployment[replica.deployment] += 1
-            needs = _needs(cluster, replica)
+            needs = replica_needs(cluster, replica)
             cpu_used += needs.cpu
             if replica.state != READY:
                 memory_loading += needs.memory
@@ -53,7 +53,8 @@ def build_snapshot(cluster: Cluster) -> list[placement.NodeView]:
     return nodes
 
 
-def _needs(cluster: Cluster, replica: ReplicaRecord) -> Needs:
+def replica_needs(cluster: Cluster, replica: ReplicaRecord) -> Needs:
+    """What one replica asks of a node: its revision's resources, or those of the pipeline steps it serves."""
     deployment = cluster.deployments.get(replica.deployment)
     spec = deployment.spec_of(replica.revision) if deployment else {}
     if spec.get("kind") != "Pipeline":
@@ -66,7 +67,7 @@ def _needs(cluster: Cluster, replica: ReplicaRecord) -> Needs:
 
 
 def _request(cluster: Cluster, replica: ReplicaRecord) -> placement.ReplicaRequest:
-    needs = _needs(cluster, replica)
+    needs = replica_needs(cluster, replica)
     return placement.ReplicaRequest(
         replica_id=replica.id, deployment=replica.deployment, gpus=needs.gpus, gpu_memory=needs.gpu_memory,
         cpu=needs.cpu, memory=needs.memory, node_selector=needs.node_selector, strategy=needs.strategy,
@@ -94,7 +95,7 @@ async def place_pending(cluster: Cluster, writer: FencedWriter) -> bool:
         if isinstance(decision, placement.Placement):
             replica.state, replica.node = PLACED, decision.node
             replica.gpu_indices = list(decision.gpu_indices)
-            replica.gpu_memory_bytes = _needs(cluster, replica).gpu_memory
+            replica.gpu_memory_bytes = replica_needs(cluster, replica).gpu_memory
             replica.reason = ""
             replica.decision = placement.explain_lines(decision, limit=EXPLAIN_LINES_KEPT)
             cluster.record_event(f"replica/{replica.id}", f"placed on {decision.node} "
