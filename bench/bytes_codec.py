@@ -49,7 +49,7 @@ def _status_kib(field: str, pid: str = "self") -> int:
 
 def _load_codec(path: str | None):
     if path is None:
-        from protos import tensors
+        from meshserve.common import tensors
         return tensors
     spec = importlib.util.spec_from_file_location("codec_under_test", path)
     module = importlib.util.module_from_spec(spec)
@@ -107,9 +107,9 @@ def _server_cases(elements: int) -> list[dict]:
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from conftest import EXAMPLES, RuntimeProcess
 
-    from protos import tensors
-    from protos.inference import grpc_service_pb2 as pb
-    from protos.inference import grpc_service_pb2_grpc as pb_grpc
+    from meshserve.common import tensors
+    from meshserve.protos.inference import grpc_service_pb2 as pb
+    from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
     process = RuntimeProcess(["--listen", "127.0.0.1:0", "--model-repository", str(EXAMPLES),
                               "--model", "echo_bytes", "--max-message-bytes", str(300 << 20)])

@@ -34,9 +34,9 @@ import grpc
 import numpy as np
 
 from bench.servers import PeerServer, RuntimeServer  # noqa: F401  (re-exported for benchmarks)
-from protos import tensors
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.common import tensors
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 # A cell is meant to last a few seconds on a shared 2-core machine; these bound a typo.
 MAX_DURATION_S = 60.0

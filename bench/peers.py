@@ -10,7 +10,7 @@ Each concurrency's ``--duration`` is split into ``--rounds`` slices and the
 systems take turns in a rotating order, so drift on the shared 2-core machine
 is spread over all of them. Servers, each with dynamic batching:
 
-- meshserve: ``python -m runtime`` on a copy of examples/models/add_sub
+- meshserve: ``python -m meshserve.runtime`` on a copy of examples/models/add_sub
   (max_batch_size 64, 500 us queue delay);
 - Triton: ``start_triton.sh PORT models_dynbatch`` (Python backend,
   max_batch_size 16, 1000 us);

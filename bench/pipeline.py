@@ -48,10 +48,10 @@ from bench import workloads
 from bench.cli import add_cell_arguments, settle_cell_arguments
 from bench.loadgen import alternate, infer_request, output_arrays
 from bench.servers import REPO_ROOT, RuntimeServer, stop_on_signals
-from clients import InferenceClient, SharedMemory
-from protos import tensors
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import model_config_pb2 as mc
+from meshserve.clients import InferenceClient, SharedMemory
+from meshserve.common import tensors
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import model_config_pb2 as mc
 
 PIPELINE_REPOSITORY = REPO_ROOT / "examples" / "pipelines" / "large_tensor"
 ENSEMBLE = "large_pipeline"

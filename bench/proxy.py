@@ -8,7 +8,7 @@ and driven by the same load generator (bench/loadgen.py, one channel, closed
 loop), taking turns within each cell (ABC, then CBA, ...):
 
 - ``direct``: the replica's own address;
-- ``proxy``: ``python -m proxy --scheduler ROUTES --listen 127.0.0.1:0``,
+- ``proxy``: ``python -m meshserve.proxy --scheduler ROUTES --listen 127.0.0.1:0``,
   where ROUTES is a static RouteService started here (a grpc.aio server in a
   subprocess whose ``WatchRoutes`` sends one RouteTable, both models -> the
   replica, weight 100, and keeps the stream open), so no scheduler runs;
@@ -44,7 +44,7 @@ from bench.cli import add_cell_arguments, settle_cell_arguments
 from bench.envoy import EnvoyServer, envoy_binary, envoy_version
 from bench.loadgen import CheckFailed, LoadResult, measure, open_channels
 from bench.servers import REPO_ROOT, RuntimeServer, stop_on_signals
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 CONCURRENCIES = (1, 16)
 SYSTEMS = ("direct", "proxy", "envoy")
@@ -82,7 +82,7 @@ class ListeningProcess(RuntimeServer):
 
 def route_table(routes: dict[str, str]):
     """The RouteTable a scheduler would send: each model -> one endpoint, weight 100."""
-    from protos.mesh import control_pb2 as mesh
+    from meshserve.protos.mesh import control_pb2 as mesh
 
     table = mesh.RouteTable(version=1)
     for index, (model, address) in enumerate(sorted(routes.items())):
@@ -95,7 +95,7 @@ async def serve_routes(routes: dict[str, str], listen: str = "127.0.0.1:0") -> N
     """A RouteService whose WatchRoutes sends one table and keeps the stream open."""
     import grpc
 
-    from protos.mesh import control_pb2_grpc as mesh_grpc
+    from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
     table = route_table(routes)
 
@@ -123,7 +123,7 @@ def route_service(routes: dict[str, str]) -> ListeningProcess:
 
 
 def proxy_server(scheduler: str) -> ListeningProcess:
-    return ListeningProcess([sys.executable, "-m", "proxy", "--scheduler", scheduler,
+    return ListeningProcess([sys.executable, "-m", "meshserve.proxy", "--scheduler", scheduler,
                              "--listen", "127.0.0.1:0"], name="meshserve proxy")
 
 
@@ -239,7 +239,7 @@ def start_paths(workdir: Path, stack: contextlib.ExitStack, args, skipped: dict[
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     replica = stack.enter_context(RuntimeServer(repository, name="replica"))
     addresses = {"direct": replica.address}
-    print(f"direct: replica (python -m runtime) serving add_sub, echo_fp32 on {replica.address}",
+    print(f"direct: replica (python -m meshserve.runtime) serving add_sub, echo_fp32 on {replica.address}",
           flush=True)
 
     if not (REPO_ROOT / "proxy" / "__main__.py").is_file():
@@ -250,7 +250,7 @@ def start_paths(workdir: Path, stack: contextlib.ExitStack, args, skipped: dict[
                 {"add_sub": replica.address, "echo_fp32": replica.address}))
             proxy = stack.enter_context(proxy_server(routes.address))
             addresses["proxy"] = proxy.address
-            print(f"proxy: python -m proxy on {proxy.address}, routes from {routes.address}",
+            print(f"proxy: python -m meshserve.proxy on {proxy.address}, routes from {routes.address}",
                   flush=True)
         except Exception as error:  # the other paths still run
             skipped["proxy"] = f"did not start: {error}"

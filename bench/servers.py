@@ -19,9 +19,9 @@ import subprocess
 import sys
 import threading
 import time
+from meshserve.common.ready_line import parse_ready_line
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"listening on (\S+:\d+)")
 # A model load on a loaded 2-core machine takes seconds; this bounds a broken start.
 STARTUP_TIMEOUT_S = 90.0
 # The runtime drains on SIGTERM; in-flight work of a benchmark is done by then.
@@ -87,7 +87,7 @@ def free_port(span: int = 1, attempts: int = 50) -> int:
 
 
 class RuntimeServer:
-    """``python -m runtime --model-repository DIR --listen 127.0.0.1:0``, as a context manager.
+    """``python -m meshserve.runtime --model-repository DIR --listen 127.0.0.1:0``, as a context manager.
 
     ``start()`` returns the address parsed from the runtime's "listening on"
     line; ``stop()`` sends SIGTERM (the runtime drains), waits, then kills the
@@ -97,7 +97,7 @@ class RuntimeServer:
     def __init__(self, model_repository, *extra_args: str, python: str = sys.executable,
                  name: str = "meshserve", startup_timeout_s: float = STARTUP_TIMEOUT_S):
         self.name = name
-        self.args = [python, "-m", "runtime", "--model-repository", str(model_repository),
+        self.args = [python, "-m", "meshserve.runtime", "--model-repository", str(model_repository),
                      "--listen", "127.0.0.1:0", *extra_args]
         self.startup_timeout_s = startup_timeout_s
         self.address: str | None = None
@@ -131,9 +131,9 @@ class RuntimeServer:
         for line in self._proc.stdout:
             self.output.append(line)
             if self.address is None:
-                match = _LISTENING.search(line)
-                if match:
-                    self.address = match.group(1)
+                address = parse_ready_line(line)
+                if address is not None:
+                    self.address = address
                     self._listening.set()
 
     def stop(self) -> int | None:

@@ -42,8 +42,8 @@ from bench.cli import add_cell_arguments, settle_cell_arguments
 from bench.loadgen import LoadResult, measure
 from bench.proxy import ListeningProcess, added_p50, describe, ratio, route_table
 from bench.servers import RuntimeServer, stop_on_signals
-from protos.security.tls import TlsConfig, as_flags
-from scheduler.certs import create_ca, issue_certificate
+from meshserve.common.security.tls import TlsConfig, as_flags
+from meshserve.scheduler.certs import create_ca, issue_certificate
 
 CONCURRENCIES = (1, 16)
 PATHS = ("plaintext", "mtls")
@@ -78,7 +78,7 @@ def start_path(name: str, repository: Path, workdir: Path, stack: contextlib.Exi
     routes.write_text(text_format.MessageToString(route_table({"add_sub": replica.address,
                                                                "echo_fp32": replica.address})))
     proxy = stack.enter_context(ListeningProcess(
-        [sys.executable, "-m", "proxy", "--routes-file", str(routes), "--listen", "127.0.0.1:0",
+        [sys.executable, "-m", "meshserve.proxy", "--routes-file", str(routes), "--listen", "127.0.0.1:0",
          *(as_flags(tls["proxy"]) if tls else [])], name=f"{name} proxy"))
     print(f"{name}: proxy {proxy.address} -> replica {replica.address}", flush=True)
     return proxy.address

@@ -16,8 +16,8 @@ from google.protobuf import text_format
 
 from bench.loadgen import infer_request, output_arrays
 from bench.servers import REPO_ROOT
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import model_config_pb2 as mc
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import model_config_pb2 as mc
 
 EXAMPLE_MODELS = REPO_ROOT / "examples" / "models"
 BENCH_MODELS = REPO_ROOT / "bench" / "models"

@@ -8,7 +8,7 @@ a model, raise the mesh's error taxonomy and carry W3C trace context.
 shared memory region instead (same host only; ``clients.shared_memory``).
 """
 
-from protos.errors import (
+from meshserve.common.errors import (
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,

@@ -7,8 +7,8 @@ from typing import Any
 
 import grpc
 
-from protos.security.tls import TlsConfig
-from protos.security.tokens import client_token
+from meshserve.common.security.tls import TlsConfig
+from meshserve.common.security.tokens import client_token
 
 # gRPC's default 4 MiB receive limit is smaller than many tensors; -1 lifts
 # the client's own limits and leaves the size policy to the server.

@@ -24,9 +24,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from protos import tensors
-from protos.errors import Internal, InvalidArgument
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.common import tensors
+from meshserve.common.errors import Internal, InvalidArgument
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 from .status import from_stream_error
 

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import grpc
 
-from protos.errors import MeshError
+from meshserve.common.errors import MeshError
 
 T = TypeVar("T")
 

@@ -40,9 +40,9 @@ from multiprocessing import shared_memory as _mp_shared_memory
 
 import numpy as np
 
-from protos import tensors
-from protos.errors import Internal, InvalidArgument
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.common import tensors
+from meshserve.common.errors import Internal, InvalidArgument
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 from .encoding import build_infer_request
 

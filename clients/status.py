@@ -11,7 +11,7 @@ import re
 
 import grpc
 
-from protos.errors import Internal, MeshError, error_for_status
+from meshserve.common.errors import Internal, MeshError, error_for_status
 
 _CODES_BY_NAME: dict[str, grpc.StatusCode] = {code.name: code for code in grpc.StatusCode}
 _CODES_BY_CLASS: dict[str, grpc.StatusCode] = {

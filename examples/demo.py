@@ -2,7 +2,7 @@
 
     .venv/bin/python examples/demo.py [--listen 127.0.0.1:8001] [--once]
 
-Starts ``python -m runtime`` on the example repository, waits until it is
+Starts ``python -m meshserve.runtime`` on the example repository, waits until it is
 ready, makes one call to each example model through the client library
 (unary, BYTES, streaming, ONNX), prints what came back, and keeps serving
 until Ctrl-C (``--once``: stop after the calls). SIGTERM or Ctrl-C drains
@@ -22,21 +22,22 @@ import numpy as np
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from clients import InferenceClient  # noqa: E402
-from protos.errors import MeshError  # noqa: E402
+from meshserve.clients import InferenceClient  # noqa: E402
+from meshserve.common.errors import MeshError  # noqa: E402
+from meshserve.common.ready_line import parse_ready_line
 
 
 def start_runtime(listen: str) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "runtime", "--model-repository", str(REPO_ROOT / "examples" / "models"),
+        [sys.executable, "-m", "meshserve.runtime", "--model-repository", str(REPO_ROOT / "examples" / "models"),
          "--listen", listen],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
     )
     for line in process.stdout:
         print(f"  runtime | {line.rstrip()}")
-        match = re.search(r"listening on (\S+)", line)
-        if match:
-            return process, match.group(1)
+        address = parse_ready_line(line, "runtime")
+        if address is not None:
+            return process, address
     raise SystemExit(f"the runtime exited with code {process.wait()} before it was ready")
 
 

@@ -1,4 +1,4 @@
-"""``node-agent`` / ``python -m node_agent``: run this host's agent.
+"""``node-agent`` / ``python -m meshserve.node_agent``: run this host's agent.
 
     node-agent --scheduler HOST:PORT[,HOST:PORT] --name NAME [--fake-gpus 2x80GiB]
                [--labels k=v,k2=v2] [--host 127.0.0.1] [--report-interval 1.0]
@@ -29,9 +29,9 @@ import signal
 import socket
 import sys
 
-from protos.sd_notify import Notifier, announce
-from protos.security.tls import add_tls_arguments, tls_from_args
-from protos.security.tokens import ENV_TOKEN, TokenError, client_token
+from meshserve.common.sd_notify import Notifier, announce
+from meshserve.common.security.tls import add_tls_arguments, tls_from_args
+from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token
 
 from .agent import Agent, AgentConfig
 from .gpu_probe import parse_fake_spec, select_probe

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from protos.sizes import parse_size
+from meshserve.common.sizes import parse_size
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from protos.mesh import control_pb2 as pb
+from meshserve.protos.mesh import control_pb2 as pb
 
 from .gpu_probe import GpuSample
 from .host import HostResources

@@ -50,12 +50,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from protos.errors import MeshError
-from protos.mesh.assignment_env import CPU_ENV, GPU_MEMORY_ENV
-from protos.sizes import format_size, parse_size
-from runtime.model_names import plain_model_name
-from runtime.shared_memory import MODES as SHARED_MEMORY_MODES
-from runtime.shared_memory import NONE as SHARED_MEMORY_NONE
+from meshserve.common.errors import MeshError
+from meshserve.common.assignment_env import CPU_ENV, GPU_MEMORY_ENV
+from meshserve.common.sizes import format_size, parse_size
+from meshserve.common.model_names import plain_model_name
+from meshserve.common.runtime_options import SHARED_MEMORY_MODES
+from meshserve.common.runtime_options import SHARED_MEMORY_NONE
 
 from .runtime_flags import NEVER_FLAGS, SAFE_RUNTIME_FLAGS, runtime_arg_problems
 from .runtime_flags import shown as _shown

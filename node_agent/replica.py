@@ -32,7 +32,6 @@ import collections
 import dataclasses
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -40,30 +39,33 @@ from dataclasses import dataclass, field
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.backoff import Backoff
-from protos.mesh.assignment_env import GPU_MEMORY_ENV
-from protos.security.tls import TlsConfig, aio_channel, without_tls_environment
-from protos.security.tokens import without_token_environment
-from protos.sizes import parse_size
+from meshserve.common.backoff import Backoff
+from meshserve.common.assignment_env import GPU_MEMORY_ENV
+from meshserve.common.security.tls import TlsConfig, aio_channel, without_tls_environment
+from meshserve.common.security.tokens import without_token_environment
+from meshserve.common.sizes import parse_size
 
 from .gpu_probe import GpuLoad
-from runtime.shared_memory import FLAG as SHARED_MEMORY_FLAG
-from runtime.shared_memory import NONE as SHARED_MEMORY_NONE
+from meshserve.common.runtime_options import SHARED_MEMORY_FLAG
+from meshserve.common.runtime_options import SHARED_MEMORY_NONE
 
 from .policy import HostPolicy, Refused
 from .process import ChildProcess, Clock, Launcher, signal_name
+from meshserve.common.ready_line import parse_ready_line
+from meshserve.common.states import ReplicaState
 
 log = logging.getLogger(__name__)
-output_log = logging.getLogger("node_agent.replica.output")
+output_log = logging.getLogger("meshserve.node_agent.replica.output")
 
-STARTING, READY, FAILED, DRAINING, STOPPED = "starting", "ready", "failed", "draining", "stopped"
+STARTING, READY, FAILED, DRAINING, STOPPED = (
+    ReplicaState.STARTING, ReplicaState.READY, ReplicaState.FAILED, ReplicaState.DRAINING, ReplicaState.STOPPED)
 
 # What a replica that declares nothing is taken to hold on each of its GPUs
 # (fake GPUs only): about a small model plus the CUDA context.
 DEFAULT_GPU_MEMORY_BYTES = 1 << 30
 
 _WILDCARD_DIAL = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
-_LISTENING = re.compile(r"meshserve runtime listening on (\S+:\d+)")
+
 # The crash message carries this much output: enough for a Python traceback's
 # end, small enough to send in every report.
 TAIL_LINES = 20
@@ -317,7 +319,7 @@ class Replica:
 
     def _command(self) -> tuple[list[str], dict[str, str]]:
         spec, options = self.spec, self.options
-        argv = [options.python, "-m", "runtime", "--model-repository", self._repository,
+        argv = [options.python, "-m", "meshserve.runtime", "--model-repository", self._repository,
                 "--model", spec.model_name, "--listen", f"{options.listen_host}:0"]
         if options.strict:
             argv.append("--strict")
@@ -397,9 +399,9 @@ class Replica:
             tail.append(line)
             output_log.debug("[%s %s] %s", self.spec.replica_id, stream, line)
             if stream == "stdout" and not listening.done():
-                match = _LISTENING.search(line)
-                if match:
-                    listening.set_result(match.group(1))
+                address = parse_ready_line(line, "runtime")
+                if address is not None:
+                    listening.set_result(address)
         if not listening.done():
             listening.set_exception(ConnectionError("output closed before the listening line"))
 

@@ -1,4 +1,4 @@
-"""Which ``python -m runtime`` flags an assignment may pass, parsed exactly.
+"""Which ``python -m meshserve.runtime`` flags an assignment may pass, parsed exactly.
 
 argparse accepts any unambiguous prefix of a flag, so ``--lis`` reached
 ``--listen`` through the old "is it one of the agent's flags?" guard. Here
@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Iterable
 
-from protos.errors import MeshError
-from runtime.model_control import FLAG as MODEL_CONTROL_FLAG
-from runtime.model_control import MODES as MODEL_CONTROL_MODES
-from runtime.model_names import plain_model_name
-from runtime.shared_memory import FLAG as SHARED_MEMORY_FLAG
+from meshserve.common.errors import MeshError
+from meshserve.common.runtime_options import MODEL_CONTROL_FLAG
+from meshserve.common.runtime_options import MODEL_CONTROL_MODES
+from meshserve.common.model_names import plain_model_name
+from meshserve.common.runtime_options import SHARED_MEMORY_FLAG
 
 # The agent hands replicas its own TLS settings (node_agent/replica.py): a spec cannot turn TLS off or swap them.
 TLS_FROM_THE_AGENT = "TLS settings come from the node agent"

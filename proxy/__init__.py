@@ -1,7 +1,7 @@
 """The mesh's front proxy: ``inference.GRPCInferenceService`` in front of the replicas.
 
 ``ProxyServer(ProxyOptions(...))`` runs it in-process; ``mesh-proxy`` (or
-``python -m proxy``) from the command line. See ``server.py`` for the
+``python -m meshserve.proxy``) from the command line. See ``server.py`` for the
 lifecycle and each module's docstring for its guarantees.
 """
 

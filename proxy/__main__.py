@@ -1,4 +1,4 @@
-"""``mesh-proxy`` / ``python -m proxy``: the mesh's front door.
+"""``mesh-proxy`` / ``python -m meshserve.proxy``: the mesh's front door.
 
 Serves ``inference.GRPCInferenceService`` on ``--listen`` and forwards each
 call to a replica from the route table of ``--scheduler`` (or a static
@@ -16,16 +16,17 @@ import signal
 
 from google.protobuf import text_format
 
-from protos.listen import ListenError, exit_on_listen_error
-from protos.sd_notify import Notifier, announce
-from protos.mesh import control_pb2 as mesh
-from protos.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
-from protos.security.tls import add_tls_arguments, tls_from_args
-from protos.security.tokens import ENV_TOKEN, TokenError, client_token
-from runtime.telemetry import configure_tracing, shutdown_tracing
+from meshserve.common.listen import ListenError, exit_on_listen_error
+from meshserve.common.sd_notify import Notifier, announce
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
+from meshserve.common.security.tls import add_tls_arguments, tls_from_args
+from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token
+from meshserve.common.telemetry import configure_tracing, shutdown_tracing
 
 from .routes import RouteTable
 from .server import ProxyOptions, ProxyServer
+from meshserve.common.ready_line import print_ready_line
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
@@ -75,7 +76,7 @@ async def run(options: ProxyOptions, grace_period_s: float) -> None:
     server = ProxyServer(options)
     await server.start()
     metrics = f" (metrics on http://{server.metrics_address}/metrics)" if server.metrics_address else ""
-    print(f"meshserve proxy listening on {server.address}{metrics}", flush=True)
+    print_ready_line("proxy", server.address, metrics)
     notifier = Notifier()
     systemd = asyncio.create_task(announce(notifier, _routes_received(server)), name="systemd")
     stop = asyncio.Event()

@@ -18,7 +18,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass
 
-from protos.errors import DeadlineExceeded, ResourceExhausted
+from meshserve.common.errors import DeadlineExceeded, ResourceExhausted
 
 
 @dataclass

@@ -28,8 +28,8 @@ import logging
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.backoff import Backoff
-from protos.security.tls import TlsConfig, aio_channel
+from meshserve.common.backoff import Backoff
+from meshserve.common.security.tls import TlsConfig, aio_channel
 
 from .admission import Admission
 from .routes import EndpointInfo, RouteTable

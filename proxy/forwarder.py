@@ -30,8 +30,8 @@ from typing import NamedTuple
 import grpc
 from google.protobuf.message import DecodeError
 
-from protos.errors import DeadlineExceeded, InvalidArgument, MeshError, NotFound, Unavailable, error_for_status
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.common.errors import DeadlineExceeded, InvalidArgument, MeshError, NotFound, Unavailable, error_for_status
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 from .balancer import Balancer
 from .endpoints import Endpoint, EndpointPool

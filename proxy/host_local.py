@@ -16,8 +16,8 @@ parses the request only when the key is there.
 
 from __future__ import annotations
 
-from protos.errors import FailedPrecondition, InvalidArgument
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.common.errors import FailedPrecondition, InvalidArgument
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 REGION_PARAMETER = "shared_memory_region"   # runtime.shared_memory.REGION_PARAMETER (KServe v2 / Triton)
 

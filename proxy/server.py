@@ -23,12 +23,12 @@ from dataclasses import dataclass, replace
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
-from protos import limits
-from protos.listen import grpc_server
-from protos.security.auth import AuthInterceptor, Authenticator
-from protos.security.roles import RoleTable, data_plane_table
-from protos.security.tls import TlsConfig, add_port
-from runtime.status_interceptor import StatusInterceptor
+from meshserve.common import limits
+from meshserve.common.listen import grpc_server
+from meshserve.common.security.auth import AuthInterceptor, Authenticator
+from meshserve.common.security.roles import RoleTable, data_plane_table
+from meshserve.common.security.tls import TlsConfig, add_port
+from meshserve.common.status_interceptor import StatusInterceptor
 
 from .balancer import Balancer
 from .endpoints import SERVICE_NAME, EndpointPool

@@ -21,9 +21,9 @@ from importlib import metadata
 
 import grpc
 
-from protos.errors import InvalidArgument, MeshError, NotFound, Unavailable, Unimplemented, error_for_status
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.common.errors import InvalidArgument, MeshError, NotFound, Unavailable, Unimplemented, error_for_status
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from .endpoints import SERVICE_NAME, Endpoint
 from .forwarder import Upstreams, UnaryForwarder

@@ -34,8 +34,8 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from protos.errors import InvalidArgument, MeshError
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.common.errors import InvalidArgument, MeshError
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 from .endpoints import Endpoint
 from .forwarder import UpstreamFailure, Upstreams, no_replica, remaining_timeout

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from protos.errors import InvalidArgument
+from meshserve.common.errors import InvalidArgument
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _MAX_VARINT_BYTES = 10

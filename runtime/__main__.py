@@ -1,4 +1,4 @@
-"""``python -m runtime``: serve a model repository standalone, like tritonserver."""
+"""``python -m meshserve.runtime``: serve a model repository standalone, like tritonserver."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import logging
 
-from protos.listen import ListenError, exit_on_listen_error
-from protos.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
-from protos.security.tls import add_tls_arguments, tls_from_args
+from meshserve.common.listen import ListenError, exit_on_listen_error
+from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
+from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 
 from .ensemble_remote import parse_remote_model
 from .model_control import FLAG as MODEL_CONTROL_FLAG
@@ -16,13 +16,13 @@ from .model_control import MODES as MODEL_CONTROL_MODES
 from .server import ServerOptions, run
 from .shared_memory import FLAG as SHARED_MEMORY_FLAG
 from .shared_memory import MODES as SHARED_MEMORY_MODES
-from .telemetry import configure_tracing, shutdown_tracing
+from meshserve.common.telemetry import configure_tracing, shutdown_tracing
 
 SERVICE_NAME = "meshserve-runtime"  # OpenTelemetry service.name unless OTEL_SERVICE_NAME says otherwise
 
 
 def parse_args(argv=None) -> tuple[str, ServerOptions]:
-    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="python -m meshserve.runtime", description=__doc__, allow_abbrev=False)
     parser.add_argument("--model-repository", required=True, help="folder of <model>/config.pbtxt")
     parser.add_argument("--model", action="append", dest="models",
                         help="load only this model (repeatable); default: every model in the repository")

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protos.errors import DeadlineExceeded, Internal, MeshError, ResourceExhausted, Unavailable
+from meshserve.common.errors import DeadlineExceeded, Internal, MeshError, ResourceExhausted, Unavailable
 
 from .instance_pool import InstancePool
 from .request import InferRequest
 from .statistics import ModelStatisticsRecorder
-from .telemetry import RequestTrace
+from meshserve.common.telemetry import RequestTrace
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import re
 
 from google.protobuf import text_format
 
-from protos.errors import InvalidArgument
-from protos.inference import model_config_pb2 as mc
+from meshserve.common.errors import InvalidArgument
+from meshserve.protos.inference import model_config_pb2 as mc
 
 CONFIG_FILE = "config.pbtxt"
 PYTHON_BACKEND = "python"

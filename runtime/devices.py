@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import os
 
-from protos.inference import model_config_pb2 as mc
+from meshserve.protos.inference import model_config_pb2 as mc
 
 
 def visible_gpu_count() -> int:

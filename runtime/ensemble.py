@@ -29,10 +29,10 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
-from protos import tensors
-from protos.errors import FailedPrecondition, Internal, InvalidArgument, MeshError, error_for_status
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import model_config_pb2 as mc
+from meshserve.common import tensors
+from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument, MeshError, error_for_status
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import model_config_pb2 as mc
 
 from .ensemble_graph import EnsemblePlan, Step, StepModelSpec, plan_ensemble
 from .ensemble_remote import RemoteModels, RemoteStep
@@ -40,7 +40,7 @@ from .ensemble_trace import StepTrace
 from .model import model_metadata
 from .request import InferRequest, ModelSignature
 from .statistics import ModelStatisticsRecorder
-from .telemetry import RequestTrace
+from meshserve.common.telemetry import RequestTrace
 from .tensor_spec import TensorSpec
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protos.inference import model_config_pb2 as mc
+from meshserve.protos.inference import model_config_pb2 as mc
 
 from .config import ConfigError
 from .tensor_spec import TensorSpec

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from clients import AsyncInferenceClient
-from protos.inference import model_config_pb2 as mc
-from protos.security.tls import TlsConfig
+from meshserve.clients import AsyncInferenceClient
+from meshserve.protos.inference import model_config_pb2 as mc
+from meshserve.common.security.tls import TlsConfig
 
 from .ensemble_trace import current
 from .request import EMPTY_FINAL_PARAMETER, InferRequest

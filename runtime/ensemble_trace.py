@@ -21,7 +21,7 @@ import time
 
 from opentelemetry import trace
 
-from .telemetry import BATCH_REQUESTS, BATCH_SIZE, MODEL_NAME, MODEL_VERSION, RequestTrace, mark_error
+from meshserve.common.telemetry import BATCH_REQUESTS, BATCH_SIZE, MODEL_NAME, MODEL_VERSION, RequestTrace, mark_error
 
 STEP_NUMBER = "meshserve.step.number"
 STEP_QUEUE_NS = "meshserve.step.queue_ns"      # waiting in the step model's queue

@@ -16,9 +16,9 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from protos.errors import FailedPrecondition, Internal, MeshError
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import model_config_pb2 as mc
+from meshserve.common.errors import FailedPrecondition, Internal, MeshError
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import model_config_pb2 as mc
 
 from . import config as config_rules
 from .backends import LoadContext, load_instances
@@ -27,7 +27,7 @@ from .devices import instance_devices
 from .instance_pool import InstancePool
 from .request import InferRequest, ModelSignature
 from .statistics import ModelStatisticsRecorder
-from .telemetry import RequestTrace
+from meshserve.common.telemetry import RequestTrace
 from .tensor_spec import TensorSpec
 
 

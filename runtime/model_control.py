@@ -13,11 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protos.errors import FailedPrecondition
+from meshserve.common.errors import FailedPrecondition
+from meshserve.common.runtime_options import (
+    MODEL_CONTROL_EXPLICIT,
+    MODEL_CONTROL_FLAG,
+    MODEL_CONTROL_MODES,
+    MODEL_CONTROL_NONE,
+)
 
-NONE, EXPLICIT = "none", "explicit"
-MODES = (NONE, EXPLICIT)
-FLAG = "--model-control"
+NONE, EXPLICIT = MODEL_CONTROL_NONE, MODEL_CONTROL_EXPLICIT
+MODES = MODEL_CONTROL_MODES
+FLAG = MODEL_CONTROL_FLAG
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,14 @@ import logging
 import pathlib
 from dataclasses import dataclass, field
 
-from protos.errors import InvalidArgument, NotFound, Unavailable
-from protos.security.tls import TlsConfig
+from meshserve.common.errors import InvalidArgument, NotFound, Unavailable
+from meshserve.common.security.tls import TlsConfig
 
 from . import config as config_rules
 from .ensemble import EnsembleModel
 from .ensemble_remote import RemoteModels
 from .model import ServedModel
-from .model_names import plain_model_name
+from meshserve.common.model_names import plain_model_name
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protos import tensors
-from protos.errors import InvalidArgument, NotFound
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.common import tensors
+from meshserve.common.errors import InvalidArgument, NotFound
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 from .shared_memory import (
     BYTE_SIZE_PARAMETER,

@@ -26,13 +26,13 @@ from dataclasses import dataclass, replace
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos import limits
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from protos.listen import grpc_server
-from protos.security.auth import AuthInterceptor, Authenticator
-from protos.security.roles import RoleTable, data_plane_table
-from protos.security.tls import TlsConfig, add_port
+from meshserve.common import limits
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.common.listen import grpc_server
+from meshserve.common.security.auth import AuthInterceptor, Authenticator
+from meshserve.common.security.roles import RoleTable, data_plane_table
+from meshserve.common.security.tls import TlsConfig, add_port
 
 from .heap_trim import HeapTrimmer
 from .repository import ModelRepository
@@ -40,7 +40,8 @@ from .model_control import NONE, ModelControl
 from .servicer import InferenceServicer
 from .shared_memory import SYSTEM, SharedMemoryRegistry
 from .shared_memory_janitor import SharedMemoryJanitor
-from .status_interceptor import StatusInterceptor
+from meshserve.common.status_interceptor import StatusInterceptor
+from meshserve.common.ready_line import print_ready_line
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class RuntimeServer:
 async def run(options: ServerOptions) -> None:
     server = RuntimeServer(options)
     await server.start()
-    print(f"meshserve runtime listening on {server.address}", flush=True)
+    print_ready_line("runtime", server.address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

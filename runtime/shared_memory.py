@@ -63,16 +63,20 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from meshserve.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from meshserve.common.runtime_options import (
+    SHARED_MEMORY_FLAG,
+    SHARED_MEMORY_MODES,
+    SHARED_MEMORY_NONE,
+    SHARED_MEMORY_SYSTEM,
+)
 
 log = logging.getLogger(__name__)
 
-# ``--shared-memory``: "system" serves Triton's system shared memory extension (the default of a
-# standalone runtime, as in Triton); "none" refuses every registration. A node agent passes what
-# its host policy says (node_agent/policy.py ``shared_memory``, default none).
-FLAG = "--shared-memory"
-NONE, SYSTEM = "none", "system"
-MODES = (NONE, SYSTEM)
+# ``--shared-memory`` (common/runtime_options.py): whether the system shared memory extension is served.
+FLAG = SHARED_MEMORY_FLAG
+NONE, SYSTEM = SHARED_MEMORY_NONE, SHARED_MEMORY_SYSTEM
+MODES = SHARED_MEMORY_MODES
 # The owner of regions registered in-process (tests, library use): no gRPC client.
 LOCAL_OWNER = ""
 # A client registers a region per tensor it passes through shared memory and reuses them; 64 is

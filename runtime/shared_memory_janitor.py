@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .peer_connections import open_peers
+from meshserve.common.peer_connections import open_peers
 from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 
 class _Duration:

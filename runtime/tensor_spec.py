@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protos.errors import InvalidArgument
-from protos.inference import model_config_pb2 as mc
-from protos.tensors import CONFIG_TO_DATATYPE
+from meshserve.common.errors import InvalidArgument
+from meshserve.protos.inference import model_config_pb2 as mc
+from meshserve.common.tensors import CONFIG_TO_DATATYPE
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``scheduler`` / ``python -m scheduler``: serve | ctl | dev."""
+"""``scheduler`` / ``python -m meshserve.scheduler``: serve | ctl | dev."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import asyncio
 import logging
 import sys
 
-from protos.listen import ListenError, exit_on_listen_error
-from protos.security.auth import add_auth_arguments, authenticator_from_args
-from protos.security.tls import add_tls_arguments, tls_from_args
+from meshserve.common.listen import ListenError, exit_on_listen_error
+from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args
+from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S
 from .server import SchedulerOptions, serve

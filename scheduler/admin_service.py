@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from protos.errors import FailedPrecondition, InvalidArgument, NotFound
-from protos.mesh import control_pb2 as mesh
-from protos.mesh import control_pb2_grpc as mesh_grpc
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .core import SchedulerCore
 from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from runtime.peer_connections import peer_key
+from meshserve.common.peer_connections import peer_key
 
 
 def is_loopback_peer(peer: str) -> bool:

@@ -22,7 +22,7 @@ import threading
 
 import yaml
 
-from protos.security.identity import Identity
+from meshserve.common.security.identity import Identity
 
 LOGGER_NAME = "meshserve.audit"
 _NODE_METHODS = ("Cordon", "Uncordon", "Drain", "DeleteNode")

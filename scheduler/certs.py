@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protos.security.identity import ROLES, identity
+from meshserve.common.security.identity import ROLES, identity
 
 CA_CERT, CA_KEY = "ca.pem", "ca-key.pem"
 DEFAULT_SANS = ("localhost", "127.0.0.1")

@@ -11,7 +11,7 @@ import collections
 import time
 from dataclasses import dataclass, field
 
-from protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2 as mesh
 
 from .records import (DEPLOYMENTS, NODE_LOST, NODES, REPLICAS, DeploymentRecord, NodeRecord,
                       ReplicaRecord)

@@ -43,10 +43,10 @@ import logging
 import time
 from typing import Awaitable, Callable
 
-from protos.errors import FailedPrecondition, InvalidArgument
-from protos.mesh import control_pb2 as mesh
-from protos.mesh.assignment_env import CPU_ENV, GPU_MEMORY_ENV
-from protos.mesh.leader import not_leader_message
+from meshserve.common.errors import FailedPrecondition, InvalidArgument
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.common.assignment_env import CPU_ENV, GPU_MEMORY_ENV
+from meshserve.common.leader import not_leader_message
 
 from .cluster import Cluster, LiveNode
 from .placing import replica_needs
@@ -71,7 +71,7 @@ RECONCILE_TICK_S = 0.5
 # one reconnect backoff (capped at 2 s, below one heartbeat timeout), and a
 # Register; three timeouts leave room for all of that on a loaded host.
 LOST_GRACE_HEARTBEATS = 3
-_AGENT_STATES = {"starting": STARTING, "ready": READY, "failed": FAILED}
+_AGENT_STATES = {STARTING: STARTING, READY: READY, FAILED: FAILED}   # reported states the scheduler adopts
 
 
 class SchedulerCore:

@@ -51,11 +51,11 @@ from typing import Any
 
 import grpc
 
-from protos import errors
-from protos.mesh import control_pb2 as pb
-from protos.mesh import control_pb2_grpc as pb_grpc
-from protos.security.tls import TlsConfig, TlsError, add_tls_arguments, sync_channel
-from protos.security.tokens import ENV_TOKEN, TokenError, client_token, with_token
+from meshserve.common import errors
+from meshserve.protos.mesh import control_pb2 as pb
+from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
+from meshserve.common.security.tls import TlsConfig, TlsError, add_tls_arguments, sync_channel
+from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token, with_token
 
 from . import output
 from .spec import MAX_REPLICAS, SpecError, parse_deployments, specs_to_yaml

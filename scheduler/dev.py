@@ -17,7 +17,6 @@ import glob
 import json
 import os
 import pathlib
-import re
 import signal
 import socket
 import subprocess
@@ -25,11 +24,12 @@ import sys
 import threading
 import time
 
-from node_agent.policy import development_policy_yaml
-from protos.listen import ListenError, listen_socket
-from protos.security.tls import TlsConfig, without_tls_environment
+from meshserve.node_agent.policy import development_policy_yaml
+from meshserve.common.listen import ListenError, listen_socket
+from meshserve.common.security.tls import TlsConfig, without_tls_environment
 
 from .state_lock import StateDirBusy, hold_state_dir
+from meshserve.common.ready_line import parse_ready_line
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_FAKE_GPUS = "1x24GiB"
@@ -67,23 +67,23 @@ def _forward_output(process: subprocess.Popen, name: str) -> None:
     threading.Thread(target=forward, daemon=True, name=f"output-{name}").start()
 
 
-def _wait_for_line(process: subprocess.Popen, pattern: str, name: str) -> str:
+def _wait_for_ready(process: subprocess.Popen, name: str) -> str:
     for line in process.stdout:
         print(f"  {name} | {line.rstrip()}", flush=True)
-        match = re.search(pattern, line)
-        if match:
+        address = parse_ready_line(line, name)
+        if address is not None:
             _forward_output(process, name)
-            return match.group(1)
+            return address
     raise SystemExit(f"{name} exited with code {process.wait()} before it was ready")
 
 
 def _ctl(server: str, *args: str) -> int:
-    return subprocess.call([sys.executable, "-m", "scheduler", "ctl", "--server", server, *args], cwd=REPO_ROOT,
+    return subprocess.call([sys.executable, "-m", "meshserve.scheduler", "ctl", "--server", server, *args], cwd=REPO_ROOT,
                            env=_child_env())
 
 
 def _replicas(server: str) -> list[dict]:
-    output = subprocess.run([sys.executable, "-m", "scheduler", "ctl", "--server", server, "-o", "json",
+    output = subprocess.run([sys.executable, "-m", "meshserve.scheduler", "ctl", "--server", server, "-o", "json",
                              "get", "replicas"], cwd=REPO_ROOT, env=_child_env(), capture_output=True,
                             text=True).stdout
     try:
@@ -96,7 +96,7 @@ def _show_calls(proxy: str) -> None:
     """Call the examples through the proxy, as any client of the mesh would."""
     import numpy as np
 
-    from clients import InferenceClient, MeshError
+    from meshserve.clients import InferenceClient, MeshError
 
     with InferenceClient(proxy, timeout=30, tls=TlsConfig()) as client:
         deadline = time.monotonic() + ROUTES_TIMEOUT_S
@@ -165,11 +165,11 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        scheduler = _start(["-m", "scheduler", "serve", "--listen", args.listen,
+        scheduler = _start(["-m", "meshserve.scheduler", "serve", "--listen", args.listen,
                             "--store", f"sqlite:///{state_dir / 'state.db'}", "--id", "dev"], "scheduler")
         children.append(scheduler)
-        address = _wait_for_line(scheduler, r"listening on (\S+)", "scheduler")
-        agent_args = ["-m", "node_agent", "--scheduler", address, "--name", socket.gethostname(),
+        address = _wait_for_ready(scheduler, "scheduler")
+        agent_args = ["-m", "meshserve.node_agent", "--scheduler", address, "--name", socket.gethostname(),
                       "--state-dir", str(state_dir / "node-agent"),
                       "--policy", args.policy or _write_dev_policy(state_dir)]
         if fake:
@@ -177,9 +177,9 @@ def main(argv: list[str]) -> int:
         agent = _start(agent_args, "node-agent")
         children.append(agent)
         _forward_output(agent, "node-agent")
-        proxy_process = _start(["-m", "proxy", "--scheduler", address, "--listen", args.proxy_listen], "proxy")
+        proxy_process = _start(["-m", "meshserve.proxy", "--scheduler", address, "--listen", args.proxy_listen], "proxy")
         children.insert(0, proxy_process)  # stopped last: it keeps serving while replicas drain
-        proxy = _wait_for_line(proxy_process, r"proxy listening on (\S+)", "proxy")
+        proxy = _wait_for_ready(proxy_process, "proxy")
         for path in sorted(pathlib.Path(args.deployments).glob("*.yaml")):
             _ctl(address, "apply", "-f", str(path))
         deadline = time.monotonic() + READY_TIMEOUT_S

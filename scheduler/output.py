@@ -23,10 +23,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import yaml
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from protos.mesh import control_pb2 as pb
+from meshserve.protos.mesh import control_pb2 as pb
 
 FORMATS = ("table", "json", "yaml")
 GIB = 2**30
@@ -162,9 +163,22 @@ def get_table(response: pb.GetResponse, kind: str, now_unix_ms: int) -> str:
 
 def to_data(message: Message) -> dict[str, Any]:
     """protobuf's JSON mapping, every field present, keys in the order the .proto declares them."""
-    data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
-                         unquote_int64_if_possible=True)
+    data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     return _in_field_order(message.DESCRIPTOR, data)
+
+
+# protobuf's JSON mapping quotes 64-bit integers; counts, revisions and byte sizes read better as numbers, and
+# protobuf 6 (which Triton's client needs) has no option to unquote them, so this does it for every version.
+_INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+                          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64})
+
+
+def _unquoted(field: Any, value: Any) -> Any:
+    if field.type not in _INT64_TYPES:
+        return value
+    if isinstance(value, list):
+        return [int(item) for item in value]
+    return int(value)
 
 
 def _in_field_order(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +187,7 @@ def _in_field_order(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
     for field in descriptor.fields:
         if field.name not in data:
             continue
-        value = data[field.name]
+        value = _unquoted(field, data[field.name])
         nested = field.message_type
         if nested is not None and not nested.GetOptions().map_entry:
             if isinstance(value, list):

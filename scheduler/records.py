@@ -17,24 +17,23 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import asdict, dataclass, field, fields
+from meshserve.common.states import NodeState, ReplicaState
 
 PREFIX = "/meshserve/"
 DEPLOYMENTS = PREFIX + "deployments/"
 REPLICAS = PREFIX + "replicas/"
 NODES = PREFIX + "nodes/"
 
-# Replica lifecycle. pending: not placed (reason says why); placed: assigned to a
-# node that has not reported it yet; starting/ready/failed: as the agent reports;
-# draining: leaving (scaled down, replaced, or its node drained); lost: it was ready
-# when its node stopped reporting. A lost replica no longer counts as one of its
+# Replica lifecycle (common/states.py). A lost replica no longer counts as one of its
 # deployment's replicas (a replacement is made), but it stays routed (the proxies'
 # own health checks decide whether it answers) and assigned to its node until the
 # replacements are ready; then it goes. If its node returns first, it is adopted back.
 PENDING, PLACED, STARTING, READY, DRAINING, FAILED, LOST = (
-    "pending", "placed", "starting", "ready", "draining", "failed", "lost")
+    ReplicaState.PENDING, ReplicaState.PLACED, ReplicaState.STARTING, ReplicaState.READY,
+    ReplicaState.DRAINING, ReplicaState.FAILED, ReplicaState.LOST)
 # Replicas on their way out: not counted against a deployment's desired replicas.
 LEAVING = (DRAINING, LOST)
-NODE_READY, NODE_LOST = "ready", "lost"
+NODE_READY, NODE_LOST = NodeState.READY, NodeState.LOST
 
 
 def new_replica_id(deployment: str) -> str:

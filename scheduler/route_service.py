@@ -7,7 +7,7 @@ never keeps a deposed leader's stale table.
 
 from __future__ import annotations
 
-from protos.mesh import control_pb2_grpc as mesh_grpc
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .core import SchedulerCore
 

@@ -30,15 +30,15 @@ import socket
 from dataclasses import dataclass
 
 
-from protos import limits
-from protos.mesh import control_pb2_grpc as mesh_grpc
-from protos.listen import grpc_server
-from protos.sd_notify import Notifier, announce
-from protos.mesh.leader import leader_hint
-from protos.security.auth import AuthInterceptor, Authenticator
-from protos.security.roles import control_plane_table
-from protos.security.tls import TlsConfig, add_port
-from runtime.status_interceptor import StatusInterceptor
+from meshserve.common import limits
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
+from meshserve.common.listen import grpc_server
+from meshserve.common.sd_notify import Notifier, announce
+from meshserve.common.leader import leader_hint
+from meshserve.common.security.auth import AuthInterceptor, Authenticator
+from meshserve.common.security.roles import control_plane_table
+from meshserve.common.security.tls import TlsConfig, add_port
+from meshserve.common.status_interceptor import StatusInterceptor
 
 from .admin_service import AdminService
 from .agent_service import AgentService
@@ -51,6 +51,7 @@ from .store.etcd_security import EtcdSecurity
 from .store.identity import ensure_cluster_id
 from .verify import GrpcReplicaVerifier
 from .writer import FencedWriter
+from meshserve.common.ready_line import print_ready_line
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,7 @@ async def _first_of(*waits) -> None:
 async def serve(options: SchedulerOptions) -> None:
     server = SchedulerServer(options)
     await server.start()
-    print(f"meshserve scheduler {server.scheduler_id} listening on {server.address} "
-          f"(store {options.store_url})", flush=True)
+    print_ready_line("scheduler", server.address, f" (id {server.scheduler_id}, store {options.store_url})")
     notifier = Notifier()
     systemd = asyncio.create_task(announce(notifier, server.role_known()), name="systemd")
     stop = asyncio.Event()

@@ -20,7 +20,7 @@ A spec file is YAML with one object per document (separate documents with
       node_selector:              # only nodes carrying all these labels; values are strings
         gpu: h100
     revision_history: 5           # old revisions kept for rollback; default 5
-    runtime_args: [--drain-delay, "2"]   # extra `python -m runtime` arguments; default none
+    runtime_args: [--drain-delay, "2"]   # extra `python -m meshserve.runtime` arguments; default none
     env: {OMP_NUM_THREADS: "4"}   # extra environment of the replica process; default none
     rollout:                      # how a new revision replaces the running one
       strategy: rolling           # rolling (default): one new replica at a time, an old one
@@ -72,8 +72,8 @@ from typing import Any
 
 import yaml
 
-from protos import sizes
-from protos.errors import InvalidArgument
+from meshserve.common import sizes
+from meshserve.common.errors import InvalidArgument
 
 KIND_DEPLOYMENT = "Deployment"
 KIND_PIPELINE = "Pipeline"

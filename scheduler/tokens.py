@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
-from protos.security.identity import ROLES
-from protos.security.tokens import new_token, token_line
+from meshserve.common.security.identity import ROLES
+from meshserve.common.security.tokens import new_token, token_line
 
 
 def main(argv: list[str]) -> int:

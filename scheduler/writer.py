@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from protos.errors import FailedPrecondition
+from meshserve.common.errors import FailedPrecondition
 
 from .store import Compare, Delete, Put, Store
 

@@ -1,6 +1,6 @@
 """Shared fixtures: real runtime processes on loopback, port 0.
 
-``start_runtime`` launches ``python -m runtime`` as a child process bound to
+``start_runtime`` launches ``python -m meshserve.runtime`` as a child process bound to
 127.0.0.1:0 and waits for its "listening on" line, which carries the port
 the kernel picked. Every process started is stopped at the end of the test.
 """
@@ -16,10 +16,10 @@ import threading
 import time
 
 import pytest
+from meshserve.common.ready_line import parse_ready_line
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples" / "models"
-_LISTENING = re.compile(r"listening on (\S+:\d+)")
 # A model load (onnxruntime import, n-gram training) takes a few seconds on a
 # loaded 2-core machine; this bounds a broken start, it is not a performance claim.
 STARTUP_TIMEOUT_S = 90.0
@@ -39,13 +39,13 @@ def wait_for_line(proc: subprocess.Popen, pattern: str, max_lines: int = 100) ->
 
 
 class RuntimeProcess:
-    """A running ``python -m runtime``: its address, its process and its output so far."""
+    """A running ``python -m meshserve.runtime``: its address, its process and its output so far."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None):
         self.args = args
         self.output: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime", *args],
+            [sys.executable, "-m", "meshserve.runtime", *args],
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -62,9 +62,9 @@ class RuntimeProcess:
             if not line:
                 break
             self.output.append(line)
-            match = _LISTENING.search(line)
-            if match:
-                return match.group(1)
+            address = parse_ready_line(line)
+            if address is not None:
+                return address
         self.stop()
         raise RuntimeError("runtime did not start:\n" + "".join(self.output))
 

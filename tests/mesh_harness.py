@@ -1,7 +1,7 @@
 """Real control-plane processes on loopback for integration tests.
 
-``Mesh`` starts schedulers (``python -m scheduler serve``) and node agents
-(``python -m node_agent`` with fake GPUs), each in its own process group so
+``Mesh`` starts schedulers (``python -m meshserve.scheduler serve``) and node agents
+(``python -m meshserve.node_agent`` with fake GPUs), each in its own process group so
 that killing a "host" takes its replicas with it, exactly as a dead machine
 would. Everything started is stopped by ``close()``.
 """
@@ -20,9 +20,10 @@ import time
 
 import grpc
 
-from node_agent.policy import development_policy_yaml
-from protos.mesh import control_pb2 as mesh
-from protos.mesh import control_pb2_grpc as mesh_grpc
+from meshserve.node_agent.policy import development_policy_yaml
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
+from meshserve.common.ready_line import parse_ready_line
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples" / "models"
@@ -52,9 +53,9 @@ class Process:
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.output.append(line)
-            match = re.search(r"listening on (\S+:\d+)", line)
-            if match and not self.address:
-                self.address = match.group(1)
+            address = parse_ready_line(line)
+            if address is not None and not self.address:
+                self.address = address
                 self._listening.set()
 
     def wait_listening(self) -> str:
@@ -98,7 +99,7 @@ class Mesh:
                   listen: str = "127.0.0.1:0") -> Process:
         """``listen`` with a fixed port restarts a scheduler where its agents and proxies look for it."""
         process = Process(f"scheduler-{scheduler_id}", [
-            "-m", "scheduler", "serve", "--listen", listen, "--store", store_url, "--id", scheduler_id,
+            "-m", "meshserve.scheduler", "serve", "--listen", listen, "--store", store_url, "--id", scheduler_id,
             "--report-interval", str(REPORT_INTERVAL_S), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S),
             "--election-ttl", str(ELECTION_TTL_S), "--log-level", "INFO"])
         self.processes.append(process)
@@ -114,7 +115,7 @@ class Mesh:
         policy_file = pathlib.Path(self._files.name) / f"policy-{name}-{len(self.processes)}.yaml"
         policy_file.write_text(policy if policy is not None else development_policy_yaml(REPO_ROOT / "examples",
                                                                                            REPO_ROOT / "tests"))
-        process = Process(f"agent-{name}", ["-m", "node_agent", "--scheduler", schedulers, "--name", name,
+        process = Process(f"agent-{name}", ["-m", "meshserve.node_agent", "--scheduler", schedulers, "--name", name,
                                             "--fake-gpus", fake_gpus, "--host", "127.0.0.1",
                                             "--state-dir", os.path.join(self._files.name, "state", name),
                                             "--policy", str(policy_file)])
@@ -122,7 +123,7 @@ class Mesh:
         return process
 
     def proxy(self, schedulers: str) -> Process:
-        process = Process("proxy", ["-m", "proxy", "--scheduler", schedulers, "--listen", "127.0.0.1:0"])
+        process = Process("proxy", ["-m", "meshserve.proxy", "--scheduler", schedulers, "--listen", "127.0.0.1:0"])
         self.processes.append(process)
         process.wait_listening()
         return process

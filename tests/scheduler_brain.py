@@ -11,12 +11,12 @@ import asyncio
 import contextlib
 
 from mesh_harness import deployment_yaml
-from protos.mesh import control_pb2 as mesh
-from scheduler.admin_service import AdminService
-from scheduler.core import SchedulerCore
-from scheduler.records import REPLICAS, ReplicaRecord
-from scheduler.store.sqlite import SqliteStore
-from scheduler.writer import FencedWriter
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.scheduler.admin_service import AdminService
+from meshserve.scheduler.core import SchedulerCore
+from meshserve.scheduler.records import REPLICAS, ReplicaRecord
+from meshserve.scheduler.store.sqlite import SqliteStore
+from meshserve.scheduler.writer import FencedWriter
 
 HEARTBEAT_TIMEOUT_S = 5.0
 GIB = 1 << 30

@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from clients import InferenceClient
-from protos.errors import MeshError
+from meshserve.clients import InferenceClient
+from meshserve.common.errors import MeshError
 
 # Each call is tiny (add_sub on 16 floats); a call that takes this long is stuck, not slow.
 CALL_TIMEOUT_S = 10.0

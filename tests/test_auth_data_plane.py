@@ -16,18 +16,18 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients import InferenceClient
-from protos.errors import PermissionDenied, Unauthenticated
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from protos.mesh import control_pb2 as mesh
-from protos.security.auth import Authenticator
-from protos.security.roles import data_plane_table, parse_restrict
-from protos.security.tls import sync_channel
-from protos.security.tokens import TokenTable, new_token, token_line, with_token
-from proxy import ProxyOptions, ProxyServer
-from proxy.routes import RouteTable
-from runtime.server import RuntimeServer, ServerOptions
+from meshserve.clients import InferenceClient
+from meshserve.common.errors import PermissionDenied, Unauthenticated
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.common.security.auth import Authenticator
+from meshserve.common.security.roles import data_plane_table, parse_restrict
+from meshserve.common.security.tls import sync_channel
+from meshserve.common.security.tokens import TokenTable, new_token, token_line, with_token
+from meshserve.proxy import ProxyOptions, ProxyServer
+from meshserve.proxy.routes import RouteTable
+from meshserve.runtime.server import RuntimeServer, ServerOptions
 from test_proxy_helpers import route
 from tls_pki import Pki
 
@@ -147,7 +147,7 @@ def test_restrict_values_are_checked():
 
 
 def test_runtime_flags_restrict_and_token_file_reach_the_daemon(tmp_path):
-    bad = subprocess.run([sys.executable, "-m", "runtime", "--model-repository", str(EXAMPLES), "--listen",
+    bad = subprocess.run([sys.executable, "-m", "meshserve.runtime", "--model-repository", str(EXAMPLES), "--listen",
                           "127.0.0.1:0", "--restrict", "inference=nobody"], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "role 'nobody'" in bad.stderr
@@ -197,13 +197,13 @@ def test_proxy_refuses_model_repository_and_shared_memory_to_clients(token_proxy
 
 def test_proxy_does_not_pass_a_clients_token_on_to_the_replica(loop, token_proxy):
     """A bearer token is for the proxy alone: the replica behind it never sees it."""
-    from proxy.tracing import forwarded_metadata
+    from meshserve.proxy.tracing import forwarded_metadata
 
     assert forwarded_metadata([("authorization", "Bearer secret"), ("x-request-id", "1")]) == [("x-request-id", "1")]
 
 
 def test_async_client_sends_its_token_from_the_environment(loop, token_proxy, monkeypatch):
-    from clients import AsyncInferenceClient
+    from meshserve.clients import AsyncInferenceClient
 
     proxy, issued = token_proxy
     monkeypatch.setenv("MESHSERVE_TOKEN", issued["client"])

@@ -17,12 +17,12 @@ import grpc
 import pytest
 
 from mesh_harness import REPO_ROOT, deployment_yaml
-from protos.mesh import control_pb2 as mesh
-from protos.mesh import control_pb2_grpc as mesh_grpc
-from protos.security.auth import Authenticator
-from protos.security.tls import TlsConfig, as_flags, sync_channel
-from protos.security.tokens import TokenTable, new_token, parse_token_file, token_line, with_token
-from scheduler.server import SchedulerOptions, SchedulerServer
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
+from meshserve.common.security.auth import Authenticator
+from meshserve.common.security.tls import TlsConfig, as_flags, sync_channel
+from meshserve.common.security.tokens import TokenTable, new_token, parse_token_file, token_line, with_token
+from meshserve.scheduler.server import SchedulerOptions, SchedulerServer
 from test_proxy_helpers import LoopThread
 from tls_pki import Pki
 
@@ -192,8 +192,8 @@ def test_route_service_is_for_proxies(mtls_scheduler, pki, role):
 
 async def _connect(address: str, tls: TlsConfig | None, node: str, token: str | None = None):
     """Open an AgentService stream registering as ``node``: (call, first message or the RpcError)."""
-    from protos.security.tokens import aio_token_interceptors
-    from protos.security.tls import aio_channel
+    from meshserve.common.security.tokens import aio_token_interceptors
+    from meshserve.common.security.tls import aio_channel
 
     channel = aio_channel(address, tls, interceptors=aio_token_interceptors(token))
     call = mesh_grpc.AgentServiceStub(channel).Connect()
@@ -310,14 +310,14 @@ def test_mutating_admin_calls_are_audited_allowed_or_refused(mtls_scheduler, pki
 def _ctl(address: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-m", "scheduler", "ctl", "--server", address, *args], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "meshserve.scheduler", "ctl", "--server", address, *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60,
                           env={k: v for k, v in {**os.environ, **(env or {})}.items()
                                if not k.startswith("MESHSERVE_") or k in (env or {})})
 
 
 def test_ctl_with_a_token_created_by_ctl_tokens_create(loop, tmp_path):
-    created = subprocess.run([sys.executable, "-m", "scheduler", "ctl", "tokens", "create", "--role", "viewer",
+    created = subprocess.run([sys.executable, "-m", "meshserve.scheduler", "ctl", "tokens", "create", "--role", "viewer",
                               "--name", "bob"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert created.returncode == 0, created.stderr
     token, line = created.stdout.splitlines()
@@ -344,7 +344,7 @@ def test_ctl_with_a_token_created_by_ctl_tokens_create(loop, tmp_path):
 def test_scheduler_serve_takes_token_file_and_audit_log_flags(tmp_path, pki):
     """The flags reach the daemon: a bad token file stops it at once naming the line."""
     (tmp_path / "tokens").write_text("sha256:1234 admin alice\n")
-    result = subprocess.run([sys.executable, "-m", "scheduler", "serve", "--listen", "127.0.0.1:0", "--store",
+    result = subprocess.run([sys.executable, "-m", "meshserve.scheduler", "serve", "--listen", "127.0.0.1:0", "--store",
                              f"sqlite:///{tmp_path}/state.db", "--token-file", str(tmp_path / "tokens"),
                              "--audit-log", str(tmp_path / "audit.jsonl")],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
@@ -362,11 +362,11 @@ def test_node_agent_and_proxy_present_their_tokens(loop, token_scheduler, tokens
     import time
 
     from mesh_harness import Process
-    from proxy import ProxyOptions, ProxyServer
+    from meshserve.proxy import ProxyOptions, ProxyServer
 
     _, issued = tokens
     (tmp_path / "node.token").write_text(issued["node-a"] + "\n")
-    agent = Process("agent", ["-m", "node_agent", "--scheduler", token_scheduler.address, "--name", "node-a",
+    agent = Process("agent", ["-m", "meshserve.node_agent", "--scheduler", token_scheduler.address, "--name", "node-a",
                               "--fake-gpus", "1x24GiB", "--state-dir", str(tmp_path / "state"),
                               "--token-file", str(tmp_path / "node.token")], env={"MESHSERVE_TOKEN": ""})
     try:

@@ -7,13 +7,13 @@ import os
 
 import pytest
 
-from protos.errors import FailedPrecondition
-from protos.mesh import control_pb2 as mesh
-from protos.security.roles import (CONTROL_PLANE, GROUPS, MUTATING_ADMIN_METHODS, control_plane_table,
+from meshserve.common.errors import FailedPrecondition
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.common.security.roles import (CONTROL_PLANE, GROUPS, MUTATING_ADMIN_METHODS, control_plane_table,
                                    data_plane_table)
-from protos.security.tokens import (TokenError, TokenTable, bearer_token, client_token, digest, new_token,
+from meshserve.common.security.tokens import (TokenError, TokenTable, bearer_token, client_token, digest, new_token,
                                     parse_token_file, token_line)
-from scheduler.audit import target_of
+from meshserve.scheduler.audit import target_of
 from scheduler_brain import HEARTBEAT_TIMEOUT_S, brain
 
 
@@ -25,8 +25,8 @@ def _methods(pb2_module, service: str) -> set[str]:
 
 def test_every_rpc_of_every_service_has_a_row():
     """A new RPC must be placed in the table (else it is admin-only by default): the table names them all."""
-    from protos.inference import grpc_service_pb2
-    from protos.mesh import control_pb2
+    from meshserve.protos.inference import grpc_service_pb2
+    from meshserve.protos.mesh import control_pb2
 
     control = set().union(*(_methods(control_pb2, s) for s in ("AdminService", "AgentService", "RouteService")))
     assert control == set(CONTROL_PLANE)
@@ -126,7 +126,7 @@ def test_a_second_stream_is_refused_until_the_first_is_gone_or_silent(tmp_path):
 
 def test_replicas_never_inherit_the_agents_token():
     """A replica runs model code: the agent's bearer token (or token file) must not reach its environment."""
-    from node_agent.replica import ReplicaSpec
+    from meshserve.node_agent.replica import ReplicaSpec
     from test_node_agent_supervisor import FakeLauncher, fake_supervisor, state_of
 
     async def main():

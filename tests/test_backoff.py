@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from node_agent.agent import RECONNECT_BACKOFF
-from protos.backoff import Backoff
-from scheduler.core import DEFAULT_HEARTBEAT_TIMEOUT_S
+from meshserve.node_agent.agent import RECONNECT_BACKOFF
+from meshserve.common.backoff import Backoff
+from meshserve.scheduler.core import DEFAULT_HEARTBEAT_TIMEOUT_S
 
 
 def test_without_jitter_the_schedule_is_exact_as_before():

@@ -9,11 +9,11 @@ import weakref
 import numpy as np
 import pytest
 
-from protos.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable, drop_tracebacks
-from runtime.batcher import Batcher, BatchingPolicy
-from runtime.instance_pool import InstancePool
-from runtime.request import InferRequest
-from runtime.statistics import ModelStatisticsRecorder
+from meshserve.common.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable, drop_tracebacks
+from meshserve.runtime.batcher import Batcher, BatchingPolicy
+from meshserve.runtime.instance_pool import InstancePool
+from meshserve.runtime.request import InferRequest
+from meshserve.runtime.statistics import ModelStatisticsRecorder
 
 
 class GatedInstance:

@@ -13,7 +13,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from protos import tensors
+from meshserve.common import tensors
 
 # Elements in the memory tests: 8 MB of empty elements, far above any fixed overhead.
 MANY = 2 << 20

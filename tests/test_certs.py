@@ -10,14 +10,14 @@ import sys
 
 from cryptography import x509
 
-from protos.security.identity import Identity, from_certificate, parse_uri
-from protos.security.tls import TlsConfig
+from meshserve.common.security.identity import Identity, from_certificate, parse_uri
+from meshserve.common.security.tls import TlsConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _certs(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scheduler", "ctl", "certs", *args], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "meshserve.scheduler", "ctl", "certs", *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
 
 

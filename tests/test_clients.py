@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from clients import (
+from meshserve.clients import (
     AsyncInferenceClient,
     DeadlineExceeded,
     FailedPrecondition,
@@ -34,19 +34,19 @@ from clients import (
     RetryPolicy,
     Unavailable,
 )
-from clients.encoding import (
+from meshserve.clients.encoding import (
     build_infer_request,
     build_stream_request,
     decode_infer_response,
     decode_stream_response,
     parameter_value,
 )
-from clients.retry import async_call_with_retries, call_with_retries
-from clients.status import from_rpc_error, from_stream_error
-from clients.tracing import trace_metadata
-from protos import errors
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.clients.retry import async_call_with_retries, call_with_retries
+from meshserve.clients.status import from_rpc_error, from_stream_error
+from meshserve.clients.tracing import trace_metadata
+from meshserve.common import errors
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples" / "models"
 

@@ -17,14 +17,14 @@ import time
 import numpy as np
 import pytest
 
-from clients import InferenceClient
+from meshserve.clients import InferenceClient
 from mesh_harness import REPO_ROOT, Admin, Mesh, deployment_yaml
-from node_agent.membership import ClusterMembership, ForeignCluster
-from node_agent.process import pid_alive
-from scheduler.records import NodeRecord
-from scheduler.store import CorruptStore
-from scheduler.store.identity import CLUSTER_ID_KEY, ensure_cluster_id
-from scheduler.store.sqlite import SqliteStore
+from meshserve.node_agent.membership import ClusterMembership, ForeignCluster
+from meshserve.node_agent.process import pid_alive
+from meshserve.scheduler.records import NodeRecord
+from meshserve.scheduler.store import CorruptStore
+from meshserve.scheduler.store.identity import CLUSTER_ID_KEY, ensure_cluster_id
+from meshserve.scheduler.store.sqlite import SqliteStore
 from test_lost_node_grace import restart_scheduler
 
 # Bounds on a broken test, not performance claims.
@@ -117,7 +117,7 @@ def test_scheduler_serve_on_a_corrupt_store_exits_nonzero_saying_so(tmp_path, da
         _corrupt(path)
     else:
         (tmp_path / "state.db").write_bytes(os.urandom(64 * 1024))
-    result = subprocess.run([sys.executable, "-m", "scheduler", "serve", "--listen", "127.0.0.1:0",
+    result = subprocess.run([sys.executable, "-m", "meshserve.scheduler", "serve", "--listen", "127.0.0.1:0",
                              "--store", f"sqlite:///{path}"], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=SERVE_EXIT_TIMEOUT_S)
     assert result.returncode == 1, result.stdout + result.stderr

@@ -26,10 +26,10 @@ import grpc
 import pytest
 import yaml
 
-from protos.mesh import control_pb2 as pb
-from protos.mesh import control_pb2_grpc as pb_grpc
-from scheduler import ctl, output
-from scheduler.spec import parse_deployments
+from meshserve.protos.mesh import control_pb2 as pb
+from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
+from meshserve.scheduler import ctl, output
+from meshserve.scheduler.spec import parse_deployments
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEPLOYMENTS = REPO_ROOT / "examples" / "deployments"
@@ -817,13 +817,13 @@ def test_mounts_under_another_cli(admin, capsys):
 
 
 def test_smoke_as_a_process(admin, free_address):
-    command = [sys.executable, "-m", "scheduler.ctl", "--server", admin.address, "get", "deployments"]
+    command = [sys.executable, "-m", "meshserve.scheduler.ctl", "--server", admin.address, "get", "deployments"]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     # A process reads its own clock: the canned add-sub age (45m at import) grows while the suite runs.
     stdout = re.sub(r"(?<= )(4[5-9]|5[0-9])m$", "45m", done.stdout, count=1, flags=re.M)
     assert (done.returncode, stdout, done.stderr) == (0, DEPLOYMENTS_TABLE, "")
     env = {k: v for k, v in os.environ.items() if k != ctl.SERVER_ENV}
-    done = subprocess.run([sys.executable, "-m", "scheduler.ctl", "--server", free_address, "get", "nodes"],
+    done = subprocess.run([sys.executable, "-m", "meshserve.scheduler.ctl", "--server", free_address, "get", "nodes"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 3 and done.stdout == ""
     assert done.stderr.startswith("error: cannot reach the scheduler at") and "Traceback" not in done.stderr

@@ -16,10 +16,10 @@ import uuid
 import pytest
 
 from etcd_server import etcd_endpoint, etcd_server  # noqa: F401  (pytest fixtures)
-from scheduler.election import Election
-from scheduler.store import Compare, Delete, Put, StoreError
-from scheduler.store.etcd import EtcdStore
-from scheduler.store.sqlite import SqliteStore
+from meshserve.scheduler.election import Election
+from meshserve.scheduler.store import Compare, Delete, Put, StoreError
+from meshserve.scheduler.store.etcd import EtcdStore
+from meshserve.scheduler.store.sqlite import SqliteStore
 
 TTL_S = 2
 # How late a takeover may be beyond one TTL: etcd reaps expired leases every

@@ -18,7 +18,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from clients import FailedPrecondition, InferenceClient, Internal, Unavailable
+from meshserve.clients import FailedPrecondition, InferenceClient, Internal, Unavailable
 from conftest import REPO_ROOT, RuntimeProcess
 
 ENSEMBLES = pathlib.Path(__file__).resolve().parent / "models" / "ensembles"

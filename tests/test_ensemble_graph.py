@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from google.protobuf import text_format
 
-from protos.inference import model_config_pb2 as mc
-from runtime.ensemble_graph import EnsembleError, StepModelSpec, plan_ensemble
-from runtime.tensor_spec import TensorSpec
+from meshserve.protos.inference import model_config_pb2 as mc
+from meshserve.runtime.ensemble_graph import EnsembleError, StepModelSpec, plan_ensemble
+from meshserve.runtime.tensor_spec import TensorSpec
 
 
 def _spec(name, inputs, outputs, batch=8, decoupled=False, dims=(4,), datatype="FP32"):

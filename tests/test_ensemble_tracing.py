@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clients import InferenceClient
+from meshserve.clients import InferenceClient
 from otlp_receiver import OtlpReceiver
 from test_ensemble import ENSEMBLES, RPC_TIMEOUT_S
 from test_tracing import SPAN_TIMEOUT_S, tracing_env

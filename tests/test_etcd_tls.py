@@ -15,10 +15,10 @@ import pytest
 
 from etcd_server import ETCD, START_TIMEOUT_S, STOP_TIMEOUT_S, free_port, require_etcd
 from mesh_harness import Process
-from protos.security.tls import as_flags
-from scheduler.store import StoreError
-from scheduler.store.etcd import EtcdStore
-from scheduler.store.etcd_security import EtcdSecurity
+from meshserve.common.security.tls import as_flags
+from meshserve.scheduler.store import StoreError
+from meshserve.scheduler.store.etcd import EtcdStore
+from meshserve.scheduler.store.etcd_security import EtcdSecurity
 from tls_pki import Pki
 
 # A call to a healthy loopback etcd answers in milliseconds; a short timeout keeps the refusals quick.
@@ -132,7 +132,7 @@ def test_scheduler_serve_uses_etcd_tls_and_password_from_flags_and_environment(e
     password_file = tmp_path / "etcd-password"
     password_file.write_text("s3cret\n")
     scheduler = Process("scheduler", [
-        "-m", "scheduler", "serve", "--listen", "127.0.0.1:0", "--store", f"etcd://{etcd.endpoint}", "--id", "s1",
+        "-m", "meshserve.scheduler", "serve", "--listen", "127.0.0.1:0", "--store", f"etcd://{etcd.endpoint}", "--id", "s1",
         "--etcd-ca", etcd.pki.ca, "--etcd-user", "meshserve", "--etcd-password-file", str(password_file),
         *as_flags(etcd.pki.tls("scheduler-1", "scheduler"))],
         env={"MESHSERVE_ETCD_CERT": str(etcd.client.cert), "MESHSERVE_ETCD_KEY": str(etcd.client.key)})

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from protos.inference import model_config_pb2
+from meshserve.protos.inference import model_config_pb2
 
 from test_runtime_helpers import load_module  # noqa: E402
 

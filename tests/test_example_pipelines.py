@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from protos.inference import model_config_pb2
+from meshserve.protos.inference import model_config_pb2
 
 from test_runtime_helpers import load_module  # noqa: E402
 
@@ -303,7 +303,7 @@ def test_large_pipeline_by_hand_gives_sum_and_mean():
 
 
 def test_image_pipeline_served_classifies_through_the_ensemble(start_runtime, preprocess, classifier, postprocess):
-    from clients import InferenceClient
+    from meshserve.clients import InferenceClient
 
     runtime = start_runtime("--model-repository", IMAGE, "--strict")
     with InferenceClient(runtime.address, timeout=30) as client:

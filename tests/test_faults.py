@@ -24,9 +24,9 @@ import time
 
 import numpy as np
 
-from clients import InferenceClient
+from meshserve.clients import InferenceClient
 from mesh_harness import CONVERGE_TIMEOUT_S, HEARTBEAT_TIMEOUT_S, Admin, Mesh, Process, deployment_yaml
-from protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2 as mesh
 from steady_load import SteadyLoad
 
 # Calls that must succeed before a fault is injected (the load really flows) and after it (it flows again).
@@ -57,7 +57,7 @@ def runtime_children(agent_pid: int) -> set[int]:
                 argv = cmdline.read().split(b"\0")
         except OSError:
             continue
-        if int(fields["PPid"]) == agent_pid and fields["State"].strip()[0] != "Z" and b"runtime" in argv:
+        if int(fields["PPid"]) == agent_pid and fields["State"].strip()[0] != "Z" and b"meshserve.runtime" in argv:
             children.add(int(entry))
     return children
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from mesh_harness import EXAMPLES, REPO_ROOT, RPC_TIMEOUT_S, Admin, Mesh
-from node_agent.policy import development_policy_yaml
+from meshserve.node_agent.policy import development_policy_yaml
 
 @pytest.fixture
 def mesh():
@@ -63,7 +63,7 @@ def test_refused_deployments_show_their_reason_in_get_replicas_and_explain(mesh,
             explained = "\n".join(admin.explain("replica", replica.id))
             assert reason in explained, explained
 
-        table = subprocess.run([sys.executable, "-m", "scheduler", "ctl", "--server", scheduler.address,
+        table = subprocess.run([sys.executable, "-m", "meshserve.scheduler", "ctl", "--server", scheduler.address,
                                 "get", "replicas"], cwd=REPO_ROOT, capture_output=True, text=True,
                                timeout=RPC_TIMEOUT_S).stdout
         assert table.count("refused by host policy") == 3, table

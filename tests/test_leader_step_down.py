@@ -17,17 +17,17 @@ import grpc
 import pytest
 
 from mesh_harness import ELECTION_TTL_S, START_TIMEOUT_S, Admin, Mesh, Process
-from protos.mesh import control_pb2 as mesh
-from protos.mesh import control_pb2_grpc as mesh_grpc
-from protos.mesh.leader import leader_named
-from node_agent.agent import CHANNEL_OPTIONS as AGENT_CHANNEL_OPTIONS
-from runtime.status_interceptor import StatusInterceptor
-from scheduler.agent_service import AgentService
-from scheduler.core import SchedulerCore
-from scheduler.route_service import RouteService
-from scheduler.server import SchedulerOptions, SchedulerServer
-from scheduler.store.sqlite import SqliteStore
-from scheduler.writer import FencedWriter
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
+from meshserve.common.leader import leader_named
+from meshserve.node_agent.agent import CHANNEL_OPTIONS as AGENT_CHANNEL_OPTIONS
+from meshserve.common.status_interceptor import StatusInterceptor
+from meshserve.scheduler.agent_service import AgentService
+from meshserve.scheduler.core import SchedulerCore
+from meshserve.scheduler.route_service import RouteService
+from meshserve.scheduler.server import SchedulerOptions, SchedulerServer
+from meshserve.scheduler.store.sqlite import SqliteStore
+from meshserve.scheduler.writer import FencedWriter
 
 # Bounds on a broken test, not performance claims.
 STREAM_END_TIMEOUT_S = 5.0

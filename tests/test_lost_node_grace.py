@@ -13,12 +13,12 @@ import time
 
 from mesh_harness import (CONVERGE_TIMEOUT_S, ELECTION_TTL_S, HEARTBEAT_TIMEOUT_S, REPORT_INTERVAL_S, Admin, Mesh,
                           Process, deployment_yaml)
-from scheduler.cluster import Cluster, LiveNode
-from scheduler.core import LOST_GRACE_HEARTBEATS
-from scheduler.records import NODE_LOST, NODE_READY, NodeRecord
-from scheduler.reconciler import Reconciler
-from scheduler.store.sqlite import SqliteStore
-from scheduler.writer import FencedWriter
+from meshserve.scheduler.cluster import Cluster, LiveNode
+from meshserve.scheduler.core import LOST_GRACE_HEARTBEATS
+from meshserve.scheduler.records import NODE_LOST, NODE_READY, NodeRecord
+from meshserve.scheduler.reconciler import Reconciler
+from meshserve.scheduler.store.sqlite import SqliteStore
+from meshserve.scheduler.writer import FencedWriter
 
 HEARTBEAT_S = 5.0
 GRACE_S = 15.0
@@ -84,7 +84,7 @@ def reconnect_delays(agent: Process, after: int) -> list[float]:
 def restart_scheduler(cluster: Mesh, store_url: str, port: str) -> Process:
     """The same scheduler again on the same port, as a supervisor would restart it."""
     process = Process("scheduler-s1-restarted", [
-        "-m", "scheduler", "serve", "--listen", f"127.0.0.1:{port}", "--store", store_url, "--id", "s1",
+        "-m", "meshserve.scheduler", "serve", "--listen", f"127.0.0.1:{port}", "--store", store_url, "--id", "s1",
         "--report-interval", str(REPORT_INTERVAL_S), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S),
         "--election-ttl", str(ELECTION_TTL_S)])
     cluster.processes.append(process)

@@ -13,9 +13,9 @@ import grpc
 import numpy as np
 import pytest
 
-from clients import InferenceClient
+from meshserve.clients import InferenceClient
 from mesh_harness import Admin, Mesh, deployment_yaml
-from protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2 as mesh
 
 
 def ready(admin: Admin, deployment: str, count: int):
@@ -78,7 +78,7 @@ def cluster_restart(cluster: Mesh, store_url: str, port: str):
     from mesh_harness import ELECTION_TTL_S, HEARTBEAT_TIMEOUT_S, REPORT_INTERVAL_S, Process
 
     process = Process("scheduler-s1-restarted", [
-        "-m", "scheduler", "serve", "--listen", f"127.0.0.1:{port}", "--store", store_url, "--id", "s1",
+        "-m", "meshserve.scheduler", "serve", "--listen", f"127.0.0.1:{port}", "--store", store_url, "--id", "s1",
         "--report-interval", str(REPORT_INTERVAL_S), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S),
         "--election-ttl", str(ELECTION_TTL_S)])
     cluster.processes.append(process)
@@ -246,7 +246,7 @@ def test_a_new_revision_rolls_out_and_removed_replicas_drain_first(cluster, tmp_
 
 def _routes(address: str) -> dict[int, tuple[int, int]]:
     """revision -> (weight, endpoints) in the scheduler's current route table."""
-    from protos.mesh import control_pb2_grpc as mesh_grpc
+    from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
     with grpc.insecure_channel(address) as channel:
         stream = mesh_grpc.RouteServiceStub(channel).WatchRoutes(mesh.WatchRoutesRequest(), timeout=10)

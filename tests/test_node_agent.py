@@ -17,15 +17,15 @@ import sys
 import grpc
 import numpy as np
 
-from clients import AsyncInferenceClient
-from node_agent.agent import Agent, AgentConfig, leader_named
-from node_agent.gpu_probe import FakeProbe, NoGpuProbe
-from node_agent.policy import development_policy_yaml
-from node_agent.process import pid_alive
-from node_agent.replica import ReplicaOptions
-from node_agent.supervisor import Supervisor
-from protos.mesh import control_pb2 as pb
-from protos.mesh import control_pb2_grpc as pb_grpc
+from meshserve.clients import AsyncInferenceClient
+from meshserve.node_agent.agent import Agent, AgentConfig, leader_named
+from meshserve.node_agent.gpu_probe import FakeProbe, NoGpuProbe
+from meshserve.node_agent.policy import development_policy_yaml
+from meshserve.node_agent.process import pid_alive
+from meshserve.node_agent.replica import ReplicaOptions
+from meshserve.node_agent.supervisor import Supervisor
+from meshserve.protos.mesh import control_pb2 as pb
+from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 AGENT_MODELS = str(REPO_ROOT / "tests" / "models" / "agent")
@@ -258,7 +258,7 @@ def test_node_agent_command_drains_its_replicas_on_sigterm_and_exits_0(tmp_path)
     async def main():
         async with FakeScheduler(report_interval_ms=100) as scheduler:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "node_agent", "--scheduler", scheduler.address, "--name", "cli-node",
+                sys.executable, "-m", "meshserve.node_agent", "--scheduler", scheduler.address, "--name", "cli-node",
                 "--fake-gpus", "1x16GiB", "--labels", "rack=r1,zone=b", "--stop-grace", "20", "--policy", policy,
                 cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -307,7 +307,7 @@ def test_replicas_do_not_outlive_a_killed_agent(tmp_path):
     async def main():
         async with FakeScheduler(report_interval_ms=100) as scheduler:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "node_agent", "--scheduler", scheduler.address, "--name", "doomed",
+                sys.executable, "-m", "meshserve.node_agent", "--scheduler", scheduler.address, "--name", "doomed",
                 "--policy", policy,
                 cwd=REPO_ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
             )

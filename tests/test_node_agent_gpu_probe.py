@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from node_agent.gpu_probe import (
+from meshserve.node_agent.gpu_probe import (
     FakeProbe,
     GpuLoad,
     NoGpuProbe,
@@ -15,7 +15,7 @@ from node_agent.gpu_probe import (
     parse_size,
     select_probe,
 )
-from node_agent.replica import DEFAULT_GPU_MEMORY_BYTES, ReplicaSpec
+from meshserve.node_agent.replica import DEFAULT_GPU_MEMORY_BYTES, ReplicaSpec
 
 GiB = 1 << 30
 

@@ -9,11 +9,11 @@ import pathlib
 
 import pytest
 
-from node_agent.policy import HostPolicy, PolicyError, Refused, development_policy_yaml
-from node_agent.process import SubprocessLauncher
-from node_agent.replica import ReplicaSpec
-from node_agent.runtime_flags import SAFE_RUNTIME_FLAGS
-from runtime.__main__ import parse_args as parse_runtime_args
+from meshserve.node_agent.policy import HostPolicy, PolicyError, Refused, development_policy_yaml
+from meshserve.node_agent.process import SubprocessLauncher
+from meshserve.node_agent.replica import ReplicaSpec
+from meshserve.node_agent.runtime_flags import SAFE_RUNTIME_FLAGS
+from meshserve.runtime.__main__ import parse_args as parse_runtime_args
 
 ROOT_EUID, USER_EUID = 0, 1000
 

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from node_agent.policy import development_policy_yaml
-from protos.mesh import control_pb2 as pb
+from meshserve.node_agent.policy import development_policy_yaml
+from meshserve.protos.mesh import control_pb2 as pb
 from test_node_agent import (AGENT_MODELS, READY_TIMEOUT_S, REPO_ROOT, STEP_TIMEOUT_S, FakeScheduler, replica_in,
                              state_is)
 
@@ -63,7 +63,7 @@ def _attacks(layout, marker) -> dict[str, tuple[pb.ReplicaAssignment, str | tupl
 
 async def _agent(scheduler: FakeScheduler, policy: str, name: str):
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "node_agent", "--scheduler", scheduler.address, "--name", name, "--policy", policy,
+        sys.executable, "-m", "meshserve.node_agent", "--scheduler", scheduler.address, "--name", name, "--policy", policy,
         cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -132,7 +132,7 @@ def test_without_a_policy_file_an_agent_runs_nothing(layout):
     async def main():
         async with FakeScheduler(report_interval_ms=100) as scheduler:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "node_agent", "--scheduler", scheduler.address, "--name", "bare",
+                sys.executable, "-m", "meshserve.node_agent", "--scheduler", scheduler.address, "--name", "bare",
                 cwd=REPO_ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
             try:
                 connection = await scheduler.next_connection()
@@ -152,7 +152,7 @@ def test_a_wrong_policy_file_stops_the_agent_at_start(tmp_path):
 
     async def main():
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "node_agent", "--scheduler", "127.0.0.1:1", "--policy", str(policy),
+            sys.executable, "-m", "meshserve.node_agent", "--scheduler", "127.0.0.1:1", "--policy", str(policy),
             cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         output = (await asyncio.wait_for(process.communicate(), STEP_TIMEOUT_S))[0].decode()
         assert process.returncode != 0

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients import AsyncInferenceClient
-from protos.backoff import Backoff
-from node_agent.process import pid_alive
-from node_agent.policy import HostPolicy
-from node_agent.replica import ReplicaOptions, ReplicaSpec
-from node_agent.supervisor import Supervisor
+from meshserve.clients import AsyncInferenceClient
+from meshserve.common.backoff import Backoff
+from meshserve.node_agent.process import pid_alive
+from meshserve.node_agent.policy import HostPolicy
+from meshserve.node_agent.replica import ReplicaOptions, ReplicaSpec
+from meshserve.node_agent.supervisor import Supervisor
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 AGENT_MODELS = str(REPO_ROOT / "tests" / "models" / "agent")
@@ -147,7 +147,7 @@ def test_command_line_and_environment():
         supervisor.apply([spec])
         await supervisor.wait_for(state_of("r1", state="ready"), 5)
         argv, env = launcher.commands[0]
-        assert argv == ["/opt/py", "-m", "runtime", "--model-repository", "/models", "--model", "m",
+        assert argv == ["/opt/py", "-m", "meshserve.runtime", "--model-repository", "/models", "--model", "m",
                         "--listen", "10.1.2.3:0", "--strict", "--drain-delay", "2", "--shared-memory", "none",
                         "--grace-period", "5"]
         assert env["CUDA_VISIBLE_DEVICES"] == "2,0"  # gpu_indices win over the assignment's env

@@ -5,10 +5,10 @@ from __future__ import annotations
 import collections
 import itertools
 
-from scheduler import placement
-from scheduler.cluster import Cluster
-from scheduler.pipelines import place_pipeline
-from scheduler.records import PENDING, PLACED, ReplicaRecord
+from meshserve.scheduler import placement
+from meshserve.scheduler.cluster import Cluster
+from meshserve.scheduler.pipelines import place_pipeline
+from meshserve.scheduler.records import PENDING, PLACED, ReplicaRecord
 
 GiB = 1 << 30
 

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from scheduler.placement import (GiB, MiB, Placement, ReplicaRequest, Snapshot, Unschedulable, explain,
+from meshserve.scheduler.placement import (GiB, MiB, Placement, ReplicaRequest, Snapshot, Unschedulable, explain,
                                  explain_lines, format_bytes, place, place_gang, summary)
 from test_placement_fakes import node, overcommitted, random_cluster, random_requests, req
 

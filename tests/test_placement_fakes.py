@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from scheduler.placement import GiB, GpuView, NodeView, Placement, ReplicaRequest
+from meshserve.scheduler.placement import GiB, GpuView, NodeView, Placement, ReplicaRequest
 
 
 def gpu(index: int, free_gib: float, total_gib: float = 80, reserved_gib: float = 0, node: str = "n") -> GpuView:

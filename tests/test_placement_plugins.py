@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scheduler.placement import Snapshot
-from scheduler.placement.gpu_memory import GpuMemory
-from scheduler.placement.host_resources import HostResources
-from scheduler.placement.node_ready import NodeReady
-from scheduler.placement.node_selector import NodeSelector
-from scheduler.placement.pack import Pack
-from scheduler.placement.spread import Spread
+from meshserve.scheduler.placement import Snapshot
+from meshserve.scheduler.placement.gpu_memory import GpuMemory
+from meshserve.scheduler.placement.host_resources import HostResources
+from meshserve.scheduler.placement.node_ready import NodeReady
+from meshserve.scheduler.placement.node_selector import NodeSelector
+from meshserve.scheduler.placement.pack import Pack
+from meshserve.scheduler.placement.spread import Spread
 from test_placement_fakes import node, random_cluster, random_requests, req
 
 FILTERS = [NodeReady(), NodeSelector(), HostResources(), GpuMemory()]

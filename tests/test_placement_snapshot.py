@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from scheduler.placement import GiB, Snapshot, place
-from scheduler.placement.snapshot import PAD
+from meshserve.scheduler.placement import GiB, Snapshot, place
+from meshserve.scheduler.placement.snapshot import PAD
 from test_placement_fakes import node, random_cluster, req
 
 ARRAYS = ("gpu_index", "gpu_total", "gpu_free", "gpu_reserved", "gpu_avail", "avail_rank", "gpu_count", "gpu_cap",

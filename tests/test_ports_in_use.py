@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import EXAMPLES
 from daemons import Daemon
-from protos.listen import ListenError, bind, grpc_server, listen_socket
+from meshserve.common.listen import ListenError, bind, grpc_server, listen_socket
 
 # A refused daemon exits before it loads anything; one that shares the port never exits by itself.
 REFUSE_TIMEOUT_S = 30.0
@@ -43,7 +43,7 @@ def _assert_refused(args: list[str], address: str) -> None:
 
 
 def test_runtime_refuses_a_port_in_use_and_names_it():
-    args = ["runtime", "--model-repository", str(EXAMPLES), "--model", "add_sub", "--event-loop", "asyncio"]
+    args = ["meshserve.runtime", "--model-repository", str(EXAMPLES), "--model", "add_sub", "--event-loop", "asyncio"]
     first = Daemon([*args, "--listen", "127.0.0.1:0"])
     try:
         address = first.wait_listening()
@@ -56,7 +56,7 @@ def test_runtime_refuses_a_port_in_use_and_names_it():
 def test_proxy_refuses_a_port_in_use_and_names_it(tmp_path):
     routes = tmp_path / "routes.txtpb"
     routes.write_text("version: 1\n")
-    args = ["proxy", "--routes-file", str(routes), "--event-loop", "asyncio"]
+    args = ["meshserve.proxy", "--routes-file", str(routes), "--event-loop", "asyncio"]
     first = Daemon([*args, "--listen", "127.0.0.1:0"])
     try:
         address = first.wait_listening()
@@ -69,7 +69,7 @@ def test_proxy_refuses_a_port_in_use_and_names_it(tmp_path):
 def test_proxy_refuses_a_metrics_port_in_use_and_names_it(tmp_path):
     routes = tmp_path / "routes.txtpb"
     routes.write_text("version: 1\n")
-    args = ["proxy", "--routes-file", str(routes), "--event-loop", "asyncio", "--listen", "127.0.0.1:0"]
+    args = ["meshserve.proxy", "--routes-file", str(routes), "--event-loop", "asyncio", "--listen", "127.0.0.1:0"]
     first = Daemon([*args, "--metrics-listen", "127.0.0.1:0"])
     try:
         metrics = first.wait_for(r"metrics on http://(\S+:\d+)/metrics")
@@ -83,11 +83,11 @@ def test_proxy_refuses_a_metrics_port_in_use_and_names_it(tmp_path):
 
 
 def test_scheduler_refuses_a_port_in_use_and_names_it(tmp_path):
-    first = Daemon(["scheduler", "serve", "--listen", "127.0.0.1:0",
+    first = Daemon(["meshserve.scheduler", "serve", "--listen", "127.0.0.1:0",
                     "--store", f"sqlite:///{tmp_path / 'first.db'}", "--id", "first"])
     try:
         address = first.wait_listening()
-        _assert_refused(["scheduler", "serve", "--listen", address,
+        _assert_refused(["meshserve.scheduler", "serve", "--listen", address,
                          "--store", f"sqlite:///{tmp_path / 'second.db'}", "--id", "second"], address)
         assert not (tmp_path / "second.db").exists()  # refused before it opened its store
     finally:

@@ -36,7 +36,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format
 from google.protobuf.descriptor import FieldDescriptor
 
-from protos.inference import grpc_service_pb2, model_config_pb2
+from meshserve.protos.inference import grpc_service_pb2, model_config_pb2
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVICE = "inference.GRPCInferenceService"
@@ -585,7 +585,7 @@ def test_infer_request_values_survive_the_trip_from_triton(triton):
 
 def test_generated_code_is_up_to_date():
     proc = subprocess.run(
-        [sys.executable, "-m", "protos.generate", "--check"],
+        [sys.executable, "-m", "meshserve.protos.generate", "--check"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

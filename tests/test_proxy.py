@@ -1,6 +1,6 @@
 """The proxy in front of REAL runtime replicas on loopback, following an in-test RouteService.
 
-Replicas are ``python -m runtime`` processes (conftest); the route source is
+Replicas are ``python -m meshserve.runtime`` processes (conftest); the route source is
 ``FakeRoutes``, a real grpc.aio RouteService the test publishes tables on.
 Which replica served a call is read from each replica's own statistics.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess, wait_for_line
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, ProxyRig, route
 from test_runtime_helpers import (
     SERVING,
@@ -395,7 +395,7 @@ def test_tritonclient_works_through_the_proxy_cli(loop, replicas, tmp_path):
     endpoints = [(f"r{i}", p.address) for i, p in enumerate(replicas)]
     loop.run(routes.publish(route("add_sub", *endpoints), route("textgen", *endpoints)))
     # 127.0.0.1:1 first: a dead scheduler address is skipped.
-    proxy = subprocess.Popen([sys.executable, "-m", "proxy", "--scheduler", f"127.0.0.1:1,{routes.address}",
+    proxy = subprocess.Popen([sys.executable, "-m", "meshserve.proxy", "--scheduler", f"127.0.0.1:1,{routes.address}",
                               "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

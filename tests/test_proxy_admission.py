@@ -15,9 +15,9 @@ import grpc
 import pytest
 
 from conftest import EXAMPLES, RuntimeProcess
-from protos.errors import DeadlineExceeded, ResourceExhausted
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from proxy.admission import Admission
+from meshserve.common.errors import DeadlineExceeded, ResourceExhausted
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.proxy.admission import Admission
 from test_proxy_helpers import LoopThread, ProxyRig, route
 from test_runtime_helpers import add_sub_inputs, infer_request
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLES, RuntimeProcess
-from protos.inference import grpc_service_pb2 as pb
-from protos.mesh import control_pb2 as mesh
-from proxy.routes import RouteTable
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.proxy.routes import RouteTable
 from test_proxy_helpers import RPC_TIMEOUT_S, ProxyRig, route
 from test_runtime_helpers import add_sub_inputs, assert_status, expected_tokens, infer_request, open_stub, rpc_error
 

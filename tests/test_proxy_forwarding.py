@@ -16,8 +16,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, ProxyRig, route
 
 
@@ -171,7 +171,7 @@ def test_a_standby_scheduler_is_left_for_the_leader_it_names(loop):
     loop.run(leader.publish(route("m", ("a", replica.address))))
     standby = FakeRoutes(refuse_with=f"scheduler s1 is not the leader; the leader is s2 at {leader.address}")
     loop.run(standby.start())
-    from proxy import ProxyOptions, ProxyServer
+    from meshserve.proxy import ProxyOptions, ProxyServer
 
     async def start():
         proxy = ProxyServer(ProxyOptions(schedulers=[standby.address], listen="127.0.0.1:0"))
@@ -208,7 +208,7 @@ def test_a_new_table_takes_effect_for_the_next_call(loop):
 
 
 def test_no_route_table_yet_means_not_ready_and_unavailable(loop):
-    from proxy import ProxyOptions, ProxyServer
+    from meshserve.proxy import ProxyOptions, ProxyServer
 
     async def start():
         proxy = ProxyServer(ProxyOptions(schedulers=["127.0.0.1:1"], listen="127.0.0.1:0"))

@@ -12,9 +12,9 @@ import threading
 
 import grpc
 
-from protos.mesh import control_pb2 as mesh
-from protos.mesh import control_pb2_grpc as mesh_grpc
-from proxy import ProxyOptions, ProxyServer
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
+from meshserve.proxy import ProxyOptions, ProxyServer
 
 # Bounds a hung call; not a performance claim.
 RPC_TIMEOUT_S = 30.0

@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 import pytest
 
-from clients import SharedMemoryRegion
+from meshserve.clients import SharedMemoryRegion
 from conftest import EXAMPLES, RuntimeProcess
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_proxy_helpers import LoopThread, ProxyRig, route
 from test_runtime_helpers import RPC_TIMEOUT_S, assert_status, check_add_sub, open_stub, rpc_error
 
@@ -106,7 +106,7 @@ def test_a_tensor_merely_named_like_the_parameter_is_forwarded(proxy):
 
 @pytest.mark.parametrize("elements", [16, 1 << 16])     # below and above the whole-buffer search
 def test_the_scan_finds_the_parameter_in_any_tensor_and_only_there(elements):
-    from proxy.wire import may_name_shared_memory
+    from meshserve.proxy.wire import may_name_shared_memory
 
     def request(where: str) -> bytes:
         r = pb.ModelInferRequest(model_name="add_sub")

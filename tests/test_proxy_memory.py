@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess, wait_for_line
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from test_proxy_helpers import RPC_TIMEOUT_S, LoopThread, ProxyRig, route
 from test_runtime_helpers import assert_status
 
@@ -63,7 +63,7 @@ def proxy_process(replica, tmp_path):
     routes = tmp_path / "routes.txtpb"
     routes.write_text(f'routes {{ model: "add_sub" deployment: "add_sub" revision: 1 weight: 1 '
                       f'endpoints {{ replica_id: "r0" address: "{replica.address}" node: "n" }} }}\n')
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "--routes-file", str(routes), "--listen", "127.0.0.1:0"],
+    proc = subprocess.Popen([sys.executable, "-m", "meshserve.proxy", "--routes-file", str(routes), "--listen", "127.0.0.1:0"],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     match = wait_for_line(proc, r"listening on (\S+)")
     assert match, "the proxy did not start"

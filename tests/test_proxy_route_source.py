@@ -22,10 +22,10 @@ import pytest
 from conftest import REPO_ROOT
 from etcd_server import EtcdServer, require_etcd
 from mesh_harness import ELECTION_TTL_S, Admin, Mesh
-from proxy import ProxyOptions, ProxyServer
-from protos.backoff import Backoff
-from proxy.follower import LIVENESS_INTERVAL_S, LIVENESS_TIMEOUT_S, RECONNECT_BACKOFF, RouteFollower
-from scheduler.core import DEFAULT_HEARTBEAT_TIMEOUT_S
+from meshserve.proxy import ProxyOptions, ProxyServer
+from meshserve.common.backoff import Backoff
+from meshserve.proxy.follower import LIVENESS_INTERVAL_S, LIVENESS_TIMEOUT_S, RECONNECT_BACKOFF, RouteFollower
+from meshserve.scheduler.core import DEFAULT_HEARTBEAT_TIMEOUT_S
 from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, LoopThread, route
 
 _SERVE_ONE_TABLE = """

@@ -7,14 +7,14 @@ import random
 
 import pytest
 
-from protos.errors import InvalidArgument
-from protos.inference import grpc_service_pb2 as pb
-from proxy.balancer import Balancer
-from proxy.metrics import ProxyMetrics
-from proxy.retry_budget import RetryBudget
-from proxy.routes import EndpointInfo, Route, RouteTable
-from proxy.statistics import aggregate
-from proxy.wire import scan_request
+from meshserve.common.errors import InvalidArgument
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.proxy.balancer import Balancer
+from meshserve.proxy.metrics import ProxyMetrics
+from meshserve.proxy.retry_budget import RetryBudget
+from meshserve.proxy.routes import EndpointInfo, Route, RouteTable
+from meshserve.proxy.statistics import aggregate
+from meshserve.proxy.wire import scan_request
 
 # -- wire scanner ----------------------------------------------------------------------------
 

@@ -17,10 +17,10 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from conftest import EXAMPLES, RuntimeProcess
 from mesh_harness import deployment_yaml
-from protos.mesh import control_pb2 as mesh
-from protos.mesh import control_pb2_grpc as mesh_grpc
-from scheduler.records import READY, STARTING
-from scheduler.server import SchedulerOptions, SchedulerServer
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
+from meshserve.scheduler.records import READY, STARTING
+from meshserve.scheduler.server import SchedulerOptions, SchedulerServer
 
 GIB = 1 << 30
 TEST_TIMEOUT_S = 60.0

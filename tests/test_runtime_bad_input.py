@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
-from protos import tensors
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.common import tensors
+from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     EXAMPLES,
     RPC_TIMEOUT_S,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import RuntimeProcess
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     BAD_CONFIGS,
     REPO_ROOT,
@@ -102,7 +102,7 @@ def test_unknown_field_is_named_exactly(stub):
 
 def test_strict_mode_exits_when_a_model_is_refused():
     completed = subprocess.run(
-        [sys.executable, "-m", "runtime", "--model-repository", str(BAD_CONFIGS),
+        [sys.executable, "-m", "meshserve.runtime", "--model-repository", str(BAD_CONFIGS),
          "--listen", "127.0.0.1:0", "--strict"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -114,7 +114,7 @@ def test_strict_mode_exits_when_a_model_is_refused():
 
 def test_strict_mode_exit_is_clean():
     completed = subprocess.run(
-        [sys.executable, "-m", "runtime", "--model-repository", str(BAD_CONFIGS),
+        [sys.executable, "-m", "meshserve.runtime", "--model-repository", str(BAD_CONFIGS),
          "--listen", "127.0.0.1:0", "--strict", "--log-level", "CRITICAL"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import RuntimeProcess
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     RPC_TIMEOUT_S,
     SERVING,

@@ -1,6 +1,6 @@
 """Shared helpers of the runtime component tests (``tests/test_runtime_*.py``); no tests here.
 
-The tests talk to real ``python -m runtime`` processes (see conftest.py)
+The tests talk to real ``python -m meshserve.runtime`` processes (see conftest.py)
 through the generated stubs in ``protos.inference``, never through a client
 library, so what they check is the wire protocol itself.
 """
@@ -17,9 +17,9 @@ import grpc
 import numpy as np
 import pytest
 
-from protos import tensors
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.common import tensors
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples" / "models"
@@ -59,7 +59,7 @@ def _textgen_predictor():
     """examples' textgen Predictor, built here with the parameters of its config.pbtxt."""
     from google.protobuf import text_format
 
-    from protos.inference import model_config_pb2 as mc
+    from meshserve.protos.inference import model_config_pb2 as mc
 
     model_dir = EXAMPLES / "textgen"
     config = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())

@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 import pytest
 
-from protos.errors import MAX_STATUS_MESSAGE_BYTES
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.common.errors import MAX_STATUS_MESSAGE_BYTES
+from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     RPC_TIMEOUT_S,
     add_sub_inputs,
@@ -43,7 +43,7 @@ def channel(examples_runtime):
 
 @pytest.fixture(scope="module")
 def stub(channel):
-    from protos.inference import grpc_service_pb2_grpc as pb_grpc
+    from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
     return pb_grpc.GRPCInferenceServiceStub(channel)
 

@@ -1,6 +1,6 @@
 """A replica's memory stays bounded under requests that are refused or never read.
 
-Each test runs a real ``python -m runtime`` and reads its resident memory
+Each test runs a real ``python -m meshserve.runtime`` and reads its resident memory
 (VmRSS in /proc/PID/status) while a real gRPC client misbehaves. The bounds
 are in units of the message size, far under what the failures cost before:
 a refused request was kept alive by reference cycles until the cyclic
@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import EXAMPLES, RPC_TIMEOUT_S, decode_outputs, infer_request, open_stub, wait_until
 
 MIB = 1 << 20

@@ -13,8 +13,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import EXAMPLES, RuntimeProcess
-from protos.inference import grpc_service_pb2 as pb
-from runtime.server import SERVICE_NAME
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.runtime.server import SERVICE_NAME
 from test_runtime_helpers import RPC_TIMEOUT_S, assert_status, check_add_sub, infer_request, open_stub, rpc_error
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import model_config_pb2 as mc
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import model_config_pb2 as mc
 from test_runtime_helpers import (
     EXAMPLES,
     REPO_ROOT,

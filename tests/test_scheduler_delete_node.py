@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from protos.errors import FailedPrecondition, NotFound
-from protos.mesh import control_pb2 as mesh
-from scheduler.records import NODES
+from meshserve.common.errors import FailedPrecondition, NotFound
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.scheduler.records import NODES
 from scheduler_brain import Brain, brain, lose_node_a, run, two_ready_replicas_on_two_nodes
 
 

@@ -30,7 +30,7 @@ def _processes_mentioning(*needles: str) -> list[str]:
 
 def test_dev_mesh_places_the_examples_serves_them_and_stops_cleanly(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "scheduler", "dev", "--once", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0",
+        [sys.executable, "-m", "meshserve.scheduler", "dev", "--once", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0",
          "--state-dir", str(tmp_path / "state"), "--fake-gpus", "1x24GiB"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=DEV_TIMEOUT_S)
     output = run.stdout + run.stderr
@@ -41,6 +41,6 @@ def test_dev_mesh_places_the_examples_serves_them_and_stops_cleanly(tmp_path):
     assert "add_sub through the proxy 127.0.0.1:" in output and "INPUT0+1 = [1. 2. 3." in output
     assert "textgen through the proxy (streamed): The scheduler places" in output
     assert (tmp_path / "state" / "state.db").exists()
-    scheduler_address = re.search(r"scheduler dev listening on (\S+)", output).group(1)
+    scheduler_address = re.search(r"meshserve scheduler listening on (\S+)", output).group(1)
     # The scheduler carries the state dir, the agent the scheduler's address; replicas die with the agent.
     assert _processes_mentioning(str(tmp_path / "state"), f"--scheduler {scheduler_address}") == []

@@ -19,7 +19,7 @@ REFUSE_TIMEOUT_S = 30.0
 
 def _dev(state_dir: pathlib.Path, empty: pathlib.Path, listen: str = "127.0.0.1:0",
          proxy_listen: str = "127.0.0.1:0") -> list[str]:
-    return ["scheduler", "dev", "--listen", listen, "--proxy-listen", proxy_listen, "--state-dir", str(state_dir),
+    return ["meshserve.scheduler", "dev", "--listen", listen, "--proxy-listen", proxy_listen, "--state-dir", str(state_dir),
             "--fake-gpus", "1x24GiB", "--deployments", str(empty)]
 
 
@@ -29,7 +29,7 @@ def _second(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _nodes(scheduler: str) -> str:
-    return subprocess.run([sys.executable, "-m", "scheduler", "ctl", "--server", scheduler, "get", "nodes"],
+    return subprocess.run([sys.executable, "-m", "meshserve.scheduler", "ctl", "--server", scheduler, "get", "nodes"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=REFUSE_TIMEOUT_S).stdout
 
 
@@ -38,7 +38,7 @@ def test_second_dev_on_the_same_state_dir_or_ports_refuses_and_leaves_the_first_
     empty.mkdir()
     first = Daemon(_dev(state, empty))
     try:
-        scheduler = first.wait_for(r"scheduler dev listening on (\S+:\d+)")
+        scheduler = first.wait_for(r"meshserve scheduler listening on (\S+:\d+)")
         proxy_address = first.wait_for(r"proxy listening on (\S+:\d+)")
         first.wait_for(r"(registered) with scheduler")  # its agent, in the forwarded output
         lock_before = (state / "dev.lock").read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mesh_harness import deployment_yaml
-from protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2 as mesh
 from scheduler_brain import HEARTBEAT_TIMEOUT_S, brain, lose_node_a, run, two_ready_replicas_on_two_nodes
 
 

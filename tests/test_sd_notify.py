@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from protos.sd_notify import MAX_STATUS_CHARS, Notifier
+from meshserve.common.sd_notify import MAX_STATUS_CHARS, Notifier
 
 
 @pytest.fixture(params=["path", "abstract"])

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from mesh_harness import START_TIMEOUT_S, Mesh, Process
-from node_agent.policy import development_policy_yaml
+from meshserve.node_agent.policy import development_policy_yaml
 from conftest import REPO_ROOT
 
 
@@ -34,7 +34,7 @@ def test_scheduler_agent_and_proxy_notify_ready_then_stopping(systemd_socket, tm
     sock, env = systemd_socket
     mesh_ = Mesh()
     try:
-        scheduler = Process("scheduler", ["-m", "scheduler", "serve", "--listen", "127.0.0.1:0", "--store",
+        scheduler = Process("scheduler", ["-m", "meshserve.scheduler", "serve", "--listen", "127.0.0.1:0", "--store",
                                           f"sqlite:///{tmp_path / 'state.db'}", "--id", "s1"], env=env)
         mesh_.processes.append(scheduler)
         address = scheduler.wait_listening()
@@ -43,14 +43,14 @@ def test_scheduler_agent_and_proxy_notify_ready_then_stopping(systemd_socket, tm
 
         policy = tmp_path / "policy.yaml"
         policy.write_text(development_policy_yaml(REPO_ROOT / "examples"))
-        agent = Process("agent", ["-m", "node_agent", "--scheduler", address, "--name", "node-a",
+        agent = Process("agent", ["-m", "meshserve.node_agent", "--scheduler", address, "--name", "node-a",
                                   "--fake-gpus", "1x8GiB", "--policy", str(policy),
                                   "--state-dir", str(tmp_path / "agent")], env=env)
         mesh_.processes.append(agent)
         ready = next_message(sock)
         assert ready == {"READY": "1", "STATUS": f"registered with scheduler {address}"}, ready
 
-        proxy = Process("proxy", ["-m", "proxy", "--scheduler", address, "--listen", "127.0.0.1:0"], env=env)
+        proxy = Process("proxy", ["-m", "meshserve.proxy", "--scheduler", address, "--listen", "127.0.0.1:0"], env=env)
         mesh_.processes.append(proxy)
         proxy_address = proxy.wait_listening()
         ready = next_message(sock)

@@ -11,10 +11,10 @@ import queue
 import grpc
 import pytest
 
-from protos import limits
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from scheduler.server import SERVER_OPTIONS
+from meshserve.common import limits
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.scheduler.server import SERVER_OPTIONS
 from test_proxy_helpers import LoopThread, ProxyRig, route
 
 STREAMS = 4
@@ -78,5 +78,5 @@ def test_the_scheduler_bounds_streams_and_strikes_ping_floods():
     assert options["grpc.max_concurrent_streams"] == limits.CONTROL_PLANE_MAX_STREAMS_PER_CONNECTION
     assert options["grpc.http2.max_ping_strikes"] == limits.MAX_PING_STRIKES > 0
     # Agents ping every KEEPALIVE_TIME_MS: they must stay within what the scheduler allows.
-    from node_agent.agent import KEEPALIVE_TIME_MS
+    from meshserve.node_agent.agent import KEEPALIVE_TIME_MS
     assert options["grpc.http2.min_ping_interval_without_data_ms"] < KEEPALIVE_TIME_MS

@@ -16,7 +16,7 @@ import signal
 
 
 from mesh_harness import CONVERGE_TIMEOUT_S, HEARTBEAT_TIMEOUT_S, Admin, Process, deployment_yaml
-from protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2 as mesh
 from steady_load import SteadyLoad
 
 CLIENTS = 8
@@ -40,7 +40,7 @@ def ready_replicas(admin: Admin, count: int, revision: int = 1):
 def test_scaling_down_and_rolling_out_under_load_fails_no_call(cluster, tmp_path):
     scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
     cluster.agent("node-a", scheduler.address)
-    proxy = Process("proxy", ["-m", "proxy", "--scheduler", scheduler.address, "--listen", "127.0.0.1:0"])
+    proxy = Process("proxy", ["-m", "meshserve.proxy", "--scheduler", scheduler.address, "--listen", "127.0.0.1:0"])
     cluster.processes.append(proxy)
     admin = Admin(scheduler.address)
     admin.wait_for(lambda: admin.nodes(), "the node", mesh_=cluster)
@@ -74,7 +74,7 @@ def test_a_frozen_agents_healthy_replica_serves_until_its_replacement_is_ready(c
     up and stops it gracefully. Before: the route vanished and calls failed NOT_FOUND."""
     scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
     agents = {name: cluster.agent(name, scheduler.address) for name in ("node-a", "node-b")}
-    proxy = Process("proxy", ["-m", "proxy", "--scheduler", scheduler.address, "--listen", "127.0.0.1:0"])
+    proxy = Process("proxy", ["-m", "meshserve.proxy", "--scheduler", scheduler.address, "--listen", "127.0.0.1:0"])
     cluster.processes.append(proxy)
     admin = Admin(scheduler.address)
     admin.wait_for(lambda: len(admin.nodes()) == 2, "2 nodes", mesh_=cluster)

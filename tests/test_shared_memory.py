@@ -20,11 +20,11 @@ import grpc
 import numpy as np
 import pytest
 
-from clients import InferenceClient, InvalidArgument, NotFound, SharedMemory, SharedMemoryRegion
-from clients.shared_memory import tensor_parameters
+from meshserve.clients import InferenceClient, InvalidArgument, NotFound, SharedMemory, SharedMemoryRegion
+from meshserve.clients.shared_memory import tensor_parameters
 from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess
-from protos import tensors
-from protos.inference import grpc_service_pb2 as pb
+from meshserve.common import tensors
+from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     RPC_TIMEOUT_S,
     assert_status,

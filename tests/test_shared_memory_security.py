@@ -15,12 +15,12 @@ import grpc
 import numpy as np
 import pytest
 
-from clients import SharedMemoryRegion
-from clients.shared_memory import tensor_parameters
+from meshserve.clients import SharedMemoryRegion
+from meshserve.clients.shared_memory import tensor_parameters
 from conftest import EXAMPLES, RuntimeProcess
-from protos.inference import grpc_service_pb2 as pb
-from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from runtime.shared_memory import MAX_REGIONS_PER_CLIENT, SharedMemoryRegistry
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.runtime.shared_memory import MAX_REGIONS_PER_CLIENT, SharedMemoryRegistry
 from test_runtime_helpers import RPC_TIMEOUT_S, rpc_error
 
 # The janitor sweeps every second; a loaded 2-core machine may take a few.
@@ -168,7 +168,7 @@ def test_a_runtime_started_without_shared_memory_refuses_registration():
 def test_peer_keys_match_the_kernels_socket_table():
     import socket
 
-    from runtime.peer_connections import open_peers, peer_key
+    from meshserve.common.peer_connections import open_peers, peer_key
 
     assert peer_key("ipv4:127.0.0.1:5000") == ("127.0.0.1", 5000)
     assert peer_key("ipv6:[::1]:5000") == peer_key("ipv6:%5B::1%5D:5000") == ("::1", 5000)

@@ -8,12 +8,12 @@ import warnings
 import numpy as np
 import pytest
 
-from clients import SharedMemoryRegion
-from protos.errors import AlreadyExists, InvalidArgument, NotFound
-from protos.inference import grpc_service_pb2 as pb
-from runtime.request import ModelSignature, decode_request
-from runtime.shared_memory import SharedMemoryRegistry, TensorLocation, shm_path, tensor_location
-from runtime.tensor_spec import TensorSpec
+from meshserve.clients import SharedMemoryRegion
+from meshserve.common.errors import AlreadyExists, InvalidArgument, NotFound
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.runtime.request import ModelSignature, decode_request
+from meshserve.runtime.shared_memory import SharedMemoryRegistry, TensorLocation, shm_path, tensor_location
+from meshserve.runtime.tensor_spec import TensorSpec
 
 
 @pytest.fixture

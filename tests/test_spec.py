@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from protos.errors import InvalidArgument
-from scheduler.spec import (
+from meshserve.common.errors import InvalidArgument
+from meshserve.scheduler.spec import (
     MAX_REPLICAS,
     DeploymentSpec,
     FrozenMap,
@@ -384,7 +384,7 @@ replicas: 2
 
 def test_fingerprint_is_stable_across_processes():
     """No hash() randomisation: another interpreter with another PYTHONHASHSEED computes the same digest."""
-    code = ("import sys; from scheduler.spec import parse_deployments; "
+    code = ("import sys; from meshserve.scheduler.spec import parse_deployments; "
             "print(parse_deployments(sys.stdin.read())[0].fingerprint())")
     digests = set()
     for seed in ("1", "2"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protos.errors import MAX_STATUS_MESSAGE_BYTES, status_message
+from meshserve.common.errors import MAX_STATUS_MESSAGE_BYTES, status_message
 
 
 def test_a_short_message_is_unchanged():

@@ -18,10 +18,10 @@ from typing import Awaitable, Callable
 import pytest
 
 from etcd_server import EtcdCluster, EtcdServer, etcd_endpoint, etcd_server, require_etcd  # noqa: F401
-from scheduler.store import (Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, StoreError, WatchEvent,
+from meshserve.scheduler.store import (Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, StoreError, WatchEvent,
                              open_store)
-from scheduler.store.etcd import EtcdStore
-from scheduler.store.sqlite import SqliteStore
+from meshserve.scheduler.store.etcd import EtcdStore
+from meshserve.scheduler.store.sqlite import SqliteStore
 
 # Every test finishes in a few seconds; this bounds a hung one.
 TEST_TIMEOUT_S = 20.0

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from mesh_harness import Admin, deployment_yaml
-from protos.mesh import control_pb2 as mesh
-from scheduler import ctl
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.scheduler import ctl
 
 # The status interceptor's line for an exception it did not expect (runtime/status_interceptor.py).
 UNEXPECTED = "unexpected error in /mesh.AdminService"

@@ -18,12 +18,12 @@ import grpc
 import numpy as np
 import pytest
 
-from clients import AsyncInferenceClient, InferenceClient, Unavailable
-from protos.mesh import control_pb2 as mesh
-from protos.security.tls import TlsConfig, TlsError, add_port, add_tls_arguments, is_loopback
-from proxy import ProxyOptions, ProxyServer
-from proxy.routes import RouteTable
-from runtime.server import RuntimeServer, ServerOptions
+from meshserve.clients import AsyncInferenceClient, InferenceClient, Unavailable
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.common.security.tls import TlsConfig, TlsError, add_port, add_tls_arguments, is_loopback
+from meshserve.proxy import ProxyOptions, ProxyServer
+from meshserve.proxy.routes import RouteTable
+from meshserve.runtime.server import RuntimeServer, ServerOptions
 from test_proxy_helpers import LoopThread, route
 from tls_pki import Pki
 
@@ -169,11 +169,11 @@ def test_plaintext_on_a_non_loopback_address_needs_insecure():
 
 
 @pytest.mark.parametrize("command", [
-    ["runtime", "--model-repository", str(EXAMPLES), "--listen", "0.0.0.0:0"],
-    ["proxy", "--routes-file", "/dev/null", "--listen", "0.0.0.0:0"],
-    ["scheduler", "serve", "--listen", "0.0.0.0:0", "--store", "sqlite:///nonexistent/never-opened.db"],
-    ["node_agent", "--scheduler", "127.0.0.1:1", "--bind-host", "0.0.0.0", "--fake-gpus", "1x1GiB"],
-], ids=["runtime", "proxy", "scheduler", "node_agent"])
+    ["meshserve.runtime", "--model-repository", str(EXAMPLES), "--listen", "0.0.0.0:0"],
+    ["meshserve.proxy", "--routes-file", "/dev/null", "--listen", "0.0.0.0:0"],
+    ["meshserve.scheduler", "serve", "--listen", "0.0.0.0:0", "--store", "sqlite:///nonexistent/never-opened.db"],
+    ["meshserve.node_agent", "--scheduler", "127.0.0.1:1", "--bind-host", "0.0.0.0", "--fake-gpus", "1x1GiB"],
+], ids=["meshserve.runtime", "proxy", "scheduler", "node_agent"])
 def test_daemon_refuses_plaintext_on_a_wildcard_address(command):
     result = subprocess.run([sys.executable, "-m", *command], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=60)
@@ -227,7 +227,7 @@ def test_client_library_takes_tls_files_or_the_environment(pki, loop, runtimes, 
 
 
 def test_replicas_get_the_agents_tls_settings_and_a_spec_cannot_change_them(pki):
-    from node_agent.replica import ReplicaSpec
+    from meshserve.node_agent.replica import ReplicaSpec
     from test_node_agent_supervisor import FakeLauncher, fake_supervisor, state_of
 
     agent_tls = pki.tls("node-a", "agent", require_client_cert=True)

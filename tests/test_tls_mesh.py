@@ -20,12 +20,12 @@ import grpc
 import numpy as np
 import pytest
 
-from clients import InferenceClient, Unavailable
+from meshserve.clients import InferenceClient, Unavailable
 from mesh_harness import CONVERGE_TIMEOUT_S, REPO_ROOT, RPC_TIMEOUT_S, Process, deployment_yaml
-from node_agent.policy import development_policy_yaml
-from protos.mesh import control_pb2 as mesh
-from protos.mesh import control_pb2_grpc as mesh_grpc
-from protos.security.tls import TlsConfig, as_flags, sync_channel
+from meshserve.node_agent.policy import development_policy_yaml
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
+from meshserve.common.security.tls import TlsConfig, as_flags, sync_channel
 from tls_pki import Pki
 
 POLL_S = 0.2   # polling other processes' state: there is no event to await across processes
@@ -60,14 +60,14 @@ def test_a_mesh_over_mutual_tls_end_to_end(tmp_path, processes):
     def flags(name: str, role: str) -> list[str]:
         return as_flags(pki.tls(name, role, require_client_cert=True))
 
-    scheduler = Process("scheduler", ["-m", "scheduler", "serve", "--listen", "127.0.0.1:0", "--store",
+    scheduler = Process("scheduler", ["-m", "meshserve.scheduler", "serve", "--listen", "127.0.0.1:0", "--store",
                                       f"sqlite:///{tmp_path / 'state.db'}", "--id", "s1", "--report-interval",
                                       "0.3", *flags("scheduler-1", "scheduler")])
     processes.append(scheduler)
     address = scheduler.wait_listening()
     policy = tmp_path / "policy.yaml"     # the host policy lets replicas run from this checkout's examples
     policy.write_text(development_policy_yaml(REPO_ROOT / "examples", REPO_ROOT / "tests"))
-    processes.append(Process("agent", ["-m", "node_agent", "--scheduler", address, "--name", "node-a",
+    processes.append(Process("agent", ["-m", "meshserve.node_agent", "--scheduler", address, "--name", "node-a",
                                        "--fake-gpus", "1x24GiB", "--host", "127.0.0.1", "--policy", str(policy),
                                        "--state-dir", str(tmp_path / "agent-state"), *flags("node-a", "agent")]))
     admin_tls = pki.tls("admin-1", "admin")
@@ -88,7 +88,7 @@ def test_a_mesh_over_mutual_tls_end_to_end(tmp_path, processes):
                                  .replicas if r.state == "ready"], "the replica to be ready over mTLS",
                         processes)[0]
 
-        proxy = Process("proxy", ["-m", "proxy", "--scheduler", address, "--listen", "127.0.0.1:0",
+        proxy = Process("proxy", ["-m", "meshserve.proxy", "--scheduler", address, "--listen", "127.0.0.1:0",
                                   "--event-loop", "asyncio", *flags("proxy-1", "proxy")])
         processes.append(proxy)
         proxy_address = proxy.wait_listening()
@@ -100,7 +100,7 @@ def test_a_mesh_over_mutual_tls_end_to_end(tmp_path, processes):
                              retries=0) as anonymous, pytest.raises(Unavailable):
             anonymous.infer("add_sub", {"INPUT0": a, "INPUT1": a})   # the replica itself requires a certificate
 
-        ctl = subprocess.run([sys.executable, "-m", "scheduler", "ctl", "--server", address, *as_flags(admin_tls),
+        ctl = subprocess.run([sys.executable, "-m", "meshserve.scheduler", "ctl", "--server", address, *as_flags(admin_tls),
                               "-o", "json", "get", "replicas"], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=60)
         assert ctl.returncode == 0, ctl.stderr

@@ -1,6 +1,6 @@
 """Certificates rotated on disk are used without a restart: real processes, real handshakes.
 
-A running ``python -m runtime``, ``mesh-proxy`` and ``scheduler serve`` get their
+A running ``python -m meshserve.runtime``, ``mesh-proxy`` and ``scheduler serve`` get their
 certificate, key and CA bundle replaced (renamed over) by ones from a new
 CA: a new client trusting the new CA is served, one trusting only the old
 CA is refused, a connection opened before the rotation keeps working, and
@@ -21,10 +21,10 @@ import pytest
 
 from google.protobuf import text_format
 
-from clients import InferenceClient, Unavailable
+from meshserve.clients import InferenceClient, Unavailable
 from mesh_harness import Process
-from protos.mesh import control_pb2 as mesh
-from protos.security.tls import CertificateReloader, TlsConfig, as_flags
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.common.security.tls import CertificateReloader, TlsConfig, as_flags
 from test_proxy_helpers import route
 from tls_pki import Pki
 
@@ -74,7 +74,7 @@ def test_runtime_serves_certificates_from_a_new_ca_without_restart(tmp_path):
     old, new = Pki(tmp_path / "old-ca"), Pki(tmp_path / "new-ca")
     serving = ServingFiles(tmp_path / "serving")
     serving.install(old, "node-a", "agent")
-    runtime = Process("runtime", ["-m", "runtime", "--model-repository", str(EXAMPLES), "--model", "add_sub",
+    runtime = Process("runtime", ["-m", "meshserve.runtime", "--model-repository", str(EXAMPLES), "--model", "add_sub",
                                   "--listen", "127.0.0.1:0", "--event-loop", "asyncio", *serving.flags()])
     try:
         address = runtime.wait_listening()
@@ -99,14 +99,14 @@ def test_proxy_serves_certificates_from_a_new_ca_while_calls_keep_succeeding(tmp
     replica_tls = old.tls("node-a", "agent", require_client_cert=True)
     serving = ServingFiles(tmp_path / "serving")
     serving.install(old, "proxy-1", "proxy")
-    runtime = Process("runtime", ["-m", "runtime", "--model-repository", str(EXAMPLES), "--model", "add_sub",
+    runtime = Process("runtime", ["-m", "meshserve.runtime", "--model-repository", str(EXAMPLES), "--model", "add_sub",
                                   "--listen", "127.0.0.1:0", "--event-loop", "asyncio", *as_flags(replica_tls)])
     proxy = None
     try:
         routes = tmp_path / "routes.pbtxt"
         routes.write_text(text_format.MessageToString(mesh.RouteTable(version=1, routes=[
             route("add_sub", ("r1", runtime.wait_listening()))])))
-        proxy = Process("proxy", ["-m", "proxy", "--routes-file", str(routes), "--listen", "127.0.0.1:0",
+        proxy = Process("proxy", ["-m", "meshserve.proxy", "--routes-file", str(routes), "--listen", "127.0.0.1:0",
                                   "--event-loop", "asyncio", *serving.flags()])
         address = proxy.wait_listening()
         with _client(address, old.tls("client-1")) as before:
@@ -128,7 +128,7 @@ def test_proxy_serves_certificates_from_a_new_ca_while_calls_keep_succeeding(tmp
 
 def _ctl(address: str, tls: TlsConfig, *args: str) -> subprocess.CompletedProcess:
     flags = ["--tls-ca", tls.ca] + (["--tls-cert", tls.cert, "--tls-key", tls.key] if tls.cert else [])
-    return subprocess.run([sys.executable, "-m", "scheduler", "ctl", "--server", address, *flags, "-o", "json",
+    return subprocess.run([sys.executable, "-m", "meshserve.scheduler", "ctl", "--server", address, *flags, "-o", "json",
                            *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=CTL_TIMEOUT_S)
 
 
@@ -136,7 +136,7 @@ def test_scheduler_serves_certificates_from_a_new_ca_without_restart(tmp_path):
     old, new = Pki(tmp_path / "old-ca"), Pki(tmp_path / "new-ca")
     serving = ServingFiles(tmp_path / "serving")
     serving.install(old, "scheduler-1", "scheduler")
-    scheduler = Process("scheduler", ["-m", "scheduler", "serve", "--listen", "127.0.0.1:0", "--store",
+    scheduler = Process("scheduler", ["-m", "meshserve.scheduler", "serve", "--listen", "127.0.0.1:0", "--store",
                                       f"sqlite:///{tmp_path / 'state.db'}", "--id", "s1", *serving.flags()])
     try:
         address = scheduler.wait_listening()

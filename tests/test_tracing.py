@@ -34,7 +34,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from clients import AsyncInferenceClient, InferenceClient, InvalidArgument, NotFound
+from meshserve.clients import AsyncInferenceClient, InferenceClient, InvalidArgument, NotFound
 
 args = json.loads(sys.argv[1])
 if args["sdk"]:

@@ -16,7 +16,7 @@ def test_a_call_through_the_proxy_is_one_trace_across_three_services(start_runti
         routes = tmp_path / "routes.pbtxt"
         routes.write_text('routes { model: "add_sub" weight: 1 '
                           f'endpoints {{ replica_id: "add-sub-1" address: "{runtime.address}" node: "node-a" }} }}\n')
-        proxy = Process("proxy", ["-m", "proxy", "--routes-file", str(routes), "--listen", "127.0.0.1:0"],
+        proxy = Process("proxy", ["-m", "meshserve.proxy", "--routes-file", str(routes), "--listen", "127.0.0.1:0"],
                         env=tracing_env(receiver))
         try:
             app = run_client_app(proxy.wait_listening(), receiver, all_calls=False)

@@ -19,13 +19,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from conftest import REPO_ROOT
-from protos.errors import DeadlineExceeded
-from runtime import telemetry
-from runtime.batcher import Batcher, BatchingPolicy
-from runtime.instance_pool import InstancePool
-from runtime.request import InferRequest
-from runtime.statistics import ModelStatisticsRecorder
-from runtime.telemetry import RequestTrace, extract_context, inject_metadata, tracing_requested
+from meshserve.common.errors import DeadlineExceeded
+from meshserve.common import telemetry
+from meshserve.runtime.batcher import Batcher, BatchingPolicy
+from meshserve.runtime.instance_pool import InstancePool
+from meshserve.runtime.request import InferRequest
+from meshserve.runtime.statistics import ModelStatisticsRecorder
+from meshserve.common.telemetry import RequestTrace, extract_context, inject_metadata, tracing_requested
 
 
 @pytest.mark.parametrize("env, expected", [
@@ -50,7 +50,7 @@ def test_off_installs_nothing_and_loads_no_sdk():
     script = (
         "import sys\n"
         "from opentelemetry import trace\n"
-        "from runtime import telemetry\n"
+        "from meshserve.common import telemetry\n"
         "assert telemetry.configure_tracing('x', env={}) is None\n"
         "assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)\n"
         "assert telemetry.runtime_tracer() is None\n"
@@ -66,7 +66,7 @@ def test_off_installs_nothing_and_loads_no_sdk():
 def test_on_installs_an_sdk_provider_named_after_the_service():
     script = (
         "from opentelemetry import trace\n"
-        "from runtime import telemetry\n"
+        "from meshserve.common import telemetry\n"
         "env = {'OTEL_TRACES_EXPORTER': 'otlp', 'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://127.0.0.1:9'}\n"
         "provider = telemetry.configure_tracing('svc', env=env)\n"
         "assert provider is trace.get_tracer_provider()\n"
@@ -189,7 +189,7 @@ def test_status_codes_of_outcomes():
 def test_a_proxy_stream_span_passes_its_context_on_without_becoming_current():
     """A stream's span (proxy/tracing.py, current=False) is the parent the replica sees, and is never the
     current context, so closing the stream's generator elsewhere has nothing to detach."""
-    from proxy.tracing import ProxyTracing
+    from meshserve.proxy.tracing import ProxyTracing
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import datetime
 import pathlib
 
-from protos.security.tls import TlsConfig
-from scheduler.certs import IssuedFiles, create_ca, issue_certificate
+from meshserve.common.security.tls import TlsConfig
+from meshserve.scheduler.certs import IssuedFiles, create_ca, issue_certificate
 
 
 class Pki:

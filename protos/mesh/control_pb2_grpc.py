@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from protos.mesh import control_pb2 as protos_dot_mesh_dot_control__pb2
+from meshserve.protos.mesh import control_pb2 as meshserve_dot_protos_dot_mesh_dot_control__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/mesh/control_pb2_grpc.py depends on'
+        + ' but the generated code in meshserve/protos/mesh/control_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -43,8 +43,8 @@ class AgentServiceStub:
         """
         self.Connect = channel.stream_stream(
                 '/mesh.AgentService/Connect',
-                request_serializer=protos_dot_mesh_dot_control__pb2.AgentMessage.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.SchedulerMessage.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.AgentMessage.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.SchedulerMessage.FromString,
                 _registered_method=True)
 
 
@@ -69,8 +69,8 @@ def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.AgentMessage.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.SchedulerMessage.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.AgentMessage.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.SchedulerMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -105,8 +105,8 @@ class AgentService:
             request_iterator,
             target,
             '/mesh.AgentService/Connect',
-            protos_dot_mesh_dot_control__pb2.AgentMessage.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.SchedulerMessage.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.AgentMessage.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.SchedulerMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -131,68 +131,68 @@ class AdminServiceStub:
         """
         self.Apply = channel.unary_unary(
                 '/mesh.AdminService/Apply',
-                request_serializer=protos_dot_mesh_dot_control__pb2.ApplyRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.ApplyResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ApplyRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ApplyResponse.FromString,
                 _registered_method=True)
         self.Get = channel.unary_unary(
                 '/mesh.AdminService/Get',
-                request_serializer=protos_dot_mesh_dot_control__pb2.GetRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.GetResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.GetRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.GetResponse.FromString,
                 _registered_method=True)
         self.Describe = channel.unary_unary(
                 '/mesh.AdminService/Describe',
-                request_serializer=protos_dot_mesh_dot_control__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.DescribeResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DescribeResponse.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/mesh.AdminService/Delete',
-                request_serializer=protos_dot_mesh_dot_control__pb2.DeleteRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.DeleteResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteResponse.FromString,
                 _registered_method=True)
         self.Scale = channel.unary_unary(
                 '/mesh.AdminService/Scale',
-                request_serializer=protos_dot_mesh_dot_control__pb2.ScaleRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.ScaleResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ScaleResponse.FromString,
                 _registered_method=True)
         self.Cordon = channel.unary_unary(
                 '/mesh.AdminService/Cordon',
-                request_serializer=protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
                 _registered_method=True)
         self.Uncordon = channel.unary_unary(
                 '/mesh.AdminService/Uncordon',
-                request_serializer=protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
                 _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/mesh.AdminService/Drain',
-                request_serializer=protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
                 _registered_method=True)
         self.DeleteNode = channel.unary_unary(
                 '/mesh.AdminService/DeleteNode',
-                request_serializer=protos_dot_mesh_dot_control__pb2.DeleteNodeRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.DeleteNodeResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteNodeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteNodeResponse.FromString,
                 _registered_method=True)
         self.Explain = channel.unary_unary(
                 '/mesh.AdminService/Explain',
-                request_serializer=protos_dot_mesh_dot_control__pb2.ExplainRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.ExplainResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ExplainResponse.FromString,
                 _registered_method=True)
         self.Leader = channel.unary_unary(
                 '/mesh.AdminService/Leader',
-                request_serializer=protos_dot_mesh_dot_control__pb2.LeaderRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.LeaderResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.LeaderRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.LeaderResponse.FromString,
                 _registered_method=True)
         self.Promote = channel.unary_unary(
                 '/mesh.AdminService/Promote',
-                request_serializer=protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
                 _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/mesh.AdminService/Rollback',
-                request_serializer=protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
                 _registered_method=True)
 
 
@@ -288,68 +288,68 @@ def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Apply': grpc.unary_unary_rpc_method_handler(
                     servicer.Apply,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.ApplyRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.ApplyResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ApplyRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ApplyResponse.SerializeToString,
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.GetRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.GetResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.GetRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.GetResponse.SerializeToString,
             ),
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.DescribeRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.DescribeResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DescribeRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DescribeResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.DeleteRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.DeleteResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteResponse.SerializeToString,
             ),
             'Scale': grpc.unary_unary_rpc_method_handler(
                     servicer.Scale,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.ScaleRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.ScaleResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ScaleRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ScaleResponse.SerializeToString,
             ),
             'Cordon': grpc.unary_unary_rpc_method_handler(
                     servicer.Cordon,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.NodeRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.NodeResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeResponse.SerializeToString,
             ),
             'Uncordon': grpc.unary_unary_rpc_method_handler(
                     servicer.Uncordon,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.NodeRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.NodeResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeResponse.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.NodeRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.NodeResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeResponse.SerializeToString,
             ),
             'DeleteNode': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteNode,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.DeleteNodeRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.DeleteNodeResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteNodeRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteNodeResponse.SerializeToString,
             ),
             'Explain': grpc.unary_unary_rpc_method_handler(
                     servicer.Explain,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.ExplainRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.ExplainResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ExplainRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ExplainResponse.SerializeToString,
             ),
             'Leader': grpc.unary_unary_rpc_method_handler(
                     servicer.Leader,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.LeaderRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.LeaderResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.LeaderRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.LeaderResponse.SerializeToString,
             ),
             'Promote': grpc.unary_unary_rpc_method_handler(
                     servicer.Promote,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.RolloutRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.RolloutResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutResponse.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.RolloutRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.RolloutResponse.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -379,8 +379,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Apply',
-            protos_dot_mesh_dot_control__pb2.ApplyRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.ApplyResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ApplyRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ApplyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -406,8 +406,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Get',
-            protos_dot_mesh_dot_control__pb2.GetRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.GetResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.GetRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.GetResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -433,8 +433,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Describe',
-            protos_dot_mesh_dot_control__pb2.DescribeRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.DescribeResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.DescribeRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -460,8 +460,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Delete',
-            protos_dot_mesh_dot_control__pb2.DeleteRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.DeleteResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -487,8 +487,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Scale',
-            protos_dot_mesh_dot_control__pb2.ScaleRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.ScaleResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ScaleRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ScaleResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -514,8 +514,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Cordon',
-            protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -541,8 +541,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Uncordon',
-            protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -568,8 +568,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Drain',
-            protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.NodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -595,8 +595,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/DeleteNode',
-            protos_dot_mesh_dot_control__pb2.DeleteNodeRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.DeleteNodeResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteNodeRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.DeleteNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -622,8 +622,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Explain',
-            protos_dot_mesh_dot_control__pb2.ExplainRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.ExplainResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ExplainRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ExplainResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -649,8 +649,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Leader',
-            protos_dot_mesh_dot_control__pb2.LeaderRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.LeaderResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.LeaderRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.LeaderResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -676,8 +676,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Promote',
-            protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -703,8 +703,8 @@ class AdminService:
             request,
             target,
             '/mesh.AdminService/Rollback',
-            protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -729,8 +729,8 @@ class RouteServiceStub:
         """
         self.WatchRoutes = channel.unary_stream(
                 '/mesh.RouteService/WatchRoutes',
-                request_serializer=protos_dot_mesh_dot_control__pb2.WatchRoutesRequest.SerializeToString,
-                response_deserializer=protos_dot_mesh_dot_control__pb2.RouteTable.FromString,
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.WatchRoutesRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RouteTable.FromString,
                 _registered_method=True)
 
 
@@ -751,8 +751,8 @@ def add_RouteServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'WatchRoutes': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRoutes,
-                    request_deserializer=protos_dot_mesh_dot_control__pb2.WatchRoutesRequest.FromString,
-                    response_serializer=protos_dot_mesh_dot_control__pb2.RouteTable.SerializeToString,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.WatchRoutesRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RouteTable.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -782,8 +782,8 @@ class RouteService:
             request,
             target,
             '/mesh.RouteService/WatchRoutes',
-            protos_dot_mesh_dot_control__pb2.WatchRoutesRequest.SerializeToString,
-            protos_dot_mesh_dot_control__pb2.RouteTable.FromString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.WatchRoutesRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.RouteTable.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,7 @@ import concurrent.futures
 import pathlib
 from dataclasses import dataclass
 
-from protos.inference import model_config_pb2 as mc
+from meshserve.protos.inference import model_config_pb2 as mc
 
 
 @dataclass

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from protos.errors import Internal
+from meshserve.common.errors import Internal
 
 from ..config import PYTHON_FILE
 from ..tensor_spec import TensorSpec

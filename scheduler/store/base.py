@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
-from protos.errors import Unavailable
+from meshserve.common.errors import Unavailable
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ here before it is used anywhere: one definition for every RPC.
 
 from __future__ import annotations
 
-from protos.errors import InvalidArgument
+from meshserve.common.errors import InvalidArgument
 
 # A model name is one path component: Linux's NAME_MAX (255 bytes) bounds what could be a folder.
 MAX_MODEL_NAME_BYTES = 255

@@ -49,7 +49,7 @@ from typing import Any
 
 import grpc
 
-from protos.listen import bind
+from meshserve.common.listen import bind
 
 log = logging.getLogger(__name__)
 

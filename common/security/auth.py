@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from protos.errors import MeshError, PermissionDenied, Unauthenticated
+from meshserve.common.errors import MeshError, PermissionDenied, Unauthenticated
 
 from . import identity as identities
 from .identity import Identity

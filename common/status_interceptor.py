@@ -30,7 +30,7 @@ import logging
 import grpc
 from google.protobuf.message import DecodeError
 
-from protos.errors import InvalidArgument, MeshError, drop_tracebacks, status_message
+from meshserve.common.errors import InvalidArgument, MeshError, drop_tracebacks, status_message
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from protos.errors import MeshError
+from meshserve.common.errors import MeshError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,32 @@
+"""The line each daemon prints on stdout once it serves: ``meshserve COMPONENT ... listening on HOST:PORT``.
+
+Printed by the runtime, the scheduler and the proxy, and read by whatever
+started them (a node agent reads its replicas' lines; ``scheduler dev``, the
+tests and the benchmarks read the daemons'). It carries the bound address,
+so a daemon started on port 0 tells its parent which port it got. One module
+prints and parses it so the two sides cannot drift.
+"""
+
+from __future__ import annotations
+
+import re
+
+_PATTERN = re.compile(r"^meshserve (?P<component>[\w-]+)\b.*? listening on (?P<address>\S+:\d+)")
+
+
+def ready_line(component: str, address: str, detail: str = "") -> str:
+    """The line ``component`` prints once it serves on ``address``; ``detail`` follows the address."""
+    return f"meshserve {component} listening on {address}{detail}"
+
+
+def print_ready_line(component: str, address: str, detail: str = "") -> None:
+    """Print the ready line, flushed: the parent is waiting for it."""
+    print(ready_line(component, address, detail), flush=True)
+
+
+def parse_ready_line(line: str, component: str | None = None) -> str | None:
+    """The address a ready line announces, or None when ``line`` is not one (of ``component``, if given)."""
+    match = _PATTERN.match(line.strip())
+    if match is None or (component is not None and match["component"] != component):
+        return None
+    return match["address"]
