@@ -235,7 +235,7 @@ class EnvoyServer:
             self._tmp = None
         return None if proc is None else proc.returncode
 
-    def __enter__(self) -> "EnvoyServer":
+    def __enter__(self) -> EnvoyServer:
         self.start()
         return self
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
+from typing import Union
 
 import grpc
 import numpy as np
@@ -101,7 +102,7 @@ class LoadResult:
         return out
 
     @classmethod
-    def merge(cls, results: Sequence["LoadResult"]) -> "LoadResult":
+    def merge(cls, results: Sequence[LoadResult]) -> LoadResult:
         merged = cls(concurrency=results[0].concurrency, duration_s=0.0)
         for result in results:
             merged.duration_s += result.duration_s

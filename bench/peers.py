@@ -35,8 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cli import add_cell_arguments, settle_cell_arguments
 from bench import workloads
+from bench.cli import add_cell_arguments, settle_cell_arguments
 from bench.loadgen import CheckFailed, LoadResult, measure
 from bench.servers import REPO_ROOT, PeerServer, RuntimeServer, stop_on_signals
 

@@ -41,8 +41,16 @@ import numpy as np
 if __package__ in (None, ""):   # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshserve.scheduler.placement import (GiB, GpuView, MiB, NodeView, Placement, ReplicaRequest, Snapshot,
-                                 default_framework)
+from meshserve.scheduler.placement import (
+    GiB,
+    GpuView,
+    MiB,
+    NodeView,
+    Placement,
+    ReplicaRequest,
+    Snapshot,
+    default_framework,
+)
 
 GPU_SIZE = 80 * GiB
 ZONES = ("zone-a", "zone-b", "zone-c", "zone-d")

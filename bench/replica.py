@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.cli import add_cell_arguments, settle_cell_arguments
 from bench import workloads
+from bench.cli import add_cell_arguments, settle_cell_arguments
 from bench.loadgen import LoadResult, alternate, measure_cell
 from bench.servers import RuntimeServer, stop_on_signals
 

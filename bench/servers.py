@@ -12,13 +12,13 @@ import collections
 import contextlib
 import os
 import pathlib
-import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+
 from meshserve.common.ready_line import parse_ready_line
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -150,7 +150,7 @@ class RuntimeServer:
         proc.wait()
         return proc.returncode
 
-    def __enter__(self) -> "RuntimeServer":
+    def __enter__(self) -> RuntimeServer:
         self.start()
         return self
 
@@ -216,7 +216,7 @@ class PeerServer:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 send(pid, signal.SIGKILL)
 
-    def __enter__(self) -> "PeerServer":
+    def __enter__(self) -> PeerServer:
         self.start()
         return self
 

@@ -24,10 +24,10 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.common.errors import MeshError
-from meshserve.protos.inference import grpc_service_pb2 as pb
-from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from meshserve.common.security.tls import TlsConfig
 from meshserve.common.security.tokens import with_token
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from .channel import bearer_token as _bearer_token
 from .channel import channel_credentials as _channel_credentials

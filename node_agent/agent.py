@@ -47,10 +47,10 @@ import grpc
 
 from meshserve.common.backoff import Backoff
 from meshserve.common.leader import leader_named
-from meshserve.protos.mesh import control_pb2 as pb
-from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
 from meshserve.common.security.tls import TlsConfig, aio_channel
 from meshserve.common.security.tokens import aio_token_interceptors
+from meshserve.protos.mesh import control_pb2 as pb
+from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
 
 from . import __version__, messages
 from .gpu_probe import SOURCE_FAKE, SOURCE_NONE, GpuProbe

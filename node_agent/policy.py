@@ -50,12 +50,11 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from meshserve.common.errors import MeshError
 from meshserve.common.assignment_env import CPU_ENV, GPU_MEMORY_ENV
-from meshserve.common.sizes import format_size, parse_size
+from meshserve.common.errors import MeshError
 from meshserve.common.model_names import plain_model_name
-from meshserve.common.runtime_options import SHARED_MEMORY_MODES
-from meshserve.common.runtime_options import SHARED_MEMORY_NONE
+from meshserve.common.runtime_options import SHARED_MEMORY_MODES, SHARED_MEMORY_NONE
+from meshserve.common.sizes import format_size, parse_size
 
 from .runtime_flags import NEVER_FLAGS, SAFE_RUNTIME_FLAGS, runtime_arg_problems
 from .runtime_flags import shown as _shown

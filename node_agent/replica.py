@@ -39,20 +39,18 @@ from dataclasses import dataclass, field
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from meshserve.common.backoff import Backoff
 from meshserve.common.assignment_env import GPU_MEMORY_ENV
+from meshserve.common.backoff import Backoff
+from meshserve.common.ready_line import parse_ready_line
+from meshserve.common.runtime_options import SHARED_MEMORY_FLAG, SHARED_MEMORY_NONE
 from meshserve.common.security.tls import TlsConfig, aio_channel, without_tls_environment
 from meshserve.common.security.tokens import without_token_environment
 from meshserve.common.sizes import parse_size
+from meshserve.common.states import ReplicaState
 
 from .gpu_probe import GpuLoad
-from meshserve.common.runtime_options import SHARED_MEMORY_FLAG
-from meshserve.common.runtime_options import SHARED_MEMORY_NONE
-
 from .policy import HostPolicy, Refused
 from .process import ChildProcess, Clock, Launcher, signal_name
-from meshserve.common.ready_line import parse_ready_line
-from meshserve.common.states import ReplicaState
 
 log = logging.getLogger(__name__)
 output_log = logging.getLogger("meshserve.node_agent.replica.output")

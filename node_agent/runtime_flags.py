@@ -17,10 +17,8 @@ import re
 from collections.abc import Callable, Collection, Iterable
 
 from meshserve.common.errors import MeshError
-from meshserve.common.runtime_options import MODEL_CONTROL_FLAG
-from meshserve.common.runtime_options import MODEL_CONTROL_MODES
 from meshserve.common.model_names import plain_model_name
-from meshserve.common.runtime_options import SHARED_MEMORY_FLAG
+from meshserve.common.runtime_options import MODEL_CONTROL_FLAG, MODEL_CONTROL_MODES, SHARED_MEMORY_FLAG
 
 # The agent hands replicas its own TLS settings (node_agent/replica.py): a spec cannot turn TLS off or swap them.
 TLS_FROM_THE_AGENT = "TLS settings come from the node agent"

@@ -17,16 +17,16 @@ import signal
 from google.protobuf import text_format
 
 from meshserve.common.listen import ListenError, exit_on_listen_error
+from meshserve.common.ready_line import print_ready_line
 from meshserve.common.sd_notify import Notifier, announce
-from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token
 from meshserve.common.telemetry import configure_tracing, shutdown_tracing
+from meshserve.protos.mesh import control_pb2 as mesh
 
 from .routes import RouteTable
 from .server import ProxyOptions, ProxyServer
-from meshserve.common.ready_line import print_ready_line
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:

@@ -37,10 +37,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.common.backoff import Backoff
 from meshserve.common.leader import leader_named
-from meshserve.protos.mesh import control_pb2 as mesh
-from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 from meshserve.common.security.tls import TlsConfig, aio_channel
 from meshserve.common.security.tokens import aio_token_interceptors
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .routes import RouteTable
 

@@ -30,16 +30,23 @@ from typing import NamedTuple
 import grpc
 from google.protobuf.message import DecodeError
 
-from meshserve.common.errors import DeadlineExceeded, InvalidArgument, MeshError, NotFound, Unavailable, error_for_status
+from meshserve.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    Unavailable,
+    error_for_status,
+)
 from meshserve.protos.inference import grpc_service_pb2 as pb
 
 from .balancer import Balancer
 from .endpoints import Endpoint, EndpointPool
+from .host_local import refuse_shared_memory
 from .metrics import ProxyMetrics
 from .retry_budget import RetryBudget
 from .routes import Route, RouteTable
 from .tracing import ProxyTracing, forwarded_metadata
-from .host_local import refuse_shared_memory
 from .wire import may_name_shared_memory, scan_request
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})

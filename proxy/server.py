@@ -25,7 +25,7 @@ from opentelemetry import trace
 
 from meshserve.common import limits
 from meshserve.common.listen import grpc_server
-from meshserve.common.security.auth import AuthInterceptor, Authenticator
+from meshserve.common.security.auth import Authenticator, AuthInterceptor
 from meshserve.common.security.roles import RoleTable, data_plane_table
 from meshserve.common.security.tls import TlsConfig, add_port
 from meshserve.common.status_interceptor import StatusInterceptor

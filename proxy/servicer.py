@@ -26,7 +26,7 @@ from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from .endpoints import SERVICE_NAME, Endpoint
-from .forwarder import Upstreams, UnaryForwarder
+from .forwarder import UnaryForwarder, Upstreams
 from .host_local import model_control_refused, shared_memory_refused
 from .routes import RouteTable
 from .statistics import aggregate

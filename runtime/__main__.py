@@ -9,6 +9,7 @@ import logging
 from meshserve.common.listen import ListenError, exit_on_listen_error
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
+from meshserve.common.telemetry import configure_tracing, shutdown_tracing
 
 from .ensemble_remote import parse_remote_model
 from .model_control import FLAG as MODEL_CONTROL_FLAG
@@ -16,7 +17,6 @@ from .model_control import MODES as MODEL_CONTROL_MODES
 from .server import ServerOptions, run
 from .shared_memory import FLAG as SHARED_MEMORY_FLAG
 from .shared_memory import MODES as SHARED_MEMORY_MODES
-from meshserve.common.telemetry import configure_tracing, shutdown_tracing
 
 SERVICE_NAME = "meshserve-runtime"  # OpenTelemetry service.name unless OTEL_SERVICE_NAME says otherwise
 

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from meshserve.common.errors import DeadlineExceeded, Internal, MeshError, ResourceExhausted, Unavailable
+from meshserve.common.telemetry import RequestTrace
 
 from .instance_pool import InstancePool
 from .request import InferRequest
 from .statistics import ModelStatisticsRecorder
-from meshserve.common.telemetry import RequestTrace
 
 log = logging.getLogger(__name__)
 

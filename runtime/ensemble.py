@@ -31,6 +31,7 @@ import numpy as np
 
 from meshserve.common import tensors
 from meshserve.common.errors import FailedPrecondition, Internal, InvalidArgument, MeshError, error_for_status
+from meshserve.common.telemetry import RequestTrace
 from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.inference import model_config_pb2 as mc
 
@@ -40,7 +41,6 @@ from .ensemble_trace import StepTrace
 from .model import model_metadata
 from .request import InferRequest, ModelSignature
 from .statistics import ModelStatisticsRecorder
-from meshserve.common.telemetry import RequestTrace
 from .tensor_spec import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class EnsembleModel:
 
     @classmethod
     async def load(cls, config: mc.ModelConfig, version: str, resolve: Resolve,
-                   remote: RemoteModels, local_config: Callable[[str, str], mc.ModelConfig]) -> "EnsembleModel":
+                   remote: RemoteModels, local_config: Callable[[str, str], mc.ModelConfig]) -> EnsembleModel:
         """Resolve every step's model (local: ``local_config``; remote: its replica) and check the graph.
 
         ``local_config(name, version)`` returns the config of a loaded local

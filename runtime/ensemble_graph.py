@@ -42,7 +42,7 @@ class StepModelSpec:
     decoupled: bool
 
     @classmethod
-    def from_config(cls, config: mc.ModelConfig) -> "StepModelSpec":
+    def from_config(cls, config: mc.ModelConfig) -> StepModelSpec:
         return cls(
             name=config.name,
             inputs={t.name: TensorSpec.from_config(t) for t in config.input},

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from meshserve.clients import AsyncInferenceClient
-from meshserve.protos.inference import model_config_pb2 as mc
 from meshserve.common.security.tls import TlsConfig
+from meshserve.protos.inference import model_config_pb2 as mc
 
 from .ensemble_trace import current
 from .request import EMPTY_FINAL_PARAMETER, InferRequest

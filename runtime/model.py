@@ -12,11 +12,12 @@ import asyncio
 import concurrent.futures
 import pathlib
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import numpy as np
 
 from meshserve.common.errors import FailedPrecondition, Internal, MeshError
+from meshserve.common.telemetry import RequestTrace
 from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.inference import model_config_pb2 as mc
 
@@ -27,7 +28,6 @@ from .devices import instance_devices
 from .instance_pool import InstancePool
 from .request import InferRequest, ModelSignature
 from .statistics import ModelStatisticsRecorder
-from meshserve.common.telemetry import RequestTrace
 from .tensor_spec import TensorSpec
 
 
@@ -98,7 +98,7 @@ class ServedModel:
         )
 
     @classmethod
-    async def load(cls, model_dir: pathlib.Path, config: mc.ModelConfig, version: str) -> "ServedModel":
+    async def load(cls, model_dir: pathlib.Path, config: mc.ModelConfig, version: str) -> ServedModel:
         """Load one version; raises with the backend's message if it cannot."""
         config = mc.ModelConfig.FromString(config.SerializeToString())  # each version owns its config
         count = config_rules.instance_count(config)

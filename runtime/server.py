@@ -27,21 +27,21 @@ from dataclasses import dataclass, replace
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshserve.common import limits
-from meshserve.protos.inference import grpc_service_pb2 as pb
-from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from meshserve.common.listen import grpc_server
-from meshserve.common.security.auth import AuthInterceptor, Authenticator
+from meshserve.common.ready_line import print_ready_line
+from meshserve.common.security.auth import Authenticator, AuthInterceptor
 from meshserve.common.security.roles import RoleTable, data_plane_table
 from meshserve.common.security.tls import TlsConfig, add_port
+from meshserve.common.status_interceptor import StatusInterceptor
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from .heap_trim import HeapTrimmer
-from .repository import ModelRepository
 from .model_control import NONE, ModelControl
+from .repository import ModelRepository
 from .servicer import InferenceServicer
 from .shared_memory import SYSTEM, SharedMemoryRegistry
 from .shared_memory_janitor import SharedMemoryJanitor
-from meshserve.common.status_interceptor import StatusInterceptor
-from meshserve.common.ready_line import print_ready_line
 
 log = logging.getLogger(__name__)
 

@@ -19,17 +19,17 @@ from importlib import metadata
 import grpc
 
 from meshserve.common.errors import InvalidArgument, MeshError, NotFound, Unimplemented, drop_tracebacks, status_message
+from meshserve.common.model_names import plain_model_name
+from meshserve.common.telemetry import RequestTrace, extract_context, runtime_tracer
 from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from .in_flight import InFlight
 from .model_control import ModelControl
-from meshserve.common.model_names import plain_model_name
 from .repository import READY, ModelRepository
 from .request import EMPTY_FINAL_PARAMETER, FINAL_RESPONSE_PARAMETER, decode_request, encode_response
 from .shared_memory import SharedMemoryRegistry
 from .shm_scope import scope_of
-from meshserve.common.telemetry import RequestTrace, extract_context, runtime_tracer
 
 SERVER_NAME = "meshserve"
 # What one ModelStreamInfer stream may hold at once. 64 requests in flight let one stream fill

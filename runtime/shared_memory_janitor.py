@@ -16,6 +16,7 @@ import asyncio
 import logging
 
 from meshserve.common.peer_connections import open_peers
+
 from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)

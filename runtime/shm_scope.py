@@ -22,9 +22,9 @@ import functools
 import itertools
 from typing import NamedTuple
 
+from meshserve.common.peer_connections import PeerKey, peer_key
 from meshserve.common.security.identity import Identity, from_certificate
 
-from meshserve.common.peer_connections import PeerKey, peer_key
 from .shared_memory import LOCAL_OWNER
 
 # A few distinct client certificates are all a server sees; parsing one costs ~50 µs.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshserve.common.errors import InvalidArgument
-from meshserve.protos.inference import model_config_pb2 as mc
 from meshserve.common.tensors import CONFIG_TO_DATATYPE
+from meshserve.protos.inference import model_config_pb2 as mc
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class TensorSpec:
     optional: bool = False
 
     @classmethod
-    def from_config(cls, tensor) -> "TensorSpec":
+    def from_config(cls, tensor) -> TensorSpec:
         return cls(
             name=tensor.name,
             datatype=CONFIG_TO_DATATYPE[mc.DataType.Name(tensor.data_type)],

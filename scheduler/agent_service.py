@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 
 from meshserve.common.errors import InvalidArgument, PermissionDenied
+from meshserve.common.security.auth import Authenticator
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
-from meshserve.common.security.auth import Authenticator
 
 from .agent_channel import carries_secrets
 from .core import SchedulerCore

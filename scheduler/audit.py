@@ -56,7 +56,7 @@ class AuditLog:
 
     def __call__(self, who: Identity | None, method: str, request, outcome: str, detail: str) -> None:
         line = json.dumps({
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             "who": f"{who.role}/{who.name}" if who else None,
             "method": method.rsplit("/", 1)[-1],
             "target": target_of(method, request) if request is not None else "?",

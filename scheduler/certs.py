@@ -79,7 +79,7 @@ def _write(path: pathlib.Path, data: bytes, mode: int) -> None:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def create_ca(directory: str | os.PathLike, *, days: int = CA_DAYS, force: bool = False,

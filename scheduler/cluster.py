@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 
 from meshserve.protos.mesh import control_pb2 as mesh
 
-from .records import (DEPLOYMENTS, NODE_LOST, NODES, REPLICAS, DeploymentRecord, NodeRecord,
-                      ReplicaRecord)
+from .records import DEPLOYMENTS, NODE_LOST, NODES, REPLICAS, DeploymentRecord, NodeRecord, ReplicaRecord
 from .store import Store
 
 EVENTS_KEPT = 50  # per object, for `describe`

@@ -41,17 +41,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-from meshserve.common.errors import FailedPrecondition, InvalidArgument
-from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.common.assignment_env import CPU_ENV, GPU_MEMORY_ENV
+from meshserve.common.errors import FailedPrecondition, InvalidArgument
 from meshserve.common.leader import not_leader_message
+from meshserve.protos.mesh import control_pb2 as mesh
 
 from .cluster import Cluster, LiveNode
 from .placing import replica_needs
-from .records import DRAINING, FAILED, LEAVING, LOST, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
 from .reconciler import Reconciler
+from .records import DRAINING, FAILED, LEAVING, LOST, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
 from .spec_fields import model_of
 from .store import StoreError
 from .verify import RETRY_AFTER_S, GrpcReplicaVerifier, ReplicaVerifier

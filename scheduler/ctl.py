@@ -52,10 +52,10 @@ from typing import Any
 import grpc
 
 from meshserve.common import errors
-from meshserve.protos.mesh import control_pb2 as pb
-from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
 from meshserve.common.security.tls import TlsConfig, TlsError, add_tls_arguments, sync_channel
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token, with_token
+from meshserve.protos.mesh import control_pb2 as pb
+from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
 
 from . import output
 from .spec import MAX_REPLICAS, SpecError, parse_deployments, specs_to_yaml

@@ -24,12 +24,12 @@ import sys
 import threading
 import time
 
-from meshserve.node_agent.policy import development_policy_yaml
 from meshserve.common.listen import ListenError, listen_socket
+from meshserve.common.ready_line import parse_ready_line
 from meshserve.common.security.tls import TlsConfig, without_tls_environment
+from meshserve.node_agent.policy import development_policy_yaml
 
 from .state_lock import StateDirBusy, hold_state_dir
-from meshserve.common.ready_line import parse_ready_line
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_FAKE_GPUS = "1x24GiB"

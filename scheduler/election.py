@@ -142,7 +142,7 @@ class Election:
             except LeaseExpired:
                 self._lease_gone(lease, "the lease expired")
                 return
-            except (StoreError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, StoreError) as exc:
                 log.warning("election %s: keep-alive failed: %s", self.name, exc or "timed out")
                 next_send = time.monotonic() + self._retry_s()
                 continue

@@ -220,7 +220,7 @@ def render(message: Message, fmt: str) -> str:
 def _when(unix_ms: int, now_unix_ms: int) -> str:
     if unix_ms <= 0:
         return NONE
-    moment = datetime.datetime.fromtimestamp(unix_ms / 1000, tz=datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(unix_ms / 1000, tz=datetime.UTC)
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC ({age(unix_ms, now_unix_ms)} ago)"
 
 

@@ -13,8 +13,8 @@ import collections
 
 from . import placement
 from .cluster import Cluster
-from .records import NODE_READY, PENDING, PLACED, READY, ReplicaRecord, new_replica_id
 from .pipelines import place_pipeline, step_needs
+from .records import NODE_READY, PENDING, PLACED, READY, ReplicaRecord, new_replica_id
 from .spec_fields import Needs, resources_of
 from .writer import FencedWriter
 

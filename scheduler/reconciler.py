@@ -28,8 +28,20 @@ import time
 
 from .cluster import Cluster
 from .placing import place_pending
-from .records import (DRAINING, FAILED, LEAVING, LOST, NODE_LOST, NODE_READY, PENDING, PLACED, READY, STARTING,
-                      ReplicaRecord, new_replica_id)
+from .records import (
+    DRAINING,
+    FAILED,
+    LEAVING,
+    LOST,
+    NODE_LOST,
+    NODE_READY,
+    PENDING,
+    PLACED,
+    READY,
+    STARTING,
+    ReplicaRecord,
+    new_replica_id,
+)
 from .writer import FencedWriter
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import asdict, dataclass, field, fields
+
 from meshserve.common.states import NodeState, ReplicaState
 
 PREFIX = "/meshserve/"

@@ -29,16 +29,16 @@ import signal
 import socket
 from dataclasses import dataclass
 
-
 from meshserve.common import limits
-from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
-from meshserve.common.listen import grpc_server
-from meshserve.common.sd_notify import Notifier, announce
 from meshserve.common.leader import leader_hint
-from meshserve.common.security.auth import AuthInterceptor, Authenticator
+from meshserve.common.listen import grpc_server
+from meshserve.common.ready_line import print_ready_line
+from meshserve.common.sd_notify import Notifier, announce
+from meshserve.common.security.auth import Authenticator, AuthInterceptor
 from meshserve.common.security.roles import control_plane_table
 from meshserve.common.security.tls import TlsConfig, add_port
 from meshserve.common.status_interceptor import StatusInterceptor
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .admin_service import AdminService
 from .agent_service import AgentService
@@ -51,7 +51,6 @@ from .store.etcd_security import EtcdSecurity
 from .store.identity import ensure_cluster_id
 from .verify import GrpcReplicaVerifier
 from .writer import FencedWriter
-from meshserve.common.ready_line import print_ready_line
 
 log = logging.getLogger(__name__)
 

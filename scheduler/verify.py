@@ -19,9 +19,9 @@ from typing import Protocol
 
 import grpc
 
+from meshserve.common.security.tls import TlsConfig, aio_channel
 from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
-from meshserve.common.security.tls import TlsConfig, aio_channel
 
 # A replica its agent just saw SERVING answers ModelReady in milliseconds; 2 s covers a loaded host,
 # and bounds how long one claim holds up the reporting agent's stream.

@@ -8,7 +8,7 @@ cannot overwrite its successor's decisions: its write fails with
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from meshserve.common.errors import FailedPrecondition
 

@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+
 from meshserve.common.ready_line import parse_ready_line
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -93,7 +93,7 @@ class EtcdServer:
         self.stop()
         raise RuntimeError(f"etcd {self.name} did not become healthy on {self.endpoint}:\n{output}")
 
-    def start(self) -> "EtcdServer":
+    def start(self) -> EtcdServer:
         self.launch()
         self.wait_healthy()
         return self
@@ -150,7 +150,7 @@ class EtcdCluster:
     def endpoints(self) -> list[str]:
         return [member.endpoint for member in self.members]
 
-    def start(self) -> "EtcdCluster":
+    def start(self) -> EtcdCluster:
         for member in self.members:
             member.launch()
         for member in self.members:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 
 from mesh_harness import deployment_yaml
+
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.scheduler.admin_service import AdminService
 from meshserve.scheduler.core import SchedulerCore

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from mesh_harness import deployment_yaml
-from meshserve.protos.mesh import control_pb2 as mesh
-from meshserve.common.assignment_env import GPU_MEMORY_ENV
-from meshserve.scheduler.agent_channel import carries_secrets
 from scheduler_brain import _gpus, _resources, brain, run
+
+from meshserve.common.assignment_env import GPU_MEMORY_ENV
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.scheduler.agent_channel import carries_secrets
 
 SPEC_WITH_A_SECRET = deployment_yaml("adder", replicas=2) + "env:\n  HF_TOKEN: hf_secret\n"
 

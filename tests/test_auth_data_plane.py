@@ -15,23 +15,22 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mesh_harness import EXAMPLES, REPO_ROOT
+from test_proxy_helpers import route
+from tls_pki import Pki
 
 from meshserve.clients import InferenceClient
 from meshserve.common.errors import PermissionDenied, Unauthenticated
-from meshserve.protos.inference import grpc_service_pb2 as pb
-from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
-from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.common.security.auth import Authenticator
 from meshserve.common.security.roles import data_plane_table, parse_restrict
 from meshserve.common.security.tls import sync_channel
 from meshserve.common.security.tokens import TokenTable, new_token, token_line, with_token
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.proxy import ProxyOptions, ProxyServer
 from meshserve.proxy.routes import RouteTable
 from meshserve.runtime.server import RuntimeServer, ServerOptions
-from test_proxy_helpers import route
-from tls_pki import Pki
-
-from mesh_harness import EXAMPLES, REPO_ROOT
 
 RPC_TIMEOUT_S = 10.0
 DENIED = grpc.StatusCode.PERMISSION_DENIED

@@ -15,16 +15,16 @@ import sys
 
 import grpc
 import pytest
-
 from mesh_harness import REPO_ROOT, deployment_yaml
-from meshserve.protos.mesh import control_pb2 as mesh
-from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
+from test_proxy_helpers import LoopThread
+from tls_pki import Pki
+
 from meshserve.common.security.auth import Authenticator
 from meshserve.common.security.tls import TlsConfig, as_flags, sync_channel
 from meshserve.common.security.tokens import TokenTable, new_token, parse_token_file, token_line, with_token
+from meshserve.protos.mesh import control_pb2 as mesh
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 from meshserve.scheduler.server import SchedulerOptions, SchedulerServer
-from test_proxy_helpers import LoopThread
-from tls_pki import Pki
 
 RPC_TIMEOUT_S = 10.0
 LEADING_TIMEOUT_S = 10.0
@@ -192,8 +192,8 @@ def test_route_service_is_for_proxies(mtls_scheduler, pki, role):
 
 async def _connect(address: str, tls: TlsConfig | None, node: str, token: str | None = None):
     """Open an AgentService stream registering as ``node``: (call, first message or the RpcError)."""
-    from meshserve.common.security.tokens import aio_token_interceptors
     from meshserve.common.security.tls import aio_channel
+    from meshserve.common.security.tokens import aio_token_interceptors
 
     channel = aio_channel(address, tls, interceptors=aio_token_interceptors(token))
     call = mesh_grpc.AgentServiceStub(channel).Connect()
@@ -362,6 +362,7 @@ def test_node_agent_and_proxy_present_their_tokens(loop, token_scheduler, tokens
     import time
 
     from mesh_harness import Process
+
     from meshserve.proxy import ProxyOptions, ProxyServer
 
     _, issued = tokens

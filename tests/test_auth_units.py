@@ -6,15 +6,28 @@ import asyncio
 import os
 
 import pytest
+from scheduler_brain import HEARTBEAT_TIMEOUT_S, brain
 
 from meshserve.common.errors import FailedPrecondition
+from meshserve.common.security.roles import (
+    CONTROL_PLANE,
+    GROUPS,
+    MUTATING_ADMIN_METHODS,
+    control_plane_table,
+    data_plane_table,
+)
+from meshserve.common.security.tokens import (
+    TokenError,
+    TokenTable,
+    bearer_token,
+    client_token,
+    digest,
+    new_token,
+    parse_token_file,
+    token_line,
+)
 from meshserve.protos.mesh import control_pb2 as mesh
-from meshserve.common.security.roles import (CONTROL_PLANE, GROUPS, MUTATING_ADMIN_METHODS, control_plane_table,
-                                   data_plane_table)
-from meshserve.common.security.tokens import (TokenError, TokenTable, bearer_token, client_token, digest, new_token,
-                                    parse_token_file, token_line)
 from meshserve.scheduler.audit import target_of
-from scheduler_brain import HEARTBEAT_TIMEOUT_S, brain
 
 
 def _methods(pb2_module, service: str) -> set[str]:
@@ -126,8 +139,9 @@ def test_a_second_stream_is_refused_until_the_first_is_gone_or_silent(tmp_path):
 
 def test_replicas_never_inherit_the_agents_token():
     """A replica runs model code: the agent's bearer token (or token file) must not reach its environment."""
-    from meshserve.node_agent.replica import ReplicaSpec
     from test_node_agent_supervisor import FakeLauncher, fake_supervisor, state_of
+
+    from meshserve.node_agent.replica import ReplicaSpec
 
     async def main():
         launcher = FakeLauncher("serve")

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from meshserve.node_agent.agent import RECONNECT_BACKOFF
 from meshserve.common.backoff import Backoff
+from meshserve.node_agent.agent import RECONNECT_BACKOFF
 from meshserve.scheduler.core import DEFAULT_HEARTBEAT_TIMEOUT_S
 
 

@@ -9,7 +9,14 @@ import weakref
 import numpy as np
 import pytest
 
-from meshserve.common.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, Unavailable, drop_tracebacks
+from meshserve.common.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    drop_tracebacks,
+)
 from meshserve.runtime.batcher import Batcher, BatchingPolicy
 from meshserve.runtime.instance_pool import InstancePool
 from meshserve.runtime.request import InferRequest

@@ -16,16 +16,16 @@ import time
 
 import numpy as np
 import pytest
+from mesh_harness import REPO_ROOT, Admin, Mesh, deployment_yaml
+from test_lost_node_grace import restart_scheduler
 
 from meshserve.clients import InferenceClient
-from mesh_harness import REPO_ROOT, Admin, Mesh, deployment_yaml
 from meshserve.node_agent.membership import ClusterMembership, ForeignCluster
 from meshserve.node_agent.process import pid_alive
 from meshserve.scheduler.records import NodeRecord
 from meshserve.scheduler.store import CorruptStore
 from meshserve.scheduler.store.identity import CLUSTER_ID_KEY, ensure_cluster_id
 from meshserve.scheduler.store.sqlite import SqliteStore
-from test_lost_node_grace import restart_scheduler
 
 # Bounds on a broken test, not performance claims.
 REFUSE_TIMEOUT_S = 60.0

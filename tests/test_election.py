@@ -14,8 +14,8 @@ import time
 import uuid
 
 import pytest
-
 from etcd_server import etcd_endpoint, etcd_server  # noqa: F401  (pytest fixtures)
+
 from meshserve.scheduler.election import Election
 from meshserve.scheduler.store import Compare, Delete, Put, StoreError
 from meshserve.scheduler.store.etcd import EtcdStore

@@ -17,9 +17,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, RuntimeProcess
 
 from meshserve.clients import FailedPrecondition, InferenceClient, Internal, Unavailable
-from conftest import REPO_ROOT, RuntimeProcess
 
 ENSEMBLES = pathlib.Path(__file__).resolve().parent / "models" / "ensembles"
 # Bounds a hung server; not a performance claim.

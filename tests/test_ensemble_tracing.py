@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-
-from meshserve.clients import InferenceClient
 from otlp_receiver import OtlpReceiver
 from test_ensemble import ENSEMBLES, RPC_TIMEOUT_S
 from test_tracing import SPAN_TIMEOUT_S, tracing_env
+
+from meshserve.clients import InferenceClient
 
 
 def test_each_step_has_its_span_with_queue_and_compute_time(start_runtime):

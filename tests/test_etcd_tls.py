@@ -12,14 +12,14 @@ import tempfile
 import time
 
 import pytest
-
 from etcd_server import ETCD, START_TIMEOUT_S, STOP_TIMEOUT_S, free_port, require_etcd
 from mesh_harness import Process
+from tls_pki import Pki
+
 from meshserve.common.security.tls import as_flags
 from meshserve.scheduler.store import StoreError
 from meshserve.scheduler.store.etcd import EtcdStore
 from meshserve.scheduler.store.etcd_security import EtcdSecurity
-from tls_pki import Pki
 
 # A call to a healthy loopback etcd answers in milliseconds; a short timeout keeps the refusals quick.
 CALL_TIMEOUT_S = 2.0

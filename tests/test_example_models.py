@@ -14,10 +14,9 @@ import re
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from test_runtime_helpers import load_module  # noqa: E402
 
 from meshserve.protos.inference import model_config_pb2
-
-from test_runtime_helpers import load_module  # noqa: E402
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples" / "models"
 MODELS = ["add_sub", "echo_bytes", "textgen", "mlp_onnx", "resnet50_torch"]

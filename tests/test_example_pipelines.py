@@ -17,10 +17,9 @@ import pathlib
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from test_runtime_helpers import load_module  # noqa: E402
 
 from meshserve.protos.inference import model_config_pb2
-
-from test_runtime_helpers import load_module  # noqa: E402
 
 PIPELINES = pathlib.Path(__file__).resolve().parent.parent / "examples" / "pipelines"
 IMAGE = PIPELINES / "image"
@@ -208,8 +207,9 @@ def test_preprocess_decodes_resizes_and_normalises(preprocess, build):
     assert pixels.dtype == np.float32 and pixels.shape == (3, 3, 64, 64)
     assert np.isfinite(pixels).all()
     # A uniform image becomes each channel's normalised value everywhere.
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (10, 7), (30, 60, 190)).save(buffer, format="PNG")

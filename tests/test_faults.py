@@ -23,11 +23,11 @@ import re
 import time
 
 import numpy as np
+from mesh_harness import CONVERGE_TIMEOUT_S, HEARTBEAT_TIMEOUT_S, Admin, Mesh, Process, deployment_yaml
+from steady_load import SteadyLoad
 
 from meshserve.clients import InferenceClient
-from mesh_harness import CONVERGE_TIMEOUT_S, HEARTBEAT_TIMEOUT_S, Admin, Mesh, Process, deployment_yaml
 from meshserve.protos.mesh import control_pb2 as mesh
-from steady_load import SteadyLoad
 
 # Calls that must succeed before a fault is injected (the load really flows) and after it (it flows again).
 WARMUP_CALLS = 200

@@ -11,9 +11,10 @@ import subprocess
 import sys
 
 import pytest
-
 from mesh_harness import EXAMPLES, REPO_ROOT, RPC_TIMEOUT_S, Admin, Mesh
+
 from meshserve.node_agent.policy import development_policy_yaml
+
 
 @pytest.fixture
 def mesh():

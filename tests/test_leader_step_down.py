@@ -15,13 +15,13 @@ import time
 
 import grpc
 import pytest
-
 from mesh_harness import ELECTION_TTL_S, START_TIMEOUT_S, Admin, Mesh, Process
+
+from meshserve.common.leader import leader_named
+from meshserve.common.status_interceptor import StatusInterceptor
+from meshserve.node_agent.agent import CHANNEL_OPTIONS as AGENT_CHANNEL_OPTIONS
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
-from meshserve.common.leader import leader_named
-from meshserve.node_agent.agent import CHANNEL_OPTIONS as AGENT_CHANNEL_OPTIONS
-from meshserve.common.status_interceptor import StatusInterceptor
 from meshserve.scheduler.agent_service import AgentService
 from meshserve.scheduler.core import SchedulerCore
 from meshserve.scheduler.route_service import RouteService

@@ -11,12 +11,21 @@ import asyncio
 import re
 import time
 
-from mesh_harness import (CONVERGE_TIMEOUT_S, ELECTION_TTL_S, HEARTBEAT_TIMEOUT_S, REPORT_INTERVAL_S, Admin, Mesh,
-                          Process, deployment_yaml)
+from mesh_harness import (
+    CONVERGE_TIMEOUT_S,
+    ELECTION_TTL_S,
+    HEARTBEAT_TIMEOUT_S,
+    REPORT_INTERVAL_S,
+    Admin,
+    Mesh,
+    Process,
+    deployment_yaml,
+)
+
 from meshserve.scheduler.cluster import Cluster, LiveNode
 from meshserve.scheduler.core import LOST_GRACE_HEARTBEATS
-from meshserve.scheduler.records import NODE_LOST, NODE_READY, NodeRecord
 from meshserve.scheduler.reconciler import Reconciler
+from meshserve.scheduler.records import NODE_LOST, NODE_READY, NodeRecord
 from meshserve.scheduler.store.sqlite import SqliteStore
 from meshserve.scheduler.writer import FencedWriter
 

@@ -12,9 +12,9 @@ import collections
 import grpc
 import numpy as np
 import pytest
+from mesh_harness import Admin, Mesh, deployment_yaml
 
 from meshserve.clients import InferenceClient
-from mesh_harness import Admin, Mesh, deployment_yaml
 from meshserve.protos.mesh import control_pb2 as mesh
 
 

@@ -12,11 +12,18 @@ import shutil
 import sys
 
 import pytest
+from test_node_agent import (
+    AGENT_MODELS,
+    READY_TIMEOUT_S,
+    REPO_ROOT,
+    STEP_TIMEOUT_S,
+    FakeScheduler,
+    replica_in,
+    state_is,
+)
 
 from meshserve.node_agent.policy import development_policy_yaml
 from meshserve.protos.mesh import control_pb2 as pb
-from test_node_agent import (AGENT_MODELS, READY_TIMEOUT_S, REPO_ROOT, STEP_TIMEOUT_S, FakeScheduler, replica_in,
-                             state_is)
 
 # Every attack's replica reports its refusal within a few reports (100 ms apart).
 REFUSED_TIMEOUT_S = 30.0

@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.clients import AsyncInferenceClient
 from meshserve.common.backoff import Backoff
-from meshserve.node_agent.process import pid_alive
 from meshserve.node_agent.policy import HostPolicy
+from meshserve.node_agent.process import pid_alive
 from meshserve.node_agent.replica import ReplicaOptions, ReplicaSpec
 from meshserve.node_agent.supervisor import Supervisor
 

@@ -6,10 +6,22 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-from meshserve.scheduler.placement import (GiB, MiB, Placement, ReplicaRequest, Snapshot, Unschedulable, explain,
-                                 explain_lines, format_bytes, place, place_gang, summary)
 from test_placement_fakes import node, overcommitted, random_cluster, random_requests, req
+
+from meshserve.scheduler.placement import (
+    GiB,
+    MiB,
+    Placement,
+    ReplicaRequest,
+    Snapshot,
+    Unschedulable,
+    explain,
+    explain_lines,
+    format_bytes,
+    place,
+    place_gang,
+    summary,
+)
 
 
 def placed_on(results) -> list[str]:

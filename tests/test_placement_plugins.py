@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_placement_fakes import node, random_cluster, random_requests, req
 
 from meshserve.scheduler.placement import Snapshot
 from meshserve.scheduler.placement.gpu_memory import GpuMemory
@@ -13,7 +14,6 @@ from meshserve.scheduler.placement.node_ready import NodeReady
 from meshserve.scheduler.placement.node_selector import NodeSelector
 from meshserve.scheduler.placement.pack import Pack
 from meshserve.scheduler.placement.spread import Spread
-from test_placement_fakes import node, random_cluster, random_requests, req
 
 FILTERS = [NodeReady(), NodeSelector(), HostResources(), GpuMemory()]
 

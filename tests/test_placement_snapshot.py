@@ -6,10 +6,10 @@ import random
 
 import numpy as np
 import pytest
+from test_placement_fakes import node, random_cluster, req
 
 from meshserve.scheduler.placement import GiB, Snapshot, place
 from meshserve.scheduler.placement.snapshot import PAD
-from test_placement_fakes import node, random_cluster, req
 
 ARRAYS = ("gpu_index", "gpu_total", "gpu_free", "gpu_reserved", "gpu_avail", "avail_rank", "gpu_count", "gpu_cap",
           "gpu_total_sum", "gpu_avail_sum", "cpu_free", "memory_free", "ready", "cordoned", "schedulable")

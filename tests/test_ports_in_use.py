@@ -13,10 +13,10 @@ import socket
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import EXAMPLES
 from daemons import Daemon
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from meshserve.common.listen import ListenError, bind, grpc_server, listen_socket
 
 # A refused daemon exits before it loads anything; one that shares the port never exits by itself.

@@ -21,9 +21,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-
 from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess, wait_for_line
-from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, ProxyRig, route
 from test_runtime_helpers import (
     SERVING,
@@ -36,6 +34,8 @@ from test_runtime_helpers import (
     open_stub,
     rpc_error,
 )
+
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 END = object()
 

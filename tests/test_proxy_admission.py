@@ -13,13 +13,13 @@ import collections
 
 import grpc
 import pytest
-
 from conftest import EXAMPLES, RuntimeProcess
+from test_proxy_helpers import LoopThread, ProxyRig, route
+from test_runtime_helpers import add_sub_inputs, infer_request
+
 from meshserve.common.errors import DeadlineExceeded, ResourceExhausted
 from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from meshserve.proxy.admission import Admission
-from test_proxy_helpers import LoopThread, ProxyRig, route
-from test_runtime_helpers import add_sub_inputs, infer_request
 
 STORM_CHANNELS = 30
 STORM_CALLS_PER_CHANNEL = 100

@@ -13,13 +13,13 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-
 from conftest import EXAMPLES, RuntimeProcess
+from test_proxy_helpers import RPC_TIMEOUT_S, ProxyRig, route
+from test_runtime_helpers import add_sub_inputs, assert_status, expected_tokens, infer_request, open_stub, rpc_error
+
 from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.proxy.routes import RouteTable
-from test_proxy_helpers import RPC_TIMEOUT_S, ProxyRig, route
-from test_runtime_helpers import add_sub_inputs, assert_status, expected_tokens, infer_request, open_stub, rpc_error
 
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 

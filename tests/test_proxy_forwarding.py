@@ -7,7 +7,6 @@ so each rule is observed at the replica, exactly.
 
 from __future__ import annotations
 
-
 import grpc
 import pytest
 from opentelemetry import trace
@@ -15,10 +14,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, ProxyRig, route
 
 from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
-from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, ProxyRig, route
 
 
 class FakeReplica:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-
-from meshserve.clients import SharedMemoryRegion
 from conftest import EXAMPLES, RuntimeProcess
-from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_proxy_helpers import LoopThread, ProxyRig, route
 from test_runtime_helpers import RPC_TIMEOUT_S, assert_status, check_add_sub, open_stub, rpc_error
+
+from meshserve.clients import SharedMemoryRegion
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ import sys
 import grpc
 import numpy as np
 import pytest
-
 from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess, wait_for_line
-from meshserve.protos.inference import grpc_service_pb2 as pb
-from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from test_proxy_helpers import RPC_TIMEOUT_S, LoopThread, ProxyRig, route
 from test_runtime_helpers import assert_status
+
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 MiB = 1024 * 1024
 # Above glibc's largest mmap threshold (32 MiB), so a freed request goes back to the system at once

@@ -18,15 +18,15 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO_ROOT
 from etcd_server import EtcdServer, require_etcd
 from mesh_harness import ELECTION_TTL_S, Admin, Mesh
-from meshserve.proxy import ProxyOptions, ProxyServer
+from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, LoopThread, route
+
 from meshserve.common.backoff import Backoff
+from meshserve.proxy import ProxyOptions, ProxyServer
 from meshserve.proxy.follower import LIVENESS_INTERVAL_S, LIVENESS_TIMEOUT_S, RECONNECT_BACKOFF, RouteFollower
 from meshserve.scheduler.core import DEFAULT_HEARTBEAT_TIMEOUT_S
-from test_proxy_helpers import RPC_TIMEOUT_S, FakeRoutes, LoopThread, route
 
 _SERVE_ONE_TABLE = """
 import asyncio, sys

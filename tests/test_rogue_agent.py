@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-
 from conftest import EXAMPLES, RuntimeProcess
+from grpc_health.v1 import health, health_pb2_grpc
 from mesh_harness import deployment_yaml
+
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 from meshserve.scheduler.records import READY, STARTING

@@ -11,9 +11,6 @@ import struct
 import grpc
 import numpy as np
 import pytest
-
-from meshserve.common import tensors
-from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     EXAMPLES,
     RPC_TIMEOUT_S,
@@ -25,6 +22,9 @@ from test_runtime_helpers import (
     open_stub,
     rpc_error,
 )
+
+from meshserve.common import tensors
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

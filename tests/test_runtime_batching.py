@@ -16,7 +16,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-
 from conftest import RuntimeProcess
 from test_runtime_helpers import (
     RPC_TIMEOUT_S,

@@ -13,9 +13,7 @@ import sys
 import grpc
 import numpy as np
 import pytest
-
 from conftest import RuntimeProcess
-from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     BAD_CONFIGS,
     REPO_ROOT,
@@ -26,6 +24,8 @@ from test_runtime_helpers import (
     open_stub,
     rpc_error,
 )
+
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 # model folder -> fragments its RepositoryIndex reason must contain (besides the file).
 REFUSED = {

@@ -11,9 +11,7 @@ import grpc
 import ml_dtypes
 import numpy as np
 import pytest
-
 from conftest import RuntimeProcess
-from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     RPC_TIMEOUT_S,
     SERVING,
@@ -25,6 +23,8 @@ from test_runtime_helpers import (
     open_stub,
     rpc_error,
 )
+
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 # Per datatype: values at the edges of its range, shaped [3].
 VALUES: dict[str, np.ndarray] = {

@@ -12,9 +12,6 @@ import math
 import grpc
 import numpy as np
 import pytest
-
-from meshserve.common.errors import MAX_STATUS_MESSAGE_BYTES
-from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     RPC_TIMEOUT_S,
     add_sub_inputs,
@@ -24,6 +21,9 @@ from test_runtime_helpers import (
     open_stub,
     rpc_error,
 )
+
+from meshserve.common.errors import MAX_STATUS_MESSAGE_BYTES
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -6,9 +6,9 @@ import pathlib
 
 import numpy as np
 import pytest
+from test_runtime_helpers import RPC_TIMEOUT_S, decode_outputs, infer_request, open_stub
 
 from meshserve.protos.inference import grpc_service_pb2 as pb
-from test_runtime_helpers import RPC_TIMEOUT_S, decode_outputs, infer_request, open_stub
 
 REPOSITORY = pathlib.Path(__file__).parent / "models" / "inferred"
 

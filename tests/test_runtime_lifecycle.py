@@ -10,8 +10,6 @@ import signal
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     EXAMPLES,
     RPC_TIMEOUT_S,
@@ -25,6 +23,8 @@ from test_runtime_helpers import (
     wait_executing,
     wait_until,
 )
+
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 # Long enough that SIGTERM lands while both requests still run; the test does not
 # depend on it (the requests must succeed whenever SIGTERM lands).

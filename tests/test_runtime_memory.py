@@ -16,9 +16,9 @@ import time
 import grpc
 import numpy as np
 import pytest
+from test_runtime_helpers import EXAMPLES, RPC_TIMEOUT_S, decode_outputs, infer_request, open_stub, wait_until
 
 from meshserve.protos.inference import grpc_service_pb2 as pb
-from test_runtime_helpers import EXAMPLES, RPC_TIMEOUT_S, decode_outputs, infer_request, open_stub, wait_until
 
 MIB = 1 << 20
 # Refused requests: modest, well within the server's 256 MiB message limit.
@@ -120,7 +120,7 @@ async def _write_and_never_read(address: str, pid: int) -> tuple[int, int]:
                 await asyncio.wait_for(call.write(message), WRITE_STALL_S)
                 written += 1
                 peak = max(peak, resident_bytes(pid))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass  # held back: the server stopped reading this stream
         settle = time.monotonic() + WRITE_STALL_S  # what was accepted is being answered: watch it
         while time.monotonic() < settle:

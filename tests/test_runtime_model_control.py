@@ -10,12 +10,12 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from conftest import EXAMPLES, RuntimeProcess
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_runtime_helpers import RPC_TIMEOUT_S, assert_status, check_add_sub, infer_request, open_stub, rpc_error
+
 from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.runtime.server import SERVICE_NAME
-from test_runtime_helpers import RPC_TIMEOUT_S, assert_status, check_add_sub, infer_request, open_stub, rpc_error
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 

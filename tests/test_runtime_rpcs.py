@@ -18,9 +18,6 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from meshserve.protos.inference import grpc_service_pb2 as pb
-from meshserve.protos.inference import model_config_pb2 as mc
 from test_runtime_helpers import (
     EXAMPLES,
     REPO_ROOT,
@@ -35,6 +32,9 @@ from test_runtime_helpers import (
     open_stub,
     rpc_error,
 )
+
+from meshserve.protos.inference import grpc_service_pb2 as pb
+from meshserve.protos.inference import model_config_pb2 as mc
 
 SERVICE = "inference.GRPCInferenceService"
 

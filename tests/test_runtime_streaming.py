@@ -13,8 +13,6 @@ import queue
 import grpc
 import numpy as np
 import pytest
-
-from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     RPC_TIMEOUT_S,
     SERVING,
@@ -26,6 +24,8 @@ from test_runtime_helpers import (
     infer_request,
     open_stub,
 )
+
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 END = object()
 

@@ -6,11 +6,11 @@ The scheduler's brain on a fake clock and a real temporary SQLite store.
 from __future__ import annotations
 
 import pytest
+from scheduler_brain import Brain, brain, lose_node_a, run, two_ready_replicas_on_two_nodes
 
 from meshserve.common.errors import FailedPrecondition, NotFound
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.scheduler.records import NODES
-from scheduler_brain import Brain, brain, lose_node_a, run, two_ready_replicas_on_two_nodes
 
 
 async def delete(b: Brain, name: str, force: bool = False) -> list[str]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 from mesh_harness import deployment_yaml
-from meshserve.protos.mesh import control_pb2 as mesh
 from scheduler_brain import HEARTBEAT_TIMEOUT_S, brain, lose_node_a, run, two_ready_replicas_on_two_nodes
+
+from meshserve.protos.mesh import control_pb2 as mesh
 
 
 def test_a_lost_nodes_ready_replica_stays_routed_until_its_replacement_is_ready(tmp_path):

@@ -9,10 +9,10 @@ import socket
 import uuid
 
 import pytest
-
-from mesh_harness import START_TIMEOUT_S, Mesh, Process
-from meshserve.node_agent.policy import development_policy_yaml
 from conftest import REPO_ROOT
+from mesh_harness import START_TIMEOUT_S, Mesh, Process
+
+from meshserve.node_agent.policy import development_policy_yaml
 
 
 @pytest.fixture

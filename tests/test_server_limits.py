@@ -10,12 +10,12 @@ import queue
 
 import grpc
 import pytest
+from test_proxy_helpers import LoopThread, ProxyRig, route
 
 from meshserve.common import limits
 from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from meshserve.scheduler.server import SERVER_OPTIONS
-from test_proxy_helpers import LoopThread, ProxyRig, route
 
 STREAMS = 4
 # A call held behind the limit waits; this is how long the test lets it wait before concluding so.

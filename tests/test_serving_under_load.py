@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import signal
 
-
 from mesh_harness import CONVERGE_TIMEOUT_S, HEARTBEAT_TIMEOUT_S, Admin, Process, deployment_yaml
-from meshserve.protos.mesh import control_pb2 as mesh
 from steady_load import SteadyLoad
+
+from meshserve.protos.mesh import control_pb2 as mesh
 
 CLIENTS = 8
 STEADY_CALLS = 200          # successful calls before and after the change: the load is really flowing

@@ -19,12 +19,7 @@ import textwrap
 import grpc
 import numpy as np
 import pytest
-
-from meshserve.clients import InferenceClient, InvalidArgument, NotFound, SharedMemory, SharedMemoryRegion
-from meshserve.clients.shared_memory import tensor_parameters
 from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess
-from meshserve.common import tensors
-from meshserve.protos.inference import grpc_service_pb2 as pb
 from test_runtime_helpers import (
     RPC_TIMEOUT_S,
     assert_status,
@@ -34,6 +29,11 @@ from test_runtime_helpers import (
     open_stub,
     rpc_error,
 )
+
+from meshserve.clients import InferenceClient, InvalidArgument, NotFound, SharedMemory, SharedMemoryRegion
+from meshserve.clients.shared_memory import tensor_parameters
+from meshserve.common import tensors
+from meshserve.protos.inference import grpc_service_pb2 as pb
 
 ECHO_ELEMENTS = 1 << 20  # 4 MiB of FP32
 PREFIX = "meshserve_"

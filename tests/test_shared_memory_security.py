@@ -14,14 +14,14 @@ import time
 import grpc
 import numpy as np
 import pytest
+from conftest import EXAMPLES, RuntimeProcess
+from test_runtime_helpers import RPC_TIMEOUT_S, rpc_error
 
 from meshserve.clients import SharedMemoryRegion
 from meshserve.clients.shared_memory import tensor_parameters
-from conftest import EXAMPLES, RuntimeProcess
 from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from meshserve.runtime.shared_memory import MAX_REGIONS_PER_CLIENT, SharedMemoryRegistry
-from test_runtime_helpers import RPC_TIMEOUT_S, rpc_error
 
 # The janitor sweeps every second; a loaded 2-core machine may take a few.
 RELEASE_TIMEOUT_S = 15.0

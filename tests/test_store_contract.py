@@ -12,14 +12,23 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import pytest
-
 from etcd_server import EtcdCluster, EtcdServer, etcd_endpoint, etcd_server, require_etcd  # noqa: F401
-from meshserve.scheduler.store import (Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, StoreError, WatchEvent,
-                             open_store)
+
+from meshserve.scheduler.store import (
+    Compacted,
+    Compare,
+    Delete,
+    KeyValue,
+    LeaseExpired,
+    Put,
+    StoreError,
+    WatchEvent,
+    open_store,
+)
 from meshserve.scheduler.store.etcd import EtcdStore
 from meshserve.scheduler.store.sqlite import SqliteStore
 

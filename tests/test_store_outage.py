@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from mesh_harness import Admin, deployment_yaml
+
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.scheduler import ctl
 

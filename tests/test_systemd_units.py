@@ -9,7 +9,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import REPO_ROOT
 
 UNITS = sorted((REPO_ROOT / "deploy" / "systemd").glob("*.service"))

@@ -17,15 +17,15 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from test_proxy_helpers import LoopThread, route
+from tls_pki import Pki
 
 from meshserve.clients import AsyncInferenceClient, InferenceClient, Unavailable
-from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.common.security.tls import TlsConfig, TlsError, add_port, add_tls_arguments, is_loopback
+from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.proxy import ProxyOptions, ProxyServer
 from meshserve.proxy.routes import RouteTable
 from meshserve.runtime.server import RuntimeServer, ServerOptions
-from test_proxy_helpers import LoopThread, route
-from tls_pki import Pki
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples" / "models"
@@ -227,8 +227,9 @@ def test_client_library_takes_tls_files_or_the_environment(pki, loop, runtimes, 
 
 
 def test_replicas_get_the_agents_tls_settings_and_a_spec_cannot_change_them(pki):
-    from meshserve.node_agent.replica import ReplicaSpec
     from test_node_agent_supervisor import FakeLauncher, fake_supervisor, state_of
+
+    from meshserve.node_agent.replica import ReplicaSpec
 
     agent_tls = pki.tls("node-a", "agent", require_client_cert=True)
 

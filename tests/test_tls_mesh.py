@@ -19,14 +19,14 @@ import time
 import grpc
 import numpy as np
 import pytest
+from mesh_harness import CONVERGE_TIMEOUT_S, REPO_ROOT, RPC_TIMEOUT_S, Process, deployment_yaml
+from tls_pki import Pki
 
 from meshserve.clients import InferenceClient, Unavailable
-from mesh_harness import CONVERGE_TIMEOUT_S, REPO_ROOT, RPC_TIMEOUT_S, Process, deployment_yaml
+from meshserve.common.security.tls import TlsConfig, as_flags, sync_channel
 from meshserve.node_agent.policy import development_policy_yaml
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
-from meshserve.common.security.tls import TlsConfig, as_flags, sync_channel
-from tls_pki import Pki
 
 POLL_S = 0.2   # polling other processes' state: there is no event to await across processes
 

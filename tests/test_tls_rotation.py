@@ -18,15 +18,14 @@ import sys
 
 import numpy as np
 import pytest
-
 from google.protobuf import text_format
-
-from meshserve.clients import InferenceClient, Unavailable
 from mesh_harness import Process
-from meshserve.protos.mesh import control_pb2 as mesh
-from meshserve.common.security.tls import CertificateReloader, TlsConfig, as_flags
 from test_proxy_helpers import route
 from tls_pki import Pki
+
+from meshserve.clients import InferenceClient, Unavailable
+from meshserve.common.security.tls import CertificateReloader, TlsConfig, as_flags
+from meshserve.protos.mesh import control_pb2 as mesh
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples" / "models"

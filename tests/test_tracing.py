@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import EXAMPLES, REPO_ROOT
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from mesh_harness import Process
 from otlp_receiver import OtlpReceiver
-from test_tracing import (EXAMPLES, SPAN_TIMEOUT_S, _by_request, _children, _one, run_client_app,
-                          tracing_env)
+from test_tracing import EXAMPLES, SPAN_TIMEOUT_S, _by_request, _children, _one, run_client_app, tracing_env
 
 PROXY_SERVICE = "meshserve-proxy"
 

@@ -12,20 +12,20 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from conftest import REPO_ROOT
-from meshserve.common.errors import DeadlineExceeded
 from meshserve.common import telemetry
+from meshserve.common.errors import DeadlineExceeded
+from meshserve.common.telemetry import RequestTrace, extract_context, inject_metadata, tracing_requested
 from meshserve.runtime.batcher import Batcher, BatchingPolicy
 from meshserve.runtime.instance_pool import InstancePool
 from meshserve.runtime.request import InferRequest
 from meshserve.runtime.statistics import ModelStatisticsRecorder
-from meshserve.common.telemetry import RequestTrace, extract_context, inject_metadata, tracing_requested
 
 
 @pytest.mark.parametrize("env, expected", [

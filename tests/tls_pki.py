@@ -22,7 +22,7 @@ class Pki:
 
     def issue(self, name: str, role: str = "client", *, expired: bool = False) -> IssuedFiles:
         if expired:
-            now = datetime.datetime.now(datetime.timezone.utc)
+            now = datetime.datetime.now(datetime.UTC)
             return issue_certificate(self.folder, name, role, not_before=now - datetime.timedelta(days=30),
                                      not_after=now - datetime.timedelta(days=1))
         return issue_certificate(self.folder, name, role)

@@ -13,8 +13,8 @@ import asyncio
 
 import numpy as np
 
-from meshserve.protos.inference import model_config_pb2 as mc
 from meshserve.common.tensors import DATATYPE_TO_CONFIG
+from meshserve.protos.inference import model_config_pb2 as mc
 
 from ..config import ONNX_FILE, ConfigError
 from . import LoadContext

@@ -16,14 +16,14 @@ carries the reservations of what it placed.
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from collections.abc import Iterable
+from typing import Union
 
 from . import gang
 from .framework import DEFAULT_WEIGHTS, Filter, Framework, Scorer, count_nodes
 from .gpu_memory import GpuMemory
 from .host_resources import HostResources
-from .model import (Decision, GiB, GpuView, MiB, NodeView, Placement, ReplicaRequest, Unschedulable,
-                    format_bytes)
+from .model import Decision, GiB, GpuView, MiB, NodeView, Placement, ReplicaRequest, Unschedulable, format_bytes
 from .node_ready import NodeReady
 from .node_selector import NodeSelector
 from .pack import Pack

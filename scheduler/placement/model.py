@@ -9,8 +9,8 @@ and score reads available memory, never raw free memory.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 GiB = 1 << 30
 MiB = 1 << 20

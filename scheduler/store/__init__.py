@@ -6,8 +6,19 @@
 
 from __future__ import annotations
 
-from .base import (Compacted, Compare, CorruptStore, Delete, KeyValue, LeaseExpired, Put, Store, StoreError,
-                   TxnResult, WatchEvent)
+from .base import (
+    Compacted,
+    Compare,
+    CorruptStore,
+    Delete,
+    KeyValue,
+    LeaseExpired,
+    Put,
+    Store,
+    StoreError,
+    TxnResult,
+    WatchEvent,
+)
 
 __all__ = ["Compacted", "Compare", "CorruptStore", "Delete", "KeyValue", "LeaseExpired", "Put", "Store", "StoreError",
            "TxnResult", "WatchEvent", "open_store"]

@@ -26,8 +26,9 @@ scheduler can rely on them everywhere:
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from meshserve.common.errors import Unavailable
 

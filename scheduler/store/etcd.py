@@ -33,14 +33,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import aetcd
 import grpc
 from aetcd import rpc
 
-from .base import (Compacted, Compare, Delete, KeyValue, LeaseExpired, Put, StoreError, TxnResult, WatchEvent,
-                   prefix_end, store_unavailable)
+from .base import (
+    Compacted,
+    Compare,
+    Delete,
+    KeyValue,
+    LeaseExpired,
+    Put,
+    StoreError,
+    TxnResult,
+    WatchEvent,
+    prefix_end,
+    store_unavailable,
+)
 from .etcd_security import EtcdSecurity
 
 T = TypeVar("T")
@@ -145,7 +157,7 @@ class EtcdStore:
 
     @classmethod
     async def open(cls, endpoints: list[str], timeout_s: float = REQUEST_TIMEOUT_S,
-                   watch_reconnect_s: float = WATCH_RECONNECT_S, security: EtcdSecurity | None = None) -> "EtcdStore":
+                   watch_reconnect_s: float = WATCH_RECONNECT_S, security: EtcdSecurity | None = None) -> EtcdStore:
         """Connect and check that some endpoint answers (raises StoreError naming them when none does)."""
         store = cls(endpoints, timeout_s, watch_reconnect_s, security)
         for _ in store._clients:

@@ -32,10 +32,22 @@ import itertools
 import os
 import sqlite3
 import time
-from typing import AsyncIterator, Callable, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
-from .base import (Compacted, Compare, CorruptStore, Delete, KeyValue, LeaseExpired, Put, StoreError, TxnResult,
-                   WatchEvent, prefix_end)
+from .base import (
+    Compacted,
+    Compare,
+    CorruptStore,
+    Delete,
+    KeyValue,
+    LeaseExpired,
+    Put,
+    StoreError,
+    TxnResult,
+    WatchEvent,
+    prefix_end,
+)
 
 T = TypeVar("T")
 
@@ -104,7 +116,7 @@ class SqliteStore:
         self._expiry_task: asyncio.Task | None = None
 
     @classmethod
-    async def open(cls, path: str, history_revisions: int = HISTORY_REVISIONS) -> "SqliteStore":
+    async def open(cls, path: str, history_revisions: int = HISTORY_REVISIONS) -> SqliteStore:
         store = cls(path, history_revisions)
         store._loop = asyncio.get_running_loop()
         try:
@@ -406,7 +418,7 @@ class SqliteStore:
             delay = EXPIRY_MAX_SLEEP_S if next_deadline is None else next_deadline - time.time()
             try:
                 await asyncio.wait_for(self._lease_granted.wait(), max(0.0, min(delay, EXPIRY_MAX_SLEEP_S)))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

@@ -34,7 +34,7 @@ import collections
 import hashlib
 import pathlib
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -135,7 +135,7 @@ class Predictor:
     # -- generation ---------------------------------------------------------
 
     def _rng(self, prompt: str) -> np.random.Generator:
-        digest = hashlib.sha256(f"{self.seed}\0{prompt}".encode("utf-8")).digest()
+        digest = hashlib.sha256(f"{self.seed}\0{prompt}".encode()).digest()
         return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
     def next_token(self, history: list[str], rng: np.random.Generator) -> str:
