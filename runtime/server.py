@@ -28,6 +28,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshserve.common import limits
 from meshserve.common.listen import grpc_server
+from meshserve.common.metrics import render
+from meshserve.common.metrics_http import MetricsHttpServer
 from meshserve.common.ready_line import print_ready_line
 from meshserve.common.security.auth import Authenticator, AuthInterceptor
 from meshserve.common.security.roles import RoleTable, data_plane_table
@@ -37,6 +39,7 @@ from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from .heap_trim import HeapTrimmer
+from .metrics import runtime_registry
 from .model_control import NONE, ModelControl
 from .repository import ModelRepository
 from .servicer import InferenceServicer
@@ -74,6 +77,8 @@ class ServerOptions:
     roles: RoleTable | None = None
     # System shared memory: "system" (Triton's default) or "none" (runtime/shared_memory.py MODES).
     shared_memory: str = SYSTEM
+    # HOST:PORT for Prometheus GET /metrics (runtime/metrics.py); None: no metrics endpoint.
+    metrics_listen: str | None = None
 
 
 class RuntimeServer:
@@ -96,6 +101,13 @@ class RuntimeServer:
         self.address = add_port(self.server, options.listen, options.tls)  # ListenError: the port is taken
         self.port = int(self.address.rsplit(":", 1)[1])
         self.shared_memory_janitor = SharedMemoryJanitor(self.servicer.shared_memory, self.port)
+        self.metrics_registry = runtime_registry(self.repository.ready_models)
+        self.metrics_server = (MetricsHttpServer(options.metrics_listen, lambda: render(self.metrics_registry))
+                               if options.metrics_listen else None)   # ListenError: the port is taken
+
+    @property
+    def metrics_address(self) -> str | None:
+        return self.metrics_server.address if self.metrics_server else None
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
@@ -111,6 +123,8 @@ class RuntimeServer:
 
     async def start(self) -> None:
         await self.server.start()
+        if self.metrics_server:
+            await self.metrics_server.start()
         self.heap_trimmer.start()
         self.shared_memory_janitor.start()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -120,6 +134,8 @@ class RuntimeServer:
             log.warning("model '%s' is not available: %s", name, reason)
         if failed and self.options.strict:
             await self.server.stop(0)
+            if self.metrics_server:
+                await self.metrics_server.stop()
             await self.heap_trimmer.stop()
             await self.shared_memory_janitor.stop()
             await self.repository.close()
@@ -147,12 +163,15 @@ class RuntimeServer:
         await self.shared_memory_janitor.stop()
         self.servicer.shared_memory.close()
         await self.repository.close()
+        if self.metrics_server:
+            await self.metrics_server.stop()
 
 
 async def run(options: ServerOptions) -> None:
     server = RuntimeServer(options)
     await server.start()
-    print_ready_line("runtime", server.address)
+    metrics = f" (metrics on http://{server.metrics_address}/metrics)" if server.metrics_address else ""
+    print_ready_line("runtime", server.address, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
