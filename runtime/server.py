@@ -30,7 +30,7 @@ from meshserve.common import limits
 from meshserve.common.listen import grpc_server
 from meshserve.common.metrics import render
 from meshserve.common.metrics_http import MetricsHttpServer
-from meshserve.common.ready_line import print_ready_line
+from meshserve.common.ready_line import metrics_detail, print_ready_line
 from meshserve.common.security.auth import Authenticator, AuthInterceptor
 from meshserve.common.security.roles import RoleTable, data_plane_table
 from meshserve.common.security.tls import TlsConfig, add_port
@@ -170,8 +170,7 @@ class RuntimeServer:
 async def run(options: ServerOptions) -> None:
     server = RuntimeServer(options)
     await server.start()
-    metrics = f" (metrics on http://{server.metrics_address}/metrics)" if server.metrics_address else ""
-    print_ready_line("runtime", server.address, metrics)
+    print_ready_line("runtime", server.address, metrics_detail(server.metrics_address))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
