@@ -8,12 +8,13 @@ Guarantees:
   Metrics are plaintext HTTP, so a non-loopback address is refused unless
   ``--insecure-metrics`` (``metrics_listen_from_args``), as plaintext gRPC is
   refused without ``--insecure`` (common/security/tls.py).
-- ``render`` writes the Prometheus text format 0.0.4 from a registry, keeping
-  each family's own sample names. Hand-written because prometheus_client's
-  ``generate_latest`` always declares a counter as ``NAME_total``, while
-  Triton's counters (``nv_inference_request_success`` ...) have no suffix
-  and dashboards built for Triton query exactly those names. Counters made
-  with ``prometheus_client.Counter`` still come out as ``NAME_total``.
+- ``render`` writes the Prometheus text format 0.0.4 from a registry.
+  Hand-written because prometheus_client's ``generate_latest`` always
+  declares a counter as ``NAME_total``, while Triton's counters
+  (``nv_inference_request_success`` ...) have no suffix and dashboards built
+  for Triton query exactly those names: a ``TritonCounter`` family is written
+  under its own name; every other counter (``prometheus_client.Counter``,
+  ``CounterMetricFamily``) as ``NAME_total``, samples or not.
 - Label names shared by every daemon: ``model``, ``version``, ``replica``
   (the scheduler's replica id), ``node`` (the node agent's ``--name``).
 """
@@ -21,8 +22,8 @@ Guarantees:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
 
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
@@ -85,11 +86,21 @@ def _sample_line(sample: Sample) -> str:
     return f"{sample.name}{labels} {floatToGoString(sample.value)}"
 
 
-def _declared_name(name: str, kind: str, samples: Iterable[Sample]) -> str:
-    """A counter from ``prometheus_client.Counter`` names its samples ``NAME_total``: declare that name."""
-    if kind == "counter" and any(sample.name == f"{name}_total" for sample in samples):
-        return f"{name}_total"
-    return name
+class TritonCounter(Metric):
+    """A counter family whose samples keep its name, without ``_total`` (Triton's); ``add(labels, value)``."""
+
+    def __init__(self, name: str, documentation: str):
+        super().__init__(name, documentation, "counter")
+
+    def add(self, labels: dict[str, str], value: float) -> None:
+        self.add_sample(self.name, labels, float(value))
+
+
+def _declared_name(family: Metric) -> str:
+    """prometheus_client names a counter's samples ``NAME_total``; a ``TritonCounter``'s are ``NAME``."""
+    if family.type == "counter" and not isinstance(family, TritonCounter):
+        return f"{family.name}_total"
+    return family.name
 
 
 def render(registry: Collector) -> str:
@@ -98,7 +109,7 @@ def render(registry: Collector) -> str:
     for family in registry.collect():
         kind = {"unknown": "untyped", "info": "gauge", "stateset": "gauge"}.get(family.type, family.type)
         samples = [s for s in family.samples if not s.name.endswith(_SKIPPED_SUFFIXES)]
-        name = _declared_name(family.name, family.type, samples)
+        name = _declared_name(family)
         documentation = family.documentation.replace("\\", "\\\\").replace("\n", "\\n")
         lines.append(f"# HELP {name} {documentation}")
         lines.append(f"# TYPE {name} {kind}")

@@ -24,7 +24,7 @@ from typing import Protocol
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from meshserve.common.metrics import MODEL, VERSION
+from meshserve.common.metrics import MODEL, VERSION, TritonCounter
 
 from .statistics import ModelStatisticsRecorder
 
@@ -74,11 +74,10 @@ class RuntimeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         models = list(self.models())
         for name, documentation, value in _COUNTERS:
-            # Metric, not CounterMetricFamily: that one renames the samples NAME_total (common/metrics.py).
-            family = Metric(name, documentation, "counter")
+            # Not CounterMetricFamily: that one renames the samples NAME_total (common/metrics.py).
+            family = TritonCounter(name, documentation)
             for model in models:
-                family.add_sample(name, {MODEL: model.stats.name, VERSION: model.stats.version},
-                                  float(value(model.stats)))
+                family.add({MODEL: model.stats.name, VERSION: model.stats.version}, value(model.stats))
             yield family
         pending = Metric("nv_inference_pending_request_count",
                          "Instantaneous number of pending requests awaiting execution per-model", "gauge")
