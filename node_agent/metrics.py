@@ -127,7 +127,7 @@ def _is_number(text: str) -> bool:
 class Families:
     """Re-exported families by name: the first replica's HELP and TYPE lines, every replica's samples."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.headers: dict[str, dict[str, str]] = {}
         self.samples: dict[str, list[str]] = collections.defaultdict(list)
 
@@ -188,8 +188,9 @@ class AgentMetrics:
 
     async def render(self) -> str:
         scraped = [status for status in self.supervisor.statuses() if status.metrics_address]
-        self.collector.gpus, *texts = await asyncio.gather(self._sample_gpus(),
-                                                           *(self._replica_text(s) for s in scraped))
+        gpus, texts = await asyncio.gather(self._sample_gpus(),
+                                           asyncio.gather(*(self._replica_text(s) for s in scraped)))
+        self.collector.gpus = gpus
         families = Families()
         for status, text in zip(scraped, texts, strict=True):
             families.add(text, {REPLICA: status.replica_id, NODE: self.node})

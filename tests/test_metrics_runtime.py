@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from conftest import RuntimeProcess
 from metrics_scrape import Scrape
-from test_runtime_helpers import RPC_TIMEOUT_S, SERVING, infer_request, model_stats, open_stub, rpc_error
+from test_runtime_helpers import (
+    RPC_TIMEOUT_S,
+    SERVING,
+    infer_request,
+    model_stats,
+    open_stub,
+    rpc_error,
+    wait_executing,
+    wait_until,
+)
 
 SUCCESSES_OF_ONE, SUCCESSES_OF_THREE, FAILURES = 5, 2, 2
 
@@ -16,7 +25,7 @@ SUCCESSES_OF_ONE, SUCCESSES_OF_THREE, FAILURES = 5, 2, 2
 @pytest.fixture(scope="module")
 def runtime():
     process = RuntimeProcess(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-                              "--model-repository", str(SERVING), "--model", "fragile", "--model", "doubler"])
+                              "--model-repository", str(SERVING), "--model", "fragile", "--model", "doubler", "--model", "slow"])
     yield process
     process.stop()
 
@@ -64,6 +73,23 @@ def test_counters_histogram_and_statistics_agree_with_the_calls(runtime):
     assert scrape.value("meshserve_runtime_batch_size_sum", **fragile) == 11
     # The model nobody called is there, at zero.
     assert scrape.value("nv_inference_request_success", model="doubler", version="1") == 0
+
+
+def test_pending_requests_count_the_executing_and_the_queued(runtime):
+    """One request executing (3 s) and one queued behind it: 2 pending; then 0 once both are answered."""
+    slow = {"model": "slow", "version": "1"}
+    address = _metrics_address(runtime)
+    request = infer_request("slow", {"DELAY_MS": np.full((1, 1), 3000, np.int32)})
+    channel, stub = open_stub(runtime.address)
+    with channel:
+        started = model_stats(stub, "slow").inference_stats.queue.count
+        calls = [stub.ModelInfer.future(request, timeout=RPC_TIMEOUT_S) for _ in range(2)]
+        wait_executing(stub, "slow", started)
+        wait_until(lambda: Scrape.of(address).value("nv_inference_pending_request_count", **slow) == 2,
+                   "2 pending requests in /metrics")
+        for call in calls:
+            call.result()
+        assert Scrape.of(address).value("nv_inference_pending_request_count", **slow) == 0
 
 
 def test_anything_but_get_metrics_is_404_and_the_endpoint_keeps_serving(runtime):
