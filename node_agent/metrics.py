@@ -10,7 +10,8 @@ Replicas' own metrics: with metrics on, every replica serves GET /metrics on loo
 picks, named in its ready line; node_agent/replica.py), and this endpoint re-exports them with
 ``replica`` and ``node`` added, so Prometheus scrapes one target per host and needs no discovery of
 replica ports. Guarantees of the re-export: each replica is read with a ``REPLICA_SCRAPE_TIMEOUT_S``
-deadline and at most ``REPLICA_SCRAPE_MAX_BYTES``; one that fails or times out is left out (counted in
+deadline and at most ``REPLICA_SCRAPE_MAX_BYTES``, and only on a loopback address (the address is
+read from the replica's own output); one that fails or times out is left out (counted in
 ``meshserve_agent_replica_scrape_errors_total``) and never fails the scrape; only families named
 ``nv_inference_*`` or ``meshserve_runtime_*`` are taken, and lines that do not parse or already carry a
 ``replica`` or ``node`` label are dropped (a replica runs a deployment's code and may be hostile).
@@ -28,7 +29,9 @@ from collections.abc import Callable, Iterator, Sequence
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from meshserve.common.listen import ListenError, split_address
 from meshserve.common.metrics import NODE, REPLICA, render
+from meshserve.common.security.tls import is_loopback
 
 from .gpu_probe import GpuProbe, GpuSample
 from .replica import ReplicaStatus
@@ -116,6 +119,15 @@ async def fetch_metrics(address: str) -> str:
     return body.decode("utf-8", "replace")
 
 
+def _on_loopback(address: str) -> bool:
+    """Only a loopback address is scraped: the address comes from the replica's own output."""
+    try:
+        host, _ = split_address(address)
+    except ListenError:
+        return False
+    return is_loopback(host)
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -187,7 +199,7 @@ class AgentMetrics:
             return ""
 
     async def render(self) -> str:
-        scraped = [status for status in self.supervisor.statuses() if status.metrics_address]
+        scraped = [status for status in self.supervisor.statuses() if _on_loopback(status.metrics_address)]
         gpus, texts = await asyncio.gather(self._sample_gpus(),
                                            asyncio.gather(*(self._replica_text(s) for s in scraped)))
         self.collector.gpus = gpus

@@ -106,3 +106,11 @@ def test_a_failing_collector_answers_500_and_the_endpoint_keeps_serving():
             await server.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_agent_scrapes_replicas_only_on_loopback():
+    from meshserve.node_agent.metrics import _on_loopback
+
+    assert _on_loopback("127.0.0.1:9100") and _on_loopback("[::1]:9100")
+    for claimed in ("10.0.0.1:9100", "example.invalid:80", "", "no-port"):   # a replica's output is a claim
+        assert not _on_loopback(claimed)
