@@ -71,3 +71,32 @@ def test_scheduler_agents_and_replicas_export_what_happened(cluster: Mesh, tmp_p
                                 replica=replica.id) == 0
         assert scrape.value("meshserve_agent_replicas", node=name, state="ready") == len(on_node)
     admin.close()
+
+
+def test_a_crashed_replica_counts_one_restart_on_its_agent(cluster: Mesh, tmp_path):
+    from mesh_harness import REPO_ROOT
+
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    agent = cluster.agent("node-a", scheduler.address, extra_args=METRICS)
+    admin = Admin(scheduler.address)
+    admin.apply(f"""kind: Deployment
+name: crashy
+model:
+  repository: {REPO_ROOT / 'tests' / 'models' / 'agent'}
+  name: crasher
+replicas: 1
+resources:
+  gpus: 0
+  cpu: 100m
+""")
+    (replica,) = admin.wait_for(lambda: ready(admin, "crashy", 1), "a ready crasher", mesh_=cluster)
+    address = metrics_address(agent, admin)
+    assert Scrape.of(address).value("meshserve_agent_replica_restarts", replica=replica.id) == 0
+    with InferenceClient(replica.address, timeout=10) as client:
+        try:
+            client.infer("crasher", {"CODE": np.array([3], dtype=np.int32)})
+        except Exception:   # the process exits mid-call: whatever error the client sees
+            pass
+    admin.wait_for(lambda: Scrape.of(address).value("meshserve_agent_replica_restarts", replica=replica.id) == 1,
+                   "one restart in the agent's metrics", mesh_=cluster)
+    admin.close()

@@ -114,3 +114,30 @@ def test_the_agent_scrapes_replicas_only_on_loopback():
     assert _on_loopback("127.0.0.1:9100") and _on_loopback("[::1]:9100")
     for claimed in ("10.0.0.1:9100", "example.invalid:80", "", "no-port"):   # a replica's output is a claim
         assert not _on_loopback(claimed)
+
+
+def test_agent_gpu_metrics_are_the_probes_figures_on_real_gpus():
+    """On a host with NVML: what /metrics says per GPU is what NVML said in the same sample."""
+    pytest.importorskip("pynvml")
+    from test_node_agent_gpu_probe import nvml_available
+
+    from meshserve.node_agent.gpu_probe import NvmlProbe
+    from meshserve.node_agent.metrics import _AgentCollector
+
+    if not nvml_available():
+        pytest.skip("no NVML (no GPU or driver) on this machine")
+    probe = NvmlProbe.open()
+    try:
+        collector = _AgentCollector("gpu-host", lambda: [])
+        collector.gpus = probe.sample_now()
+    finally:
+        probe.close()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    scrape = Scrape(render(registry))
+    for gpu in collector.gpus:
+        labels = {"node": "gpu-host", "gpu": str(gpu.index), "gpu_uuid": gpu.uuid}
+        assert scrape.value("nv_gpu_memory_total_bytes", **labels) == gpu.memory_total_bytes
+        assert scrape.value("nv_gpu_memory_used_bytes", **labels) == gpu.memory_used_bytes
+        assert scrape.value("nv_gpu_utilization", **labels) == gpu.utilization_percent / 100
+        assert scrape.value("nv_gpu_power_usage", **labels) == gpu.power_watts
