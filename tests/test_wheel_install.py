@@ -16,7 +16,7 @@ imported from, and the tests check that it is the virtualenv.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -35,6 +35,7 @@ from repository_files import copy_repository
 pytestmark = pytest.mark.timeout(900)
 INSTALL_TIMEOUT_S = 600
 RUN_TIMEOUT_S = 120
+SETUPTOOLS_MAJOR_NEEDED = 69   # pyproject's [build-system] requires setuptools>=69
 
 CONSOLE_SCRIPTS = ("meshserve-runtime", "scheduler", "node-agent", "mesh-proxy")
 COMPONENTS = ("common", "protos", "runtime", "scheduler", "node_agent", "proxy", "clients")
@@ -110,12 +111,20 @@ class Virtualenv:
         return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def setuptools_major() -> int:
+    try:
+        return int(importlib.metadata.version("setuptools").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return 0
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> pathlib.Path:
     source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheelhouse")
     copy_repository(REPO_ROOT, source)
-    # setuptools in this interpreter (dev installs have it) spares pip a build environment per run.
-    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    # This interpreter's setuptools (grpcio-tools brings one), when new enough for pyproject's build-system,
+    # spares pip a build environment per run.
+    isolation = ["--no-build-isolation"] if setuptools_major() >= SETUPTOOLS_MAJOR_NEEDED else []
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
                             *isolation, "--wheel-dir", str(out), str(source)],
                            capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
