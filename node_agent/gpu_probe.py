@@ -207,8 +207,8 @@ class NvmlProbe:
         for index in range(self.count):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            utilization = self._optional(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu, 0)
-            running = self._optional(lambda: nvml.nvmlDeviceGetComputeRunningProcesses(handle), [])
+            utilization = self._optional(lambda handle=handle: nvml.nvmlDeviceGetUtilizationRates(handle).gpu, 0)
+            running = self._optional(lambda handle=handle: nvml.nvmlDeviceGetComputeRunningProcesses(handle), [])
             samples.append(GpuSample(
                 index=index,
                 uuid=_text(nvml.nvmlDeviceGetUUID(handle)),

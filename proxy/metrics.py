@@ -53,7 +53,7 @@ class _Family:
         self.children: dict[tuple[str, ...], object] = {}
 
     def _labels(self, values: tuple[str, ...], extra: Iterable[tuple[str, str]] = ()) -> str:
-        pairs = [*zip(self.labelnames, values), *extra]
+        pairs = [*zip(self.labelnames, values, strict=True), *extra]
         if not pairs:
             return ""
         return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in pairs) + "}"
@@ -129,7 +129,7 @@ class Histogram(_Family):
         lines = []
         for key, child in self.children.items():
             cumulative = 0
-            for bound, count in zip(child.bounds, child.counts):
+            for bound, count in zip(child.bounds, child.counts, strict=True):
                 cumulative += count
                 lines.append(f"{self.name}_bucket{self._labels(key, [('le', _number(bound))])} {cumulative}")
             lines.append(f"{self.name}_bucket{self._labels(key, [('le', '+Inf')])} {child.count}")

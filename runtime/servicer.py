@@ -59,11 +59,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Every model name from a client is checked (``plain_model_name``) before it is looked up;
     load and unload go through ``model_control``, and ``on_models_changed`` runs after either."""
 
-    def __init__(self, repository: ModelRepository, model_control: ModelControl = ModelControl(),
+    def __init__(self, repository: ModelRepository, model_control: ModelControl | None = None,
                  on_models_changed: Callable[[], Awaitable[None]] | None = None,
                  shared_memory: SharedMemoryRegistry | None = None):
         self.repository = repository
-        self.model_control = model_control
+        self.model_control = model_control if model_control is not None else ModelControl()
         self._on_models_changed = on_models_changed
         self.ready = False  # false while loading and while draining
         self._version = _server_version()

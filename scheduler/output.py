@@ -47,7 +47,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
-        padded = [value.ljust(width) for value, width in zip(row[:-1], widths)] + [row[-1]]
+        # strict=False: the last column is never padded, so its width goes unused
+        padded = [value.ljust(width) for value, width in zip(row[:-1], widths, strict=False)] + [row[-1]]
         lines.append(COLUMN_GAP.join(padded).rstrip())
     return "\n".join(lines) + "\n"
 

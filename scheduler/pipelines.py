@@ -78,7 +78,7 @@ def place_pipeline(cluster: Cluster, snapshot, leader: ReplicaRecord, spec: dict
         return [leader]
 
     results = placement.place(snapshot, requests)
-    missing = [model for (model, _), result in zip(steps, results) if not isinstance(result, placement.Placement)]
+    missing = [model for (model, _), result in zip(steps, results, strict=True) if not isinstance(result, placement.Placement)]
     if missing:
         reason = f"cannot place step {', '.join(missing)} anywhere: " + "; ".join(
             placement.summary(r) for r in results if not isinstance(r, placement.Placement))
@@ -96,7 +96,7 @@ def place_pipeline(cluster: Cluster, snapshot, leader: ReplicaRecord, spec: dict
     leader.models, leader.group, leader.remote = [ensemble, first_model], leader.id, {}
     lines = [f"split across {len({r.node for r in results})} node(s) because {why}:",
              f"  pipeline + step {first_model} on {first.node}"]
-    for (model, needs), result in zip(steps[1:], results[1:]):
+    for (model, needs), result in zip(steps[1:], results[1:], strict=True):
         step = ReplicaRecord(id=new_id(leader.deployment), deployment=leader.deployment,
                              revision=leader.revision, models=[model], group=leader.id)
         _place(step, result.node, list(result.gpu_indices), needs.gpu_memory)

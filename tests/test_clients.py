@@ -636,7 +636,7 @@ def test_runtime_async_infer_add_sub_concurrently(address, use_raw):
     async def body(client):
         return await asyncio.gather(*(client.infer("add_sub", b, use_raw=use_raw) for b in batches))
 
-    for inputs, outputs in zip(batches, run_async(address, body)):
+    for inputs, outputs in zip(batches, run_async(address, body), strict=True):
         check_add_sub(inputs, outputs)
 
 

@@ -76,7 +76,7 @@ class OnnxInstance:
             for name, array in inputs.items()
         }
         results = self._session.run(self._output_names, feed)
-        return dict(zip(self._output_names, results))
+        return dict(zip(self._output_names, results, strict=True))
 
     async def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)

@@ -192,7 +192,7 @@ class Framework:
         details: list[tuple[np.ndarray, Sequence[str], str]] = []
         if remaining is None:
             remaining = np.ones(len(snapshot), np.bool_)
-        for plugin, mask in zip(self.filters, masks):
+        for plugin, mask in zip(self.filters, masks, strict=True):
             if mask is None:
                 continue
             rejected = remaining & ~mask

@@ -83,7 +83,7 @@ def _book(framework, snapshot, members, anchor, rows, total, scores, position, a
     ids = ", ".join(member.replica_id for member in members)
     context = f"gang of {len(members)} ({ids}) on one node, all or nothing"
     row, placements = int(rows[position]), []
-    for member, slots in zip(members, assignment):    # notes read what earlier members booked
+    for member, slots in zip(members, assignment, strict=True):    # notes read what earlier members booked
         decision = framework.decision(snapshot, member, rows, total, scores, position, slots, context, anchor)
         snapshot.reserve(row, slots, member)
         placements.append(Placement(member.replica_id, decision.node, decision.gpu_indices, decision))
@@ -95,7 +95,7 @@ def _unschedulable(framework, snapshot, members, masks, alone) -> Unschedulable:
     member passes alone cannot hold the group together."""
     remaining = np.ones(len(snapshot), np.bool_)
     groups, details = [], []
-    for member, member_masks in zip(members, masks):
+    for member, member_masks in zip(members, masks, strict=True):
         member_groups, member_details = framework.rejections(snapshot, member, member_masks, remaining,
                                                              prefix=f"{member.replica_id}: ")
         groups += member_groups
