@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
 
 # Latency buckets (s): 0.5 ms to 30 s, about x2.5 apart; inference spans
 # sub-millisecond CPU models to multi-second generation.
@@ -43,14 +44,18 @@ def _number(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
-class _Family:
+_Child = TypeVar("_Child")
+_F = TypeVar("_F", bound="_Family[Any]")
+
+
+class _Family(Generic[_Child]):
     type = "untyped"
 
     def __init__(self, name: str, help_text: str, labelnames: tuple[str, ...]):
         self.name = name
         self.help = help_text
         self.labelnames = labelnames
-        self.children: dict[tuple[str, ...], object] = {}
+        self.children: dict[tuple[str, ...], _Child] = {}
 
     def _labels(self, values: tuple[str, ...], extra: Iterable[tuple[str, str]] = ()) -> str:
         pairs = [*zip(self.labelnames, values, strict=True), *extra]
@@ -60,6 +65,9 @@ class _Family:
 
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.type}"]
+
+    def render(self) -> list[str]:
+        raise NotImplementedError
 
 
 class _Value:
@@ -78,7 +86,7 @@ class _Value:
         self.value = value
 
 
-class Counter(_Family):
+class Counter(_Family[_Value]):
     type = "counter"
 
     def labels(self, *values: str) -> _Value:
@@ -112,7 +120,7 @@ class _Buckets:
             self.counts[index] += 1
 
 
-class Histogram(_Family):
+class Histogram(_Family[_Buckets]):
     type = "histogram"
 
     def __init__(self, name: str, help_text: str, labelnames: tuple[str, ...], buckets: tuple[float, ...]):
@@ -141,11 +149,11 @@ class Histogram(_Family):
 class Registry:
     """Families in registration order; ``collectors`` refresh gauges just before rendering."""
 
-    def __init__(self):
-        self.families: list[_Family] = []
+    def __init__(self) -> None:
+        self.families: list[_Family[Any]] = []
         self.collectors: list[Callable[[], None]] = []
 
-    def add(self, family):
+    def add(self, family: _F) -> _F:
         self.families.append(family)
         return family
 
