@@ -162,7 +162,8 @@ def _topological_order(steps: list[Step], producers: dict[str, Step], fail) -> l
     after = {step.number: {producers[t].number for t in step.input_map.values() if t in producers}
              for step in steps}
     by_number = {step.number: step for step in steps}
-    order, done = [], set()
+    order: list[Step] = []
+    done: set[int] = set()
     while len(order) < len(steps):
         ready = [n for n, deps in after.items() if n not in done and deps <= done]
         if not ready:

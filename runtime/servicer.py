@@ -158,12 +158,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         responses: asyncio.Queue = asyncio.Queue(maxsize=STREAM_RESPONSES_QUEUED)
         slots = asyncio.Semaphore(STREAM_REQUESTS_IN_FLIGHT)
         running: set[asyncio.Task] = set()
-        parent = None if self._tracer is None else extract_context(context.invocation_metadata())
+        tracer = self._tracer
+        parent = None if tracer is None else extract_context(context.invocation_metadata())
 
         async def answer(request: pb.ModelInferRequest) -> None:
-            trace = None if parent is None else RequestTrace(
-                self._tracer, "ModelStreamInfer", request.model_name, request.id, parent)
-            error = None
+            trace = None if tracer is None or parent is None else RequestTrace(
+                tracer, "ModelStreamInfer", request.model_name, request.id, parent)
+            error: BaseException | None = None
             try:
                 await self._stream_one(request, responses, trace, context)
             except MeshError as err:

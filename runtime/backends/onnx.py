@@ -94,7 +94,7 @@ def _open_session(path, device: str):
     options = onnxruntime.SessionOptions()
     # One execution per instance; the instance group, not intra-op threads, sets concurrency.
     options.intra_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
+    providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device.split(":")[1])}))
     return onnxruntime.InferenceSession(str(path), options, providers=providers)
