@@ -13,7 +13,7 @@ one ``response`` event per response. Otherwise no span work is done at all.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
 
 import grpc
@@ -136,7 +136,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                infer_request.requested_outputs, model.labels,
                                output_regions=infer_request.output_regions)
 
-    async def ModelStreamInfer(self, request_iterator, context):
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> None:
         """Requests on one stream run concurrently; each one's responses keep their order.
 
         Every response carries ``triton_final_response``. With
@@ -193,7 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 except StopAsyncIteration:
                     break
                 task = asyncio.create_task(answer(request))
-                request = None  # the task holds it, for as long as it needs it
+                del request  # the task holds it, for as long as it needs it
                 running.add(task)
                 task.add_done_callback(running.discard)
             while running:
