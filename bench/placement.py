@@ -106,7 +106,7 @@ def verify(views: list[NodeView], requests: list[ReplicaRequest], results) -> di
     cpu_load: Counter = Counter()
     memory_load: Counter = Counter()
     violations = 0
-    for request, result in zip(requests, results):
+    for request, result in zip(requests, results, strict=True):
         if not isinstance(result, Placement):
             continue
         view = by_name[result.node]
@@ -124,10 +124,10 @@ def verify(views: list[NodeView], requests: list[ReplicaRequest], results) -> di
     overcommitted = sum(1 for key, load in gpu_load.items() if load > gpus[key].memory_free - gpus[key].reserved)
     hosts_over = sum(1 for name in cpu_load if cpu_load[name] > by_name[name].cpu_free + 1e-6
                      or memory_load[name] > by_name[name].memory_free)
-    placed_bytes = sum(r.gpus * r.gpu_memory for r, res in zip(requests, results) if isinstance(res, Placement))
+    placed_bytes = sum(r.gpus * r.gpu_memory for r, res in zip(requests, results, strict=True) if isinstance(res, Placement))
     lower_bound = math.ceil(placed_bytes / GPU_SIZE)
     touched = len(gpu_load)
-    per_node = Counter((r.deployment, res.node) for r, res in zip(requests, results) if isinstance(res, Placement))
+    per_node = Counter((r.deployment, res.node) for r, res in zip(requests, results, strict=True) if isinstance(res, Placement))
     return {"gpus_overcommitted": overcommitted, "hosts_overcommitted": hosts_over,
             "rule_violations": violations, "gpus_touched": touched, "gpus_lower_bound": lower_bound,
             "packing_efficiency": round(lower_bound / touched, 3) if touched else None,
@@ -167,7 +167,7 @@ def filters_side_by_side(views, requests) -> dict:
     scalar = [[row for row in range(len(snapshot))
                if all(f.check(snapshot, r, row) is None for f in framework.filters)] for r in requests]
     t_scalar = time.perf_counter() - start
-    mismatches = sum(list(v) != s for v, s in zip(vectorized, scalar))
+    mismatches = sum(list(v) != s for v, s in zip(vectorized, scalar, strict=True))
     return {"requests": len(requests), "vectorized_us": round(t_vector / len(requests) * 1e6, 1),
             "per_node_check_us": round(t_scalar / len(requests) * 1e6, 1),
             "speedup": round(t_scalar / t_vector, 1), "mismatches": mismatches}

@@ -264,7 +264,7 @@ class Batcher:
         else:
             self._stats.record_batch(len(batch), total, input_done - started,
                                      infer_done - input_done, output_done - infer_done)
-            for pending, result in zip(batch, results):
+            for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(result)
         finally:

@@ -136,7 +136,7 @@ class ServedModel:
 
         ``trace`` (tracing on) gets the request's queue and execute spans.
         """
-        if self.decoupled:
+        if self._batcher is None:   # decoupled
             raise FailedPrecondition(
                 f"model '{self.name}' is decoupled (it streams responses); call ModelStreamInfer"
             )

@@ -30,6 +30,9 @@ from .ensemble import EnsembleModel
 from .ensemble_remote import RemoteModels
 from .model import ServedModel
 
+# What a model name serves: a model of its own, or an ensemble (which duck-types ServedModel).
+Loaded = ServedModel | EnsembleModel
+
 log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
@@ -40,13 +43,13 @@ class ModelEntry:
     name: str
     state: str = UNAVAILABLE
     reason: str = "not loaded"
-    versions: dict[str, ServedModel] = field(default_factory=dict)  # ascending by version
+    versions: dict[str, Loaded] = field(default_factory=dict)  # ascending by version
 
 
 class ModelRepository:
     """Loads and serves the models of one repository folder."""
 
-    def __init__(self, root: pathlib.Path, models: list[str] | None = None,
+    def __init__(self, root: str | pathlib.Path, models: list[str] | None = None,
                  remote_models: dict[str, str] | None = None, tls: TlsConfig | None = None):
         self.root = pathlib.Path(root).resolve()
         if not self.root.is_dir():
@@ -93,7 +96,7 @@ class ModelRepository:
             entry = self._entries.setdefault(name, ModelEntry(name))
             previous = dict(entry.versions)
             entry.state, entry.reason = LOADING, ""
-            loaded: dict[str, ServedModel] = {}
+            loaded: dict[str, Loaded] = {}
             try:
                 config = config_rules.load_model_config(model_dir)
                 available = config_rules.version_folders(model_dir)
@@ -106,8 +109,8 @@ class ModelRepository:
                     raise config_rules.ConfigError(
                         f"{model_dir}: no version folder matches the version policy (found {available})"
                     )
-                for version in versions:
-                    loaded[str(version)] = await ServedModel.load(model_dir, config, str(version))
+                for number in versions:
+                    loaded[str(number)] = await ServedModel.load(model_dir, config, str(number))
             except Exception as err:
                 for model in loaded.values():
                     await model.close()
@@ -158,7 +161,7 @@ class ModelRepository:
                 await model.close()
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
 
-    def get(self, name: str, version: str = "") -> ServedModel:
+    def get(self, name: str, version: str = "") -> Loaded:
         """The ready model version (the latest when ``version`` is empty)."""
         entry = self._entries.get(name)
         if entry is None:
@@ -180,7 +183,7 @@ class ModelRepository:
 
     def index(self) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) for every model on disk or tried."""
-        rows = []
+        rows: list[tuple[str, str, str, str]] = []
         for name in sorted(set(self.available()) | set(self._entries)):
             entry = self._entries.get(name, ModelEntry(name))
             if entry.versions:
@@ -189,7 +192,7 @@ class ModelRepository:
                 rows.append((name, "", entry.state, entry.reason))
         return rows
 
-    def ready_models(self) -> list[ServedModel]:
+    def ready_models(self) -> list[Loaded]:
         return [model for entry in self._entries.values() for model in entry.versions.values()]
 
     async def close(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshserve.protos.mesh import control_pb2 as mesh
@@ -31,7 +32,7 @@ class LiveNode:
 
 
 class Cluster:
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.deployments: dict[str, DeploymentRecord] = {}
         self.replicas: dict[str, ReplicaRecord] = {}

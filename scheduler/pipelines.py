@@ -67,7 +67,7 @@ def place_pipeline(cluster: Cluster, snapshot, leader: ReplicaRecord, spec: dict
         leader.decision += placement.explain_lines(gang_result[0], limit=EXPLAIN_LINES_KEPT)
         cluster.record_event(f"replica/{leader.id}", f"placed co-located on {node}")
         return [leader]
-    if mode == "required":
+    if mode == "required" and gang_result is not None:   # (not None: only colocate none skips the gang)
         reason = f"waiting: colocate is required and {placement.summary(gang_result)}"
         if reason == leader.reason:
             return []
@@ -78,7 +78,7 @@ def place_pipeline(cluster: Cluster, snapshot, leader: ReplicaRecord, spec: dict
         return [leader]
 
     results = placement.place(snapshot, requests)
-    missing = [model for (model, _), result in zip(steps, results) if not isinstance(result, placement.Placement)]
+    missing = [model for (model, _), result in zip(steps, results, strict=True) if not isinstance(result, placement.Placement)]
     if missing:
         reason = f"cannot place step {', '.join(missing)} anywhere: " + "; ".join(
             placement.summary(r) for r in results if not isinstance(r, placement.Placement))
@@ -89,14 +89,16 @@ def place_pipeline(cluster: Cluster, snapshot, leader: ReplicaRecord, spec: dict
         leader.reason = reason
         leader.decision = [reason]
         return [leader]
-    why = "colocate: none" if mode == "none" else f"no single node fits every step ({placement.summary(gang_result)})"
+    why = ("colocate: none" if gang_result is None
+           else f"no single node fits every step ({placement.summary(gang_result)})")
     changed = []
-    (first_model, first_needs), first = steps[0], results[0]
+    placed = [result for result in results if isinstance(result, placement.Placement)]   # all of them (see missing)
+    (first_model, first_needs), first = steps[0], placed[0]
     _place(leader, first.node, list(first.gpu_indices), first_needs.gpu_memory)
     leader.models, leader.group, leader.remote = [ensemble, first_model], leader.id, {}
-    lines = [f"split across {len({r.node for r in results})} node(s) because {why}:",
+    lines = [f"split across {len({r.node for r in placed})} node(s) because {why}:",
              f"  pipeline + step {first_model} on {first.node}"]
-    for (model, needs), result in zip(steps[1:], results[1:]):
+    for (model, needs), result in zip(steps[1:], placed[1:], strict=True):
         step = ReplicaRecord(id=new_id(leader.deployment), deployment=leader.deployment,
                              revision=leader.revision, models=[model], group=leader.id)
         _place(step, result.node, list(result.gpu_indices), needs.gpu_memory)

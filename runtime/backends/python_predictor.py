@@ -39,6 +39,8 @@ def _import_model_module(context: LoadContext):
         raise FileNotFoundError(f"{path} does not exist")
     module_name = f"meshserve_model_{context.config.name}_{context.version}"
     spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} cannot be loaded as a Python module")
     module = importlib.util.module_from_spec(spec)
     folder = str(context.version_dir)
     sys.path.insert(0, folder)  # let model.py import its sibling modules
@@ -128,8 +130,8 @@ class PredictorInstance:
 async def load_instances(context: LoadContext, count: int) -> list[PredictorInstance]:
     loop = asyncio.get_running_loop()
     module = await loop.run_in_executor(context.executor, _import_model_module, context)
-    class_name = context.config.parameters.get(PREDICTOR_CLASS_PARAMETER)
-    class_name = class_name.string_value if class_name else PREDICTOR_CLASS
+    parameter = context.config.parameters.get(PREDICTOR_CLASS_PARAMETER)
+    class_name = parameter.string_value if parameter else PREDICTOR_CLASS
     cls = getattr(module, class_name, None)
     if cls is None or not callable(getattr(cls, "predict", None)):
         raise ImportError(
