@@ -176,17 +176,17 @@ class ReplicaRecord(_Json):
     state: str = PENDING
     reason: str = ""
     node: str = ""
-    gpu_indices: list = field(default_factory=list)
+    gpu_indices: list[int] = field(default_factory=list)
     gpu_memory_bytes: int = 0
     address: str = ""
     pid: int = 0
     restarts: int = 0
-    decision: list = field(default_factory=list)   # explain lines of the last placement decision
+    decision: list[str] = field(default_factory=list)   # explain lines of the last placement decision
     # Pipelines: the models this process serves (empty: the deployment's model), the step models
     # served by other replicas of its group ({model: replica id}), and the group's leader (the
     # replica serving the pipeline's own model); "" for a plain deployment's replica.
-    models: list = field(default_factory=list)
-    remote: dict = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)
+    remote: dict[str, str] = field(default_factory=dict)
     group: str = ""
 
     @property
@@ -206,7 +206,7 @@ class NodeRecord(_Json):
     state: str = NODE_READY
     cordoned: bool = False
     draining: bool = False
-    labels: dict = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
     gpu_source: str = "none"
     last_seen_unix_ms: int = 0
 
