@@ -75,8 +75,10 @@ class RevisionEntry:
             raise SpecError(f"{where}: not a revision entry (revision: N, spec: {{...}})")
         if "spec" in raw:
             return cls(raw["revision"], DeploymentSpec.from_dict(raw["spec"], f"{where}.spec"))
-        [spec] = parse_deployments(str(raw.get("spec_yaml") or ""))
-        return cls(raw["revision"], spec)
+        specs = parse_deployments(str(raw.get("spec_yaml") or ""))
+        if len(specs) != 1:
+            raise SpecError(f"{where}.spec_yaml: holds {len(specs)} deployments, not one")
+        return cls(raw["revision"], specs[0])
 
 
 @dataclass

@@ -84,10 +84,13 @@ def test_history_entries_written_before_they_carried_the_spec_are_read_from_thei
     (lambda raw: raw["history"][0]["spec"].update(replicas=-1), "history[0].spec.replicas"),
     (lambda raw: raw.update(revision=True), "revision: True is not a whole number"),
     (lambda raw: raw.pop("name"), "not a deployment record"),
+    (lambda raw: raw["history"][0].pop("spec"), "history[0].spec_yaml: holds 2 deployments"),
+    (lambda raw: (raw["history"][0].pop("spec"), raw["history"][0].update(spec_yaml="{")), "not valid YAML"),
 ])
 def test_a_mangled_stored_record_is_refused_naming_the_field(mangle, problem):
     [v1] = parse_deployments(V1)
     raw = json.loads(old_json("adder", [(1, v1)], revision=1, replicas=2, stable=1))
+    raw["history"][0]["spec_yaml"] = V1 + "---\n" + V1.replace("adder", "other")   # read only without "spec"
     mangle(raw)
     with pytest.raises(SpecError) as caught:
         DeploymentRecord.from_json(json.dumps(raw).encode())
