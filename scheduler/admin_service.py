@@ -10,9 +10,8 @@ from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .core import SchedulerCore
-from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord
-from .spec import parse_deployments
-from .spec_fields import model_of
+from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord, RevisionEntry
+from .spec import DeploymentSpec, parse_deployments
 
 KINDS = ("nodes", "deployments", "replicas")
 _SINGULAR = {"node": "nodes", "deployment": "deployments", "replica": "replicas"}
@@ -64,12 +63,11 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                 applied.append(f"deployment/{spec.name} {verb} (dry run)")
                 continue
             if record is not None and record.revision_fingerprint == spec.revision_fingerprint():
-                await self._commit(record, replicas=spec.replicas, fingerprint=fingerprint,  # a scale: no new revision
-                                   spec=spec.to_dict(), spec_yaml=spec.to_yaml())
+                await self._commit(record, replicas=spec.replicas, spec=spec)  # a scale: no new revision
                 self.cluster.record_event(f"deployment/{spec.name}", f"configured: {spec.replicas} replica(s)")
                 applied.append(f"deployment/{spec.name} configured")
                 continue
-            new = self._next_record(record, spec, fingerprint)
+            new = self._next_record(record, spec)
             await self.core.writer.put(new)
             self.cluster.deployments[spec.name] = new
             self.cluster.record_event(f"deployment/{spec.name}", f"{verb}: revision {new.revision}, "
@@ -79,22 +77,19 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         return mesh.ApplyResponse(applied=applied)
 
     @staticmethod
-    def _next_record(record: DeploymentRecord | None, spec, fingerprint: str) -> DeploymentRecord:
+    def _next_record(record: DeploymentRecord | None, spec: DeploymentSpec) -> DeploymentRecord:
         """The record after applying a spec that needs a new revision."""
         now = time.time_ns() // 1_000_000
-        spec_dict, spec_yaml = spec.to_dict(), spec.to_yaml()
         revision = record.revision + 1 if record else 1
-        entry = {"revision": revision, "spec": spec_dict, "spec_yaml": spec_yaml}
         keep = max(1, spec.revision_history)
-        history = ((record.history if record else []) + [entry])[-keep:]
+        history = ((record.history if record else ()) + (RevisionEntry(revision, spec),))[-keep:]
         if record is not None and spec.rollout.strategy == "canary":
             # The revision that served before stays stable (through a chain of canaries, the first).
             stable = record.stable_revision if record.canary_active else record.revision
         else:
             stable = revision
         return DeploymentRecord(
-            name=spec.name, spec=spec_dict, spec_yaml=spec_yaml, fingerprint=fingerprint,
-            revision_fingerprint=spec.revision_fingerprint(), revision=revision, replicas=spec.replicas,
+            name=spec.name, spec=spec, revision=revision, replicas=spec.replicas,
             created_unix_ms=record.created_unix_ms if record else now, history=history, stable_revision=stable)
 
     def _deployment_record(self, name: str) -> DeploymentRecord:
@@ -122,18 +117,14 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         if record.canary_active:
             target = record.stable_revision
         else:
-            earlier = [entry["revision"] for entry in record.history if entry["revision"] < record.revision]
+            earlier = [entry.revision for entry in record.history if entry.revision < record.revision]
             if not earlier:
                 raise FailedPrecondition(f"deployment {request.name!r} has no earlier revision in its history "
                                          f"(revision_history keeps {len(record.history)})")
             target = max(earlier)
-        entry = next(e for e in record.history if e["revision"] == target)
-        [spec] = parse_deployments(entry["spec_yaml"])
-        spec = spec.replace(replicas=record.replicas)
+        spec = record.spec_of(target).replace(replicas=record.replicas)
         previous = record.revision
-        await self._commit(record, revision=target, stable_revision=target, spec=spec.to_dict(),
-                           spec_yaml=spec.to_yaml(), fingerprint=spec.fingerprint(),
-                           revision_fingerprint=spec.revision_fingerprint())
+        await self._commit(record, revision=target, stable_revision=target, spec=spec)
         message = f"rolled back from revision {previous} to revision {target}"
         self.cluster.record_event(f"deployment/{request.name}", message)
         self.core.poke()
@@ -190,8 +181,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
             name=name, spec_yaml=record.spec_yaml, replicas=record.replicas,
             ready_replicas=sum(1 for r in replicas if r.state == READY and r.revision == (
                 record.stable_revision if record.canary_active else record.revision)),
-            revision=record.revision, model=model_of(record.spec)[1], created_unix_ms=record.created_unix_ms,
-            revision_history=[entry["revision"] for entry in record.history],
+            revision=record.revision, model=record.spec.model.name, created_unix_ms=record.created_unix_ms,
+            revision_history=[entry.revision for entry in record.history],
             stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight)
 
     async def Describe(self, request, context):

@@ -39,6 +39,7 @@ from .records import (
     PLACED,
     READY,
     STARTING,
+    DeploymentRecord,
     ReplicaRecord,
     new_replica_id,
 )
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 ROLLING_SURGE = 1
 # Which replicas go first when there are too many: those doing nothing useful.
-_REMOVAL_ORDER = {PENDING: 0, FAILED: 1, PLACED: 2, STARTING: 3, DRAINING: 4, READY: 5}
+_REMOVAL_ORDER: dict[str, int] = {PENDING: 0, FAILED: 1, PLACED: 2, STARTING: 3, DRAINING: 4, READY: 5}
 
 
 class Reconciler:
@@ -156,11 +157,10 @@ class Reconciler:
                 changed = True
         return changed
 
-    async def _converge_canary(self, deployment, replicas: list[ReplicaRecord]) -> bool:
+    async def _converge_canary(self, deployment: DeploymentRecord, replicas: list[ReplicaRecord]) -> bool:
         """The stable revision at full strength beside the canary's few replicas; nothing else."""
-        rollout = deployment.spec.get("rollout") or {}
         targets = {deployment.stable_revision: deployment.replicas,
-                   deployment.revision: int(rollout.get("canary_replicas", 1))}
+                   deployment.revision: deployment.spec.rollout.canary_replicas}
         changed = False
         for revision, count in targets.items():
             of_revision = [r for r in replicas if r.revision == revision]
@@ -172,7 +172,7 @@ class Reconciler:
                 changed = True
         return changed
 
-    async def _scale_revision(self, deployment, revision: int, replicas: list[ReplicaRecord], count: int,
+    async def _scale_revision(self, deployment: DeploymentRecord, revision: int, replicas: list[ReplicaRecord], count: int,
                               room: int | None) -> bool:
         """Make ``replicas`` (all of ``revision``) number ``count``: remove the least useful
         surplus, or create up to ``room`` new ones (None: as many as missing)."""
