@@ -117,14 +117,15 @@ def probe(client) -> dict:
                 "y": result.as_numpy("Y").tolist() if i else None}
             done.release()
 
+        parameters = {"color": "red", "n": i, **({"fail": True} if i == 5 else {})}
         client.async_infer("probe", [_input("X", x, "INT32")], callback, outputs=outputs,
-                           request_id=f"probe-{i}", parameters={"color": "red", "n": i},
+                           request_id=f"probe-{i}", parameters=parameters,
                            client_timeout=TIMEOUT_S)
 
-    send(0)  # its execute runs a second; the next four queue meanwhile and form one batch
-    for i in range(1, 5):
+    send(0)  # its execute runs a second; the next five queue meanwhile and form one batch
+    for i in range(1, 6):
         send(i)
-    for _ in range(5):
+    for _ in range(6):
         done.acquire(timeout=2 * TIMEOUT_S)
     return {"results": {str(k): v for k, v in results.items()}}
 

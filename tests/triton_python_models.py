@@ -204,6 +204,10 @@ class TritonPythonModel:
             time.sleep(1.0)  # the first batch runs long, so the requests sent meanwhile queue together
         responses = []
         for request in requests:
+            if json.loads(request.parameters()).get("fail"):  # fails alone; the rest of its batch answers
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("asked to fail", pb_utils.TritonError.INVALID_ARG)))
+                continue
             x = pb_utils.get_input_tensor_by_name(request, "X")
             seen = {
                 "args": self.args,
