@@ -124,7 +124,6 @@ def test_requests_are_batched_and_see_what_triton_gives_them(runtime):
         assert seen["type_number"] == 8 and seen["missing_input"]  # TYPE_INT32; an absent input is None
         if i:
             assert result["y"] == [[10 * i, 10 * (i + 1)]]
-    assert results["0"]["seen"]["request_count"] == 1
     assert max(counts) >= 2, f"the five requests sent during the first execute never shared one: {counts}"
     args = results["0"]["seen"]["args"]
     assert set(args) == {"model_config", "model_instance_kind", "model_instance_name", "model_instance_device_id",
@@ -241,3 +240,86 @@ def test_published_examples_run_unchanged(tmp_path, loop):
         process.stop()
     check_add_sub(report["add_sub"])
     check_repeat(report["repeat"])
+
+
+# -- the decoupled stream's bounds, in process (a real instance on a real executor) -----------------
+
+class _Flood:
+    """A decoupled model whose execute sends ``count`` responses, counting the sends that returned."""
+
+    def __init__(self, count: int):
+        import threading
+
+        self.count = count
+        self.sent = 0
+        self.finished = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def execute(self, requests):
+        import numpy as np
+
+        sender = requests[0].get_response_sender()
+        try:
+            for i in range(self.count):
+                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([i], np.int32))]))
+                self.sent += 1
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except BaseException as err:  # a send after the client left must not raise into the model
+            self.errors.append(err)
+        finally:
+            self.finished.set()
+
+
+def _flood_instance(model, tmp_path):
+    import concurrent.futures
+
+    from meshserve.protos.inference import model_config_pb2 as mc
+    from meshserve.runtime.backends import LoadContext
+
+    config = mc.ModelConfig(name="flood", backend="python")
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    context = LoadContext(config, "1", tmp_path, executor, "cpu")
+    return triton_python.TritonPythonInstance(context, model), executor
+
+
+def _request():
+    import numpy as np
+
+    from meshserve.runtime.request import InferRequest
+
+    return InferRequest(id="f", inputs={"MODE": np.array([1], np.int32)}, batch_size=1,
+                        requested_outputs=None, parameters={})
+
+
+def test_a_slow_reader_holds_the_model_and_a_departed_one_frees_it(tmp_path):
+    import asyncio
+    import time
+
+    model = _Flood(count=10 * triton_python.RESPONSES_AHEAD)
+    instance, executor = _flood_instance(model, tmp_path)
+    released = []
+
+    async def scenario():
+        stream = instance.stream_request(_request(), lambda: released.append(True))
+        first = await anext(stream)
+        assert first["OUT"].tolist() == [0]
+        # The reader stops: the model's sends stop once RESPONSES_AHEAD wait (bounded poll, not a sleep-assert).
+        deadline = time.monotonic() + 20
+        previous = -1
+        while model.sent != previous and time.monotonic() < deadline:
+            previous = model.sent
+            await asyncio.sleep(0.3)
+        assert model.sent <= triton_python.RESPONSES_AHEAD + 1, model.sent
+        assert not model.finished.is_set() and not released
+        await stream.aclose()  # the client went away
+        for _ in range(200):
+            if released:
+                break
+            await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(scenario())
+        assert model.finished.wait(20), "the model stayed blocked in send after the client left"
+        assert released == [True] and not model.errors
+    finally:
+        executor.shutdown(wait=True)

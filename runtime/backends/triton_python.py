@@ -258,6 +258,8 @@ class TritonPythonInstance:
         sent_final = threading.Event()
 
         def deliver(response, final: bool) -> None:  # on the model's threads
+            if ended.is_set():  # the client went away: dropped at once
+                return
             while not slots.acquire(timeout=_SEND_POLL_S):
                 if ended.is_set():
                     return
