@@ -23,8 +23,10 @@ import types
 import pytest
 from conftest import RuntimeProcess
 from test_proxy_helpers import ProxyRig, route
+from test_runtime_helpers import RPC_TIMEOUT_S, open_stub
 from triton_python_models import MODELS, write_repository
 
+from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.runtime.backends import triton_python
 from meshserve.runtime.backends import triton_python_backend_utils as pb_utils
 
@@ -151,6 +153,9 @@ def test_failing_models_answer_the_right_status(runtime):
     assert unary["5"]["error"][0] == "StatusCode.INTERNAL" and "returned NoneType" in unary["5"]["error"][1]
     assert unary["6"] == {"error": ["StatusCode.INTERNAL", "model 'hostile' returned no output 'OUT'"]}
     assert unary["7"] == {"error": ["StatusCode.INTERNAL", "model 'hostile' returned str, not an InferenceResponse"]}
+    assert unary["10"] == {"error": ["StatusCode.INTERNAL", "model 'hostile': get_response_sender() needs "
+                                     "model_transaction_policy { decoupled: true }; without it, return the "
+                                     "responses from execute"]}
     assert unary["8"] == {"out": [16]} and unary["9"] == {"out": [18]}  # and it keeps serving
     stream = report["stream"]  # the requests of one stream run concurrently: any order across them
     dropped = ("INTERNAL: model 'hostile_stream' dropped the response sender of request 'mode-1' without sending "
@@ -170,8 +175,25 @@ def test_failing_models_answer_the_right_status(runtime):
 def test_finalize_runs_when_the_runtime_drains(tmp_path):
     repository = write_repository(tmp_path, {"probe": MODELS["probe"]})
     process = serve(repository)
+    assert not (repository / "probe" / "finalized").exists()
     assert process.stop() == 0
     assert (repository / "probe" / "finalized").read_text() == "probe_0"
+
+
+def test_finalize_runs_when_the_model_is_unloaded(tmp_path):
+    repository = write_repository(tmp_path, {"probe": MODELS["probe"]})
+    process = RuntimeProcess(["--listen", "127.0.0.1:0", "--model-repository", str(repository),
+                              "--model-control", "explicit"])
+    try:
+        assert not (repository / "probe" / "finalized").exists()
+        # meshserve's stub: tritonclient's unload_model always sends unload_dependents, which is refused
+        channel, stub = open_stub(process.address)
+        with channel:
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="probe"), timeout=RPC_TIMEOUT_S)
+            assert not stub.ModelReady(pb.ModelReadyRequest(name="probe"), timeout=RPC_TIMEOUT_S).ready
+        assert (repository / "probe" / "finalized").read_text() == "probe_0"
+    finally:
+        process.stop()
 
 
 def test_a_model_refusing_to_initialize_is_not_served(tmp_path):

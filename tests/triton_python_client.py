@@ -132,7 +132,7 @@ def probe(client) -> dict:
 
 def hostile(client) -> dict:
     report = {}
-    for mode in range(1, 10):
+    for mode in range(1, 11):
         try:
             result = client.infer("hostile", [_input("MODE", np.array([mode], np.int32), "INT32")],
                                   client_timeout=TIMEOUT_S)

@@ -265,6 +265,8 @@ class TritonPythonModel:
             return [pb_utils.InferenceResponse([])]  # no OUT
         if mode == 7:
             return ["not a response"]
+        if mode == 10:  # not decoupled: Triton refuses the sender too
+            requests[0].get_response_sender()
         return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([mode * 2], np.int32))])]
 '''
 

@@ -242,7 +242,8 @@ class InferenceRequest:
     def get_response_sender(self) -> InferenceResponseSender:
         if self._response_sender is None:
             raise TritonModelException(
-                f"model '{self._model_name}' is not decoupled; return its responses from execute"
+                "get_response_sender() needs model_transaction_policy { decoupled: true }; "
+                "without it, return the responses from execute"
             )
         return self._response_sender
 
