@@ -170,11 +170,12 @@ class RuntimeServer:
 async def run(options: ServerOptions) -> None:
     server = RuntimeServer(options)
     await server.start()
-    print_ready_line("runtime", server.address, metrics_detail(server.metrics_address))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # Only now: a supervisor may send SIGTERM the moment it reads this line, and it must drain.
+    print_ready_line("runtime", server.address, metrics_detail(server.metrics_address))
     await stop.wait()
     await server.drain()
     log.info("stopped")
