@@ -39,6 +39,7 @@ from .membership import MembershipUnreadable
 from .policy import HostPolicy, PolicyError
 from .process import SubprocessLauncher
 from .replica import ReplicaOptions
+from .replica_logs import ReplicaLogs
 from .supervisor import Supervisor
 
 log = logging.getLogger("node_agent")
@@ -100,7 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=_positive, default=ReplicaOptions.startup_timeout_s,
                         help="seconds a replica gets to become SERVING before it is killed and restarted")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
-                        help="where the agent remembers the cluster it joined (default: %(default)s)")
+                        help="where the agent remembers the cluster it joined and keeps each replica's output "
+                             "(replicas/REPLICA.log, rotated) (default: %(default)s)")
     parser.add_argument("--policy", metavar="FILE",
                         help="this host's execution policy (YAML): repository roots, allowed env and runtime "
                              "flags, run_as user, caps; default: nothing is allowed to run")
@@ -144,7 +146,7 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
     options = ReplicaOptions(listen_host=args.bind_host or args.host,
                              advertise_host=args.host if args.bind_host else None,
                              stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, policy=policy,
-                             tls=args.tls)
+                             tls=args.tls, logs=ReplicaLogs(os.path.join(args.state_dir, "replicas")))
     supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=policy.run_as))
     agent = Agent(AgentConfig(node_name=args.name, schedulers=args.scheduler, host=args.host,
                               labels=args.labels, report_interval_s=args.report_interval, tls=args.tls, token=args.token,
