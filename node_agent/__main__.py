@@ -29,6 +29,8 @@ import signal
 import socket
 import sys
 
+from meshserve.common.daemon_logging import add_logging_arguments, configure_from_args
+from meshserve.common.env_flags import parse_with_environment
 from meshserve.common.sd_notify import Notifier, announce
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token
@@ -106,12 +108,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--policy", metavar="FILE",
                         help="this host's execution policy (YAML): repository roots, allowed env and runtime "
                              "flags, run_as user, caps; default: nothing is allowed to run")
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)
     add_tls_arguments(parser)
     parser.add_argument("--token-file", metavar="FILE",
                         help=f"a file holding this node's bearer token for the scheduler (role agent, NAME the "
                              f"node name; default ${ENV_TOKEN}); with mutual TLS its certificate is enough")
-    args = parser.parse_args(argv)
+    args = parse_with_environment(parser, "node-agent", argv)   # MESHSERVE_NODE_AGENT_<FLAG>, then argv
     try:
         args.token = client_token(args.token_file)
     except TokenError as err:
@@ -178,7 +180,7 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_from_args(args)
     try:
         asyncio.run(run(args, load_policy(args.policy)))
     except MembershipUnreadable as err:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 
 from google.protobuf import text_format
 
+from meshserve.common.daemon_logging import add_logging_arguments, configure_from_args
+from meshserve.common.env_flags import parse_with_environment
 from meshserve.common.listen import ListenError, exit_on_listen_error
 from meshserve.common.ready_line import print_ready_line
 from meshserve.common.sd_notify import Notifier, announce
@@ -45,20 +46,20 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
     parser.add_argument("--grace-period", type=float, default=5.0,
                         help="seconds calls in flight get to finish on SIGTERM")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)
     add_tls_arguments(parser)
     add_auth_arguments(parser, data_plane=True)
     parser.add_argument("--client-token-file", metavar="FILE",
                         help=f"a file holding the bearer token this proxy presents to the schedulers "
                              f"(default ${ENV_TOKEN}); with mutual TLS its certificate is enough")
-    args = parser.parse_args(argv)
+    args = parse_with_environment(parser, "proxy", argv)   # MESHSERVE_PROXY_<FLAG>, then argv
     tls = tls_from_args(parser, args, args.listen)
     auth, roles = authenticator_from_args(parser, args, tls), data_plane_table_from_args(parser, args)
     try:
         token = client_token(args.client_token_file)
     except TokenError as err:
         parser.error(str(err))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_from_args(args)
     routes = None
     if args.routes_file:
         with open(args.routes_file, encoding="utf-8") as f:
