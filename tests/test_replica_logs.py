@@ -212,7 +212,7 @@ def test_ctl_logs_shows_what_a_replica_printed_and_its_traceback_through_the_sch
 
         # Follow, soon after the first crash (the next restart is at most a few seconds away): the last
         # line of the tail, then what the restarted process prints, until --follow-for ends it.
-        followed = ctl(scheduler.address, "logs", replica.id, "--tail", "1", "--follow", "--follow-for", "20",
+        followed = ctl(scheduler.address, "logs", replica.id, "--tail", "1", "--follow", "--follow-for", "12",
                        timeout=START_TIMEOUT_S)
         assert followed.returncode == 0, followed.stderr
         assert "print_then_raise: loading weights from /nowhere/model.bin" in followed.stdout, followed.stdout
