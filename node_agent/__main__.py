@@ -31,7 +31,7 @@ import sys
 
 from meshserve.common.daemon_logging import add_logging_arguments, configure_from_args
 from meshserve.common.env_flags import parse_with_environment
-from meshserve.common.sd_notify import Notifier, announce
+from meshserve.common.sd_notify import Notifier, announce, draining
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token
 
@@ -42,6 +42,7 @@ from .policy import HostPolicy, PolicyError
 from .process import SubprocessLauncher
 from .replica import ReplicaOptions
 from .replica_logs import ReplicaLogs
+from .status_line import agent_status, draining_status
 from .supervisor import Supervisor
 
 log = logging.getLogger("node_agent")
@@ -157,14 +158,19 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
     loop = asyncio.get_running_loop()
     shutdown: list[asyncio.Task] = []
     notifier = Notifier()
-    systemd = asyncio.create_task(announce(notifier, _registered(agent)), name="systemd")
+    systemd = asyncio.create_task(announce(notifier, _registered(agent), lambda: agent_status(agent)),
+                                  name="systemd")
+
+    async def drain() -> None:
+        # STOPPING, then STATUS and EXTEND_TIMEOUT_USEC while replicas drain (each within --stop-grace).
+        async with draining(notifier, lambda: draining_status(agent)):
+            await agent.shutdown()
 
     def on_signal(signum: int) -> None:
         if not shutdown:
             log.info("%s: draining replicas, then exiting", signal.Signals(signum).name)
-            notifier.stopping(extend_timeout_s=args.stop_grace + 5)   # the replicas drain first
             systemd.cancel()
-            shutdown.append(asyncio.ensure_future(agent.shutdown()))
+            shutdown.append(asyncio.ensure_future(drain()))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

@@ -19,7 +19,7 @@ from meshserve.common.daemon_logging import add_logging_arguments, configure_fro
 from meshserve.common.env_flags import parse_with_environment
 from meshserve.common.listen import ListenError, exit_on_listen_error
 from meshserve.common.ready_line import print_ready_line
-from meshserve.common.sd_notify import Notifier, announce
+from meshserve.common.sd_notify import Notifier, announce, draining
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token
@@ -79,21 +79,33 @@ async def run(options: ProxyOptions, grace_period_s: float) -> None:
     metrics = f" (metrics on http://{server.metrics_address}/metrics)" if server.metrics_address else ""
     print_ready_line("proxy", server.address, metrics)
     notifier = Notifier()
-    systemd = asyncio.create_task(announce(notifier, _routes_received(server)), name="systemd")
+    systemd = asyncio.create_task(announce(notifier, _routes_received(server), lambda: _status(server)),
+                                  name="systemd")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    notifier.stopping(extend_timeout_s=grace_period_s + 5)   # calls in flight get their grace
     systemd.cancel()
-    await server.stop(grace_period_s)
+    # STOPPING, then STATUS and EXTEND_TIMEOUT_USEC while calls in flight finish (within --grace-period).
+    async with draining(notifier, lambda: f"draining: calls in flight get up to {grace_period_s:g}s"):
+        await server.stop(grace_period_s)
 
 
 async def _routes_received(server: ProxyServer) -> str:
     """Ready to serve: a route table is in force (systemd's READY)."""
     await server.wait_for_routes()
     return f"serving on {server.address}; route table version {server.routes.version}"
+
+
+def _status(server: ProxyServer) -> str:
+    """systemd's STATUS while serving: the address and the route table in force."""
+    table = server.routes
+    if table is None:
+        return f"serving on {server.address}; no route table yet"
+    endpoints = len({endpoint.address for route in table.routes for endpoint in route.endpoints})
+    return (f"serving on {server.address}; route table version {table.version}: {len(table.routes)} route(s), "
+            f"{endpoints} endpoint(s)")
 
 
 def main(argv=None) -> None:

@@ -448,6 +448,11 @@ class SchedulerCore:
         for queue in self._route_watchers:
             queue.put_nowait(table)
 
+    @property
+    def published_routes(self) -> mesh.RouteTable:
+        """The route table last sent to the proxies (do not modify it)."""
+        return self._route_table
+
     def watch_routes(self) -> asyncio.Queue:
         """A queue of complete tables, the current one first; None when this scheduler stops leading."""
         self.require_leader()

@@ -22,10 +22,14 @@ DAEMONS = {"scheduler": ["-m", "meshserve.scheduler", "serve"], "node-agent": ["
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    """This checkout as a wheel, built offline with the test environment's setuptools."""
+    """This checkout as a wheel, built offline with the test environment's setuptools, from a copy (a build
+    leaves build/ and *.egg-info behind in its source)."""
+    source = tmp_path_factory.mktemp("source") / "meshserve"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".meshserve-dev"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "-w", str(out), str(REPO_ROOT)], check=True, timeout=SCRIPT_TIMEOUT_S)
+                    "--no-index", "-w", str(out), str(source)], check=True, timeout=SCRIPT_TIMEOUT_S)
     [built] = out.glob("meshserve-*.whl")
     return built
 
