@@ -16,8 +16,9 @@ Guarantees:
   microseconds, so they run on the event loop (as the agent's own logging
   does); reads for ``tail`` and ``follow`` run in a thread.
 - ``tail`` returns at most ``lines`` lines and ``max_bytes`` bytes (the
-  newest ones); ``follow`` yields new lines until its deadline, a stop, or
-  forever, re-opening the file when it rotates.
+  newest ones); ``follow`` yields new lines until ``done()``, in order,
+  across a rotation (the rest of the old file first), as long as the file
+  does not rotate twice between two looks (``FOLLOW_POLL_S`` apart).
 """
 
 from __future__ import annotations
@@ -111,8 +112,6 @@ class ReplicaLogs:
         partial = b""
         while not done():
             data, inode, position, rotated = await asyncio.to_thread(self._read_new, path, inode, position)
-            if rotated:
-                partial = b""
             if data:
                 data = partial + data
                 *complete, partial = data.split(b"\n")
@@ -122,19 +121,29 @@ class ReplicaLogs:
                 if complete:
                     yield [line.decode("utf-8", "replace") for line in complete]
                 continue
-            await asyncio.sleep(FOLLOW_POLL_S)
+            if not rotated:
+                await asyncio.sleep(FOLLOW_POLL_S)
 
     @staticmethod
     def _read_new(path: Path, inode: int | None, position: int) -> tuple[bytes, int | None, int, bool]:
-        """Up to 64 KiB after ``position``; from the start when the file was rotated (another inode, or shorter)."""
+        """Up to 64 KiB after ``position``. After a rotation (the file has another inode, or is shorter) the
+        rest of the old file (now ``.1``, the same inode) comes first, then the new file from its start."""
         try:
             with open(path, "rb") as handle:
                 stat = os.fstat(handle.fileno())
                 rotated = (inode is not None and stat.st_ino != inode) or stat.st_size < position
-                if rotated:
-                    position = 0
-                handle.seek(position)
-                data = handle.read(64 * 1024)
-                return data, stat.st_ino, position + len(data), rotated
+                if not rotated:
+                    handle.seek(position)
+                    data = handle.read(64 * 1024)
+                    return data, stat.st_ino, position + len(data), False
         except FileNotFoundError:
             return b"", inode, position, False
+        rest = b""
+        try:
+            with open(f"{path}.1", "rb") as old:
+                if os.fstat(old.fileno()).st_ino == inode:
+                    old.seek(position)
+                    rest = old.read()
+        except FileNotFoundError:
+            pass
+        return rest, None, 0, True

@@ -128,13 +128,20 @@ class AdminService(mesh_grpc.AdminServiceServicer):
             tail_lines=min(request.tail_lines or LOGS_TAIL_LINES, LOGS_MAX_TAIL_LINES),
             max_bytes=min(request.max_bytes or LOGS_MAX_BYTES, LOGS_MAX_MAX_BYTES),
             follow_seconds=min(request.follow_seconds or LOGS_FOLLOW_S, LOGS_MAX_FOLLOW_S))
+        loop = asyncio.get_running_loop()
+        # Following ends on the agent's side; a silent agent is not waited for past that end.
+        follow_until = loop.time() + ask.follow_seconds + LOGS_FIRST_CHUNK_TIMEOUT_S
         with self.core.log_relay.request(replica.node, channel, ask) as chunks:
             first = True
             while True:
+                following = ask.follow and not first
+                wait_s = max(0.0, follow_until - loop.time()) if following else LOGS_FIRST_CHUNK_TIMEOUT_S
                 try:
-                    async with asyncio.timeout(LOGS_FIRST_CHUNK_TIMEOUT_S if first else None):
+                    async with asyncio.timeout(wait_s):
                         chunk = await chunks.get()
                 except TimeoutError:
+                    if following:
+                        return
                     raise Unavailable(f"the agent of node {replica.node} did not answer within "
                                       f"{LOGS_FIRST_CHUNK_TIMEOUT_S:g}s (an agent older than ReplicaLogs?)") from None
                 first = False

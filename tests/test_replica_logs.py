@@ -23,6 +23,7 @@ from meshserve.node_agent.replica import ReplicaOptions, ReplicaSpec
 from meshserve.node_agent.replica_logs import ReplicaLogs
 from meshserve.node_agent.supervisor import Supervisor
 from meshserve.protos.mesh import control_pb2 as pb
+from meshserve.scheduler.log_relay import QUEUE_CHUNKS, LogRelay
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 AGENT_MODELS = str(REPO_ROOT / "tests" / "models" / "agent")
@@ -111,22 +112,24 @@ def test_follow_yields_new_lines_across_a_rotation_and_ends_when_done(tmp_path):
         _, offset = await logs.tail("r-1", 10, 1 << 20)
         seen: list[str] = []
         finished = asyncio.Event()
+        last_seen = asyncio.Event()
 
         async def read():
             async for lines in logs.follow("r-1", offset, finished.is_set):
                 seen.extend(lines)
+                if "new 39" in lines:
+                    last_seen.set()
 
         reader = asyncio.create_task(read())
         async with asyncio.timeout(WAIT_S):
             for index in range(40):                  # ~400 bytes: the file rotates at least once
                 writer.write(f"new {index:02d}")
                 await asyncio.sleep(0.02)
-            while not seen or seen[-1] != "new 39":
-                await asyncio.sleep(0.05)
+            await last_seen.wait()
             finished.set()
             await reader
-        assert "before" not in seen and seen[-1] == "new 39"
-        assert seen == sorted(seen)                  # in order, nothing repeated
+        assert (tmp_path / "r-1.log.1").exists()
+        assert seen == [f"new {index:02d}" for index in range(40)]   # in order, none lost or repeated
 
     asyncio.run(main())
     writer.close()
@@ -135,16 +138,18 @@ def test_follow_yields_new_lines_across_a_rotation_and_ends_when_done(tmp_path):
 def test_log_requests_answer_an_unknown_replica_and_a_hostile_id_with_an_error(tmp_path):
     async def main():
         sent: list[pb.AgentMessage] = []
+        both = asyncio.Event()
 
         async def send(message):
             sent.append(message)
+            if len(sent) == 2:
+                both.set()
 
         requests = LogRequests(ReplicaLogs(tmp_path), Supervisor(ReplicaOptions()))
         requests.handle(pb.LogsRequest(request_id=1, replica_id="nobody", tail_lines=10), send)
         requests.handle(pb.LogsRequest(request_id=2, replica_id="../../etc/passwd", tail_lines=10), send)
         async with asyncio.timeout(WAIT_S):
-            while len(sent) < 2:
-                await asyncio.sleep(0.01)
+            await both.wait()
         errors = {m.logs.request_id: m.logs for m in sent}
         assert errors[1].end and "no output kept for replica 'nobody'" in errors[1].error
         assert errors[2].end and "cannot name a log file" in errors[2].error
@@ -233,3 +238,32 @@ def test_ctl_logs_shows_what_a_replica_printed_and_its_traceback_through_the_sch
         if admin is not None:
             admin.close()
         mesh_.close()
+
+
+# ---------------------------------------------------------------- the scheduler's relay
+
+
+def test_the_relay_takes_chunks_only_from_the_stream_asked_and_bounds_what_waits():
+    async def main():
+        relay = LogRelay()
+        channel, other = asyncio.Queue(), asyncio.Queue()
+        with relay.request("node-a", channel, pb.LogsRequest(replica_id="r-1")) as chunks:
+            sent = channel.get_nowait().logs
+            assert sent.replica_id == "r-1" and sent.request_id > 0
+            relay.deliver("node-b", channel, pb.LogsChunk(request_id=sent.request_id, lines=["forged"]))
+            relay.deliver("node-a", other, pb.LogsChunk(request_id=sent.request_id, lines=["old stream"]))
+            relay.deliver("node-a", channel, pb.LogsChunk(request_id=sent.request_id + 1, lines=["unknown id"]))
+            assert chunks.empty()
+            for index in range(QUEUE_CHUNKS + 10):     # a reader that does not read
+                relay.deliver("node-a", channel, pb.LogsChunk(request_id=sent.request_id, lines=[str(index)]))
+            assert chunks.qsize() == QUEUE_CHUNKS + 1
+            assert [chunks.get_nowait() for _ in range(QUEUE_CHUNKS + 1)][-1].error.startswith("the reader fell")
+            assert channel.get_nowait().logs == pb.LogsRequest(request_id=sent.request_id, cancel=True)
+        assert channel.empty()                          # closed once only
+
+        with relay.request("node-a", channel, pb.LogsRequest(replica_id="r-2")) as chunks:
+            channel.get_nowait()
+            relay.stream_ended(channel)
+            assert chunks.get_nowait() is None
+
+    asyncio.run(main())
