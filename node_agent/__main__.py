@@ -174,14 +174,31 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    pruner = asyncio.create_task(_prune_replica_logs(options.logs, supervisor), name="replica log retention")
     try:
         await agent.run()
         if shutdown:
             await shutdown[0]
     finally:
+        pruner.cancel()
         await supervisor.drain_all()  # a no-op after shutdown(); otherwise never leave replicas behind
         probe.close()
     log.info("stopped")
+
+
+# How often old replicas' log files are looked for (replica_logs.py: kept 7 days after their last line).
+PRUNE_INTERVAL_S = 3600.0
+
+
+async def _prune_replica_logs(logs: ReplicaLogs | None, supervisor: Supervisor) -> None:
+    while logs is not None:
+        try:
+            removed = await logs.prune({status.replica_id for status in supervisor.statuses()})
+            if removed:
+                log.info("removed the log files of %d replica(s) gone for a week", len(removed))
+        except OSError as err:
+            log.warning("replica log retention: %s", err)
+        await asyncio.sleep(PRUNE_INTERVAL_S)
 
 
 def main(argv=None) -> None:

@@ -12,6 +12,9 @@ Guarantees:
   refused with ``ValueError``: no path escapes the directory.
 - A file never grows past ``max_bytes`` plus one line; at most ``backups``
   older files are kept (the standard library's ``RotatingFileHandler``).
+- ``prune`` removes the files of replicas not running here once untouched
+  for ``retention_s`` (7 days): ids change with every rollout, and the
+  directory must not grow without bound.
 - Writes are ordinary buffered appends to the page cache, flushed per line:
   microseconds, so they run on the event loop (as the agent's own logging
   does); reads for ``tail`` and ``follow`` run in a thread.
@@ -28,15 +31,19 @@ import logging
 import logging.handlers
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 3
+# The files of a replica this agent no longer runs are removed once untouched this long.
+DEFAULT_RETENTION_S = 7 * 24 * 3600
 # How often ``follow`` looks for new output: a file has no readiness to wait on (inotify is Linux-only).
 FOLLOW_POLL_S = 0.2
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
+_LOG_FILE = re.compile(r"^(.+)\.log(\.\d+)?$")     # REPLICA.log, REPLICA.log.1, ...
 
 
 class ReplicaLogWriter:
@@ -71,6 +78,29 @@ class ReplicaLogs:
         path = self.path(replica_id)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
         return ReplicaLogWriter(path, self.max_bytes, self.backups)
+
+    async def prune(self, running: set[str], retention_s: float = DEFAULT_RETENTION_S) -> list[str]:
+        """Remove the files of replicas not in ``running`` untouched for ``retention_s``; the names removed."""
+        return await asyncio.to_thread(self._prune, running, retention_s)
+
+    def _prune(self, running: set[str], retention_s: float) -> list[str]:
+        removed = []
+        cutoff = time.time() - retention_s
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            match = _LOG_FILE.match(entry.name)
+            if match is None or match.group(1) in running or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+            except FileNotFoundError:
+                pass
+        return removed
 
     def exists(self, replica_id: str) -> bool:
         return self.path(replica_id).exists()

@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 from mesh_harness import CONVERGE_TIMEOUT_S, START_TIMEOUT_S, Admin, Mesh
@@ -267,3 +268,22 @@ def test_the_relay_takes_chunks_only_from_the_stream_asked_and_bounds_what_waits
             assert chunks.get_nowait() is None
 
     asyncio.run(main())
+
+
+def test_prune_removes_only_old_files_of_replicas_not_running(tmp_path):
+    logs = ReplicaLogs(tmp_path, max_bytes=100, backups=1)
+    for replica_id in ("gone.logger-1", "running-1", "recent-1"):
+        writer = logs.writer(replica_id)
+        for index in range(30):
+            writer.write(f"{replica_id} line {index}")     # rotates: REPLICA.log and REPLICA.log.1
+        writer.close()
+    (tmp_path / "notes.txt").write_text("not ours")
+    week_ago = time.time() - 8 * 24 * 3600
+    for path in tmp_path.iterdir():
+        if not path.name.startswith("recent-1"):
+            os.utime(path, (week_ago, week_ago))
+
+    removed = asyncio.run(logs.prune({"running-1"}))
+    assert sorted(removed) == ["gone.logger-1.log", "gone.logger-1.log.1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "notes.txt", "recent-1.log", "recent-1.log.1", "running-1.log", "running-1.log.1"]
