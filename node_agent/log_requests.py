@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from meshserve.protos.mesh import control_pb2 as pb
 
@@ -33,7 +34,7 @@ MAX_FOLLOW_S = 24 * 3600
 MAX_REQUESTS = 16
 CHUNK_BYTES = 256 * 1024
 
-Send = Callable[[pb.AgentMessage], Awaitable[None]]
+Send = Callable[[pb.AgentMessage], Coroutine[Any, Any, None]]
 
 
 def _chunks(lines: list[str]) -> list[list[str]]:
