@@ -15,10 +15,13 @@ Guarantees:
   grpc.health.v1 said SERVING; a process that does neither within the
   startup timeout is killed and counts as a failure.
 - Every exit that was not asked for is a failure: the status keeps its exit
-  code and a message until the next exit: its first line names the exit and
-  the last meaningful error line of the output (crash_reason.py: the
-  exception, not a traceback's first line), then the last lines of output; and the process is started again after ``Backoff.delay``
-  (consecutive failures; the count resets after ``backoff_reset_s`` of ready).
+  code and a message until the next exit (its first line names the exit and
+  the last meaningful error line of the output, crash_reason.py: the
+  exception, not a traceback's first line; then the last lines of output),
+  and the process is started again after ``Backoff.delay`` (consecutive
+  failures; the count resets after ``backoff_reset_s`` of ready).
+- With ``ReplicaOptions.logs`` every output line is also appended to the
+  replica's rotated file (replica_logs.py), across restarts.
 - A spec the host policy refuses (``ReplicaOptions.policy``) starts no
   process: it stays ``failed`` with "refused by host policy: ..." until it
   is stopped or replaced by a changed spec.
@@ -382,8 +385,8 @@ class Replica:
                     break
             code = exited.result()
             await asyncio.wait({reader}, timeout=OUTPUT_DRAIN_S)
-            raise _Crash(code, f"exited with code {code}{signal_name(code)}{self._reason(tail)}{self._tail_text(tail)}",
-                         ready_at)
+            reason = f"exited with code {code}{signal_name(code)}{self._reason(tail)}"
+            raise _Crash(code, reason + self._tail_text(tail), ready_at)
         finally:
             for task in (reader, stop, ready):
                 task.cancel()

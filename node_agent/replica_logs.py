@@ -31,6 +31,7 @@ import logging
 import logging.handlers
 import os
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -42,16 +43,30 @@ DEFAULT_RETENTION_S = 7 * 24 * 3600
 # How often ``follow`` looks for new output: a file has no readiness to wait on (inotify is Linux-only).
 FOLLOW_POLL_S = 0.2
 
+log = logging.getLogger(__name__)
+
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 _LOG_FILE = re.compile(r"^(.+)\.log(\.\d+)?$")     # REPLICA.log, REPLICA.log.1, ...
+
+
+class _QuietRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A failed write (a full disk) is logged once as a warning, not a traceback per line on stderr."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            log.warning("cannot write %s: %r; lines of this replica that cannot be written are lost (said once)", self.baseFilename,
+                        sys.exc_info()[1])
 
 
 class ReplicaLogWriter:
     """Appends one replica's output lines to its rotated file; ``close()`` when the replica is gone."""
 
     def __init__(self, path: Path, max_bytes: int, backups: int):
-        self._handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
-                                                             encoding="utf-8", delay=True)
+        self._handler = _QuietRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
+                                                  encoding="utf-8", delay=True)
         self._handler.setFormatter(logging.Formatter("%(message)s"))
 
     def write(self, line: str) -> None:
