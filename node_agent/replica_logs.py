@@ -57,8 +57,8 @@ class _QuietRotatingFileHandler(logging.handlers.RotatingFileHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         if not self.failed:
             self.failed = True
-            log.warning("cannot write %s: %r; lines of this replica that cannot be written are lost (said once)", self.baseFilename,
-                        sys.exc_info()[1])
+            log.warning("cannot write %s: %r; lines that cannot be written are lost (said once)",
+                        self.baseFilename, sys.exc_info()[1])
 
 
 class ReplicaLogWriter:
