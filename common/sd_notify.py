@@ -13,6 +13,12 @@ Guarantees:
   cannot inject another assignment.
 - Sending never blocks the event loop and never raises: a missing or full
   socket is logged once and reported as False.
+- ``announce`` pings the watchdog from the event loop itself (a task that
+  sleeps between pings), never from a thread: a blocked loop stops the
+  pings. Its STATUS line is sent again only when it changes.
+- ``draining`` sends STOPPING=1 and then, until the drain ends, STATUS and
+  EXTEND_TIMEOUT_USEC again every third of a window from the event loop: a
+  drain that makes progress is given time, one whose loop is stuck is not.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,10 @@ ENV_WATCHDOG_USEC = "WATCHDOG_USEC"
 ENV_WATCHDOG_PID = "WATCHDOG_PID"
 # systemd reads at most this much of a STATUS; longer texts are cut, not refused.
 MAX_STATUS_CHARS = 1024
+# How often a changed STATUS line is sent (an operator reads it in `systemctl status`).
+STATUS_INTERVAL_S = 2.0
+# During a drain, each EXTEND_TIMEOUT_USEC gives this long until the next one (sent every third of it).
+DRAIN_WINDOW_S = 15.0
 
 
 def _address(path: str) -> str | bytes:
@@ -106,14 +117,69 @@ class Notifier:
             self._socket = None
 
 
-async def announce(notifier: Notifier, readiness: Awaitable[str]) -> None:
-    """READY=1 with ``readiness``'s result as STATUS once it completes, then WATCHDOG=1 from the event loop
-    every ``watchdog_interval_s`` (a blocked loop stops the pings, and systemd restarts the unit) until
-    cancelled. Run it as a task beside the daemon; does nothing but await ``readiness`` without systemd."""
-    status = await readiness
-    notifier.ready(status)
-    if notifier.watchdog_interval_s is None:
+async def announce(notifier: Notifier, readiness: Awaitable[str], status: Callable[[], str] | None = None) -> None:
+    """READY=1 with ``readiness``'s result as STATUS once it completes; then, until cancelled, WATCHDOG=1 from
+    the event loop every ``watchdog_interval_s`` (a blocked loop stops the pings, and systemd restarts the unit)
+    and ``status()`` as STATUS whenever it changes (looked at every ``STATUS_INTERVAL_S``). Run it as a task
+    beside the daemon; without systemd it only awaits ``readiness``."""
+    last = await readiness
+    notifier.ready(last)
+    watchdog = notifier.watchdog_interval_s
+    if not notifier.enabled or (watchdog is None and status is None):
         return
+    loop = asyncio.get_running_loop()
+    tick = min(watchdog or STATUS_INTERVAL_S, STATUS_INTERVAL_S)
+    next_ping = loop.time() + (watchdog or 0.0)
     while True:
-        await asyncio.sleep(notifier.watchdog_interval_s)
-        notifier.watchdog()
+        await asyncio.sleep(tick)
+        if watchdog is not None and loop.time() >= next_ping - tick / 2:
+            notifier.watchdog()
+            next_ping = loop.time() + watchdog
+        if status is not None:
+            last = _send_if_changed(notifier, status, last)
+
+
+def _send_if_changed(notifier: Notifier, status: Callable[[], str], last: str) -> str:
+    try:
+        text = status()
+    except Exception:   # a status line must never take the watchdog down with it
+        log.exception("the systemd STATUS line could not be made")
+        return last
+    if text != last:
+        notifier.status(text)
+    return text
+
+
+@asynccontextmanager
+async def draining(notifier: Notifier, status: Callable[[], str],
+                   window_s: float = DRAIN_WINDOW_S) -> AsyncIterator[None]:
+    """Around a daemon's drain: STOPPING=1 with ``status()`` and EXTEND_TIMEOUT_USEC=``window_s`` at once, then
+    both again every ``window_s / 3`` until the block ends (see the module's guarantees)."""
+    if not notifier.enabled:
+        yield
+        return
+
+    def extend() -> None:
+        notifier.notify(STATUS=_safe(status), EXTEND_TIMEOUT_USEC=int(window_s * 1e6))
+
+    notifier.notify(STOPPING=1, STATUS=_safe(status), EXTEND_TIMEOUT_USEC=int(window_s * 1e6))
+
+    async def keep_extending() -> None:
+        while True:
+            await asyncio.sleep(window_s / 3)
+            extend()
+
+    task = asyncio.create_task(keep_extending(), name="systemd drain")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _safe(status: Callable[[], str]) -> str:
+    try:
+        return status()
+    except Exception:
+        log.exception("the systemd STATUS line could not be made")
+        return "stopping"

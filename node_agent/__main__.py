@@ -29,11 +29,13 @@ import signal
 import socket
 import sys
 
+from meshserve.common.daemon_logging import add_logging_arguments, configure_from_args
+from meshserve.common.env_flags import parse_with_environment
 from meshserve.common.listen import ListenError, exit_on_listen_error
 from meshserve.common.metrics import add_metrics_arguments, metrics_listen_from_args
 from meshserve.common.metrics_http import MetricsHttpServer
 from meshserve.common.ready_line import metrics_detail
-from meshserve.common.sd_notify import Notifier, announce
+from meshserve.common.sd_notify import Notifier, announce, draining
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token
 
@@ -44,6 +46,8 @@ from .metrics import AgentMetrics
 from .policy import HostPolicy, PolicyError
 from .process import SubprocessLauncher
 from .replica import ReplicaOptions
+from .replica_logs import ReplicaLogs
+from .status_line import agent_status, draining_status
 from .supervisor import Supervisor
 
 log = logging.getLogger("node_agent")
@@ -105,17 +109,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=_positive, default=ReplicaOptions.startup_timeout_s,
                         help="seconds a replica gets to become SERVING before it is killed and restarted")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
-                        help="where the agent remembers the cluster it joined (default: %(default)s)")
+                        help="where the agent remembers the cluster it joined and keeps each replica's output "
+                             "(replicas/REPLICA.log, rotated) (default: %(default)s)")
     parser.add_argument("--policy", metavar="FILE",
                         help="this host's execution policy (YAML): repository roots, allowed env and runtime "
                              "flags, run_as user, caps; default: nothing is allowed to run")
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)
     add_tls_arguments(parser)
     add_metrics_arguments(parser)
     parser.add_argument("--token-file", metavar="FILE",
                         help=f"a file holding this node's bearer token for the scheduler (role agent, NAME the "
                              f"node name; default ${ENV_TOKEN}); with mutual TLS its certificate is enough")
-    args = parser.parse_args(argv)
+    args = parse_with_environment(parser, "node-agent", argv)   # MESHSERVE_NODE_AGENT_<FLAG>, then argv
     args.metrics_listen = metrics_listen_from_args(parser, args)
     try:
         args.token = client_token(args.token_file)
@@ -151,7 +156,8 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
     options = ReplicaOptions(listen_host=args.bind_host or args.host,
                              advertise_host=args.host if args.bind_host else None,
                              stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, policy=policy,
-                             tls=args.tls, metrics=args.metrics_listen is not None)
+                             tls=args.tls, metrics=args.metrics_listen is not None,
+                             logs=ReplicaLogs(os.path.join(args.state_dir, "replicas")))
     supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=policy.run_as))
     metrics_server = None
     if args.metrics_listen:   # replicas then serve metrics on loopback, re-exported here (node_agent/metrics.py)
@@ -165,22 +171,29 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
     loop = asyncio.get_running_loop()
     shutdown: list[asyncio.Task] = []
     notifier = Notifier()
-    systemd = asyncio.create_task(announce(notifier, _registered(agent)), name="systemd")
+    systemd = asyncio.create_task(announce(notifier, _registered(agent), lambda: agent_status(agent)),
+                                  name="systemd")
+
+    async def drain() -> None:
+        # STOPPING, then STATUS and EXTEND_TIMEOUT_USEC while replicas drain (each within --stop-grace).
+        async with draining(notifier, lambda: draining_status(agent)):
+            await agent.shutdown()
 
     def on_signal(signum: int) -> None:
         if not shutdown:
             log.info("%s: draining replicas, then exiting", signal.Signals(signum).name)
-            notifier.stopping(extend_timeout_s=args.stop_grace + 5)   # the replicas drain first
             systemd.cancel()
-            shutdown.append(asyncio.ensure_future(agent.shutdown()))
+            shutdown.append(asyncio.ensure_future(drain()))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    pruner = asyncio.create_task(_prune_replica_logs(options.logs, supervisor), name="replica log retention")
     try:
         await agent.run()
         if shutdown:
             await shutdown[0]
     finally:
+        pruner.cancel()
         await supervisor.drain_all()  # a no-op after shutdown(); otherwise never leave replicas behind
         if metrics_server:
             await metrics_server.stop()
@@ -188,9 +201,24 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
     log.info("stopped")
 
 
+# How often old replicas' log files are looked for (replica_logs.py: kept 7 days after their last line).
+PRUNE_INTERVAL_S = 3600.0
+
+
+async def _prune_replica_logs(logs: ReplicaLogs | None, supervisor: Supervisor) -> None:
+    while logs is not None:
+        try:
+            removed = await logs.prune({status.replica_id for status in supervisor.statuses()})
+            if removed:
+                log.info("removed the log files of %d replica(s) gone for a week", len(removed))
+        except OSError as err:
+            log.warning("replica log retention: %s", err)
+        await asyncio.sleep(PRUNE_INTERVAL_S)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_from_args(args)
     try:
         asyncio.run(run(args, load_policy(args.policy)))
     except MembershipUnreadable as err:

@@ -39,6 +39,7 @@ One ``AgentService.Connect`` stream at a time. Guarantees:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
 from . import __version__, messages
 from .gpu_probe import SOURCE_FAKE, SOURCE_NONE, GpuProbe
 from .host import read_host_resources
+from .log_requests import LogRequests
 from .membership import ClusterMembership, ForeignCluster
 from .replica import STOPPED
 from .supervisor import Supervisor
@@ -140,6 +142,7 @@ class Agent:
         self._probe_error: str | None = None
         self.membership = ClusterMembership(config.membership_file)
         self._foreign_logged: set[tuple[str, str]] = set()
+        self._log_requests = LogRequests(supervisor.options.logs, supervisor)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -263,6 +266,11 @@ class Agent:
             stopped = [r.replica_id for r in message.report.replicas if r.state == STOPPED]
             self.supervisor.forget_stopped(stopped)  # each stop has now been reported once
 
+    async def _write_to(self, call, message: pb.AgentMessage) -> None:
+        """Write on ``call`` (a log answer belongs to the stream its request came on)."""
+        async with self._write_lock:
+            await call.write(message)
+
     async def _session(self, target: str) -> str | None:
         """One stream to ``target``: raises ``Refused`` unless it answers Registered with our cluster's id;
         else returns when it ends, with where to try first next (see ``_connect_round``)."""
@@ -304,6 +312,7 @@ class Agent:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 call.cancel()
+                self._log_requests.close()
                 self._call = None
                 self.connected_to = None
                 self._notify()
@@ -358,6 +367,8 @@ class Agent:
                 return
             if message.HasField("assignments"):
                 self._apply(message.assignments)
+            elif message.HasField("logs"):
+                self._log_requests.handle(message.logs, functools.partial(self._write_to, call))
             elif message.HasField("registered"):
                 log.info("scheduler re-sent Registered; ignored")
 

@@ -15,9 +15,13 @@ Guarantees:
   grpc.health.v1 said SERVING; a process that does neither within the
   startup timeout is killed and counts as a failure.
 - Every exit that was not asked for is a failure: the status keeps its exit
-  code and a message with the last lines of the process's output until the
-  next exit, and the process is started again after ``Backoff.delay``
-  (consecutive failures; the count resets after ``backoff_reset_s`` of ready).
+  code and a message until the next exit (its first line names the exit and
+  the last meaningful error line of the output, crash_reason.py: the
+  exception, not a traceback's first line; then the last lines of output),
+  and the process is started again after ``Backoff.delay`` (consecutive
+  failures; the count resets after ``backoff_reset_s`` of ready).
+- With ``ReplicaOptions.logs`` every output line is also appended to the
+  replica's rotated file (replica_logs.py), across restarts.
 - A spec the host policy refuses (``ReplicaOptions.policy``) starts no
   process: it stays ``failed`` with "refused by host policy: ..." until it
   is stopped or replaced by a changed spec.
@@ -50,9 +54,11 @@ from meshserve.common.security.tokens import without_token_environment
 from meshserve.common.sizes import parse_size
 from meshserve.common.states import ReplicaState
 
+from .crash_reason import crash_reason
 from .gpu_probe import GpuLoad
 from .policy import HostPolicy, Refused
 from .process import ChildProcess, Clock, Launcher, signal_name
+from .replica_logs import ReplicaLogs, ReplicaLogWriter
 
 log = logging.getLogger(__name__)
 output_log = logging.getLogger("meshserve.node_agent.replica.output")
@@ -70,6 +76,8 @@ _WILDCARD_DIAL = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
 # end, small enough to send in every report.
 TAIL_LINES = 20
 TAIL_CHARS = 2000
+# The crash reason (crash_reason.py) is looked for in this many last lines: a long traceback's start.
+REASON_LINES = 200
 # After an exit, output still in the pipes is collected this long; a
 # grandchild holding the pipe open must not hold up the restart.
 OUTPUT_DRAIN_S = 1.0
@@ -172,6 +180,9 @@ class ReplicaOptions:
     # Each replica serves GET /metrics on loopback, a port of its own choosing, which the agent
     # re-exports with replica and node labels (node_agent/metrics.py). Off: no metrics endpoint.
     metrics: bool = False
+    # Where each replica's stdout and stderr are kept, a rotated file per replica (replica_logs.py).
+    # None: output is only logged at DEBUG.
+    logs: ReplicaLogs | None = None
 
 
 WaitReady = Callable[[str], Awaitable[None]]
@@ -303,7 +314,7 @@ class Replica:
                 failures = 1 if ready_for >= self.options.backoff_reset_s else failures + 1
                 delay = self.options.backoff.delay(failures)
                 log.warning("replica %s: %s; restarting in %.1fs", self.spec.replica_id,
-                            crash.message.splitlines()[0], delay)
+                            crash.message.split("; last output:")[0], delay)
                 self._set(state=FAILED, pid=0, address="", exit_code=crash.exit_code, message=crash.message)
                 if await self._stop_requested_within(delay):
                     return
@@ -350,9 +361,9 @@ class Replica:
         log.info("replica %s: started pid %d (CUDA_VISIBLE_DEVICES=%r)", self.spec.replica_id, process.pid,
                  env["CUDA_VISIBLE_DEVICES"])
         self._set(state=STARTING, pid=process.pid, address="", metrics_address="")
-        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        tail: collections.deque[str] = collections.deque(maxlen=REASON_LINES)
         listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        reader = asyncio.create_task(self._read_output(process, tail, listening))
+        reader = asyncio.create_task(self._read_output(process, tail, listening, self._log_writer()))
         exited = asyncio.ensure_future(process.wait())
         stop = asyncio.ensure_future(self._stop.wait())
         ready = asyncio.create_task(self._become_ready(listening))
@@ -378,11 +389,12 @@ class Replica:
                     if not exited.done():
                         process.send_signal(signal.SIGKILL)
                         code = await exited
-                        raise _Crash(code, f"not ready: {error}; killed{self._tail_text(tail)}")
+                        raise _Crash(code, f"not ready: {error}; killed{self._reason(tail)}{self._tail_text(tail)}")
                     break
             code = exited.result()
             await asyncio.wait({reader}, timeout=OUTPUT_DRAIN_S)
-            raise _Crash(code, f"exited with code {code}{signal_name(code)}{self._tail_text(tail)}", ready_at)
+            reason = f"exited with code {code}{signal_name(code)}{self._reason(tail)}"
+            raise _Crash(code, reason + self._tail_text(tail), ready_at)
         finally:
             for task in (reader, stop, ready):
                 task.cancel()
@@ -400,17 +412,33 @@ class Replica:
         host = self.options.advertise_host
         return address if host is None else f"{host}:{address.rsplit(':', 1)[1]}"
 
-    async def _read_output(self, process: ChildProcess, tail, listening: asyncio.Future[str]) -> None:
-        async for stream, line in process.lines():
-            tail.append(line)
-            output_log.debug("[%s %s] %s", self.spec.replica_id, stream, line)
-            if stream == "stdout" and not listening.done():
-                address = parse_ready_line(line, "runtime")
-                if address is not None:
-                    self._set(metrics_address=parse_metrics_address(line) or "")
-                    listening.set_result(address)
-        if not listening.done():
-            listening.set_exception(ConnectionError("output closed before the listening line"))
+    def _log_writer(self) -> ReplicaLogWriter | None:
+        if self.options.logs is None:
+            return None
+        try:
+            return self.options.logs.writer(self.spec.replica_id)
+        except (ValueError, OSError) as err:   # no file: the replica still runs, its output still in the tail
+            log.warning("replica %s: output not kept: %s", self.spec.replica_id[:80], err)
+            return None
+
+    async def _read_output(self, process: ChildProcess, tail, listening: asyncio.Future[str],
+                           writer: ReplicaLogWriter | None = None) -> None:
+        try:
+            async for stream, line in process.lines():
+                tail.append(line)
+                output_log.debug("[%s %s] %s", self.spec.replica_id, stream, line)
+                if writer is not None:
+                    writer.write(line)
+                if stream == "stdout" and not listening.done():
+                    address = parse_ready_line(line, "runtime")
+                    if address is not None:
+                        self._set(metrics_address=parse_metrics_address(line) or "")
+                        listening.set_result(address)
+            if not listening.done():
+                listening.set_exception(ConnectionError("output closed before the listening line"))
+        finally:
+            if writer is not None:
+                writer.close()
 
     async def _drain(self, process: ChildProcess, exited: asyncio.Future[int]) -> None:
         log.info("replica %s: draining pid %d", self.spec.replica_id, process.pid)
@@ -425,8 +453,13 @@ class Replica:
         self._set(exit_code=code, message=f"stopped on request; exited with code {code}{signal_name(code)}")
 
     @staticmethod
+    def _reason(tail) -> str:
+        reason = crash_reason(list(tail))
+        return f": {reason}" if reason else ""
+
+    @staticmethod
     def _tail_text(tail) -> str:
         if not tail:
             return ""
-        text = "\n".join(tail)
+        text = "\n".join(list(tail)[-TAIL_LINES:])
         return "; last output:\n" + (text if len(text) <= TAIL_CHARS else "…" + text[-TAIL_CHARS:])

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 
 from google.protobuf import text_format
 
+from meshserve.common.daemon_logging import add_logging_arguments, configure_from_args
+from meshserve.common.env_flags import parse_with_environment
 from meshserve.common.listen import ListenError, exit_on_listen_error
 from meshserve.common.metrics import add_metrics_arguments, metrics_listen_from_args
 from meshserve.common.ready_line import print_ready_line
-from meshserve.common.sd_notify import Notifier, announce
+from meshserve.common.sd_notify import Notifier, announce, draining
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token
@@ -46,13 +47,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
     parser.add_argument("--grace-period", type=float, default=5.0,
                         help="seconds calls in flight get to finish on SIGTERM")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)
     add_tls_arguments(parser)
     add_auth_arguments(parser, data_plane=True)
     parser.add_argument("--client-token-file", metavar="FILE",
                         help=f"a file holding the bearer token this proxy presents to the schedulers "
                              f"(default ${ENV_TOKEN}); with mutual TLS its certificate is enough")
-    args = parser.parse_args(argv)
+    args = parse_with_environment(parser, "proxy", argv)   # MESHSERVE_PROXY_<FLAG>, then argv
     tls = tls_from_args(parser, args, args.listen)
     metrics_listen = metrics_listen_from_args(parser, args)
     auth, roles = authenticator_from_args(parser, args, tls), data_plane_table_from_args(parser, args)
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
         token = client_token(args.client_token_file)
     except TokenError as err:
         parser.error(str(err))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_from_args(args)
     routes = None
     if args.routes_file:
         with open(args.routes_file, encoding="utf-8") as f:
@@ -80,15 +81,17 @@ async def run(options: ProxyOptions, grace_period_s: float) -> None:
     metrics = f" (metrics on http://{server.metrics_address}/metrics)" if server.metrics_address else ""
     print_ready_line("proxy", server.address, metrics)
     notifier = Notifier()
-    systemd = asyncio.create_task(announce(notifier, _routes_received(server)), name="systemd")
+    systemd = asyncio.create_task(announce(notifier, _routes_received(server), lambda: _status(server)),
+                                  name="systemd")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    notifier.stopping(extend_timeout_s=grace_period_s + 5)   # calls in flight get their grace
     systemd.cancel()
-    await server.stop(grace_period_s)
+    # STOPPING, then STATUS and EXTEND_TIMEOUT_USEC while calls in flight finish (within --grace-period).
+    async with draining(notifier, lambda: f"draining: calls in flight get up to {grace_period_s:g}s"):
+        await server.stop(grace_period_s)
 
 
 async def _routes_received(server: ProxyServer) -> str:
@@ -96,6 +99,16 @@ async def _routes_received(server: ProxyServer) -> str:
     await server.wait_for_routes()
     version = server.routes.version if server.routes is not None else 0   # set once routes arrived
     return f"serving on {server.address}; route table version {version}"
+
+
+def _status(server: ProxyServer) -> str:
+    """systemd's STATUS while serving: the address and the route table in force."""
+    table = server.routes
+    if table is None:
+        return f"serving on {server.address}; no route table yet"
+    endpoints = len({endpoint.address for route in table.routes for endpoint in route.endpoints})
+    return (f"serving on {server.address}; route table version {table.version}: {len(table.routes)} route(s), "
+            f"{endpoints} endpoint(s)")
 
 
 def main(argv=None) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
+from meshserve.common.daemon_logging import add_logging_arguments, configure_from_args
 from meshserve.common.listen import ListenError, exit_on_listen_error
 from meshserve.common.metrics import add_metrics_arguments, metrics_listen_from_args
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
                              "client seeing only its own regions; none: refuse every registration")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="uvloop serves ~10%% more requests per second (bench/replica.py)")
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)
     add_tls_arguments(parser)
     add_auth_arguments(parser, data_plane=True)
     add_metrics_arguments(parser)
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
         except ValueError as err:
             parser.error(str(err))
         remote_models[name] = address
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_from_args(args)
     return args.event_loop, ServerOptions(
         repository=args.model_repository, models=args.models, listen=args.listen,
         max_message_bytes=args.max_message_bytes, grace_period_s=args.grace_period,

@@ -266,7 +266,7 @@ class Batcher:
             error = err
             self._fail(batch, err)
         except Exception as err:  # the predictor's own failure: fail this batch only
-            log.warning("model '%s' failed a batch of %d: %r", self._model, total, err)
+            log.error("model '%s' failed a batch of %d: %r", self._model, total, err, exc_info=err)
             error = Internal(f"model '{self._model}' failed: {type(err).__name__}: {err}")
             self._fail(batch, error)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import pathlib
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,8 @@ from .instance_pool import InstancePool
 from .request import InferRequest, ModelSignature
 from .statistics import ModelStatisticsRecorder
 from .tensor_spec import TensorSpec
+
+log = logging.getLogger(__name__)
 
 
 def batching_policy(config: mc.ModelConfig) -> BatchingPolicy:
@@ -191,7 +194,8 @@ class ServedModel:
         except MeshError as err:
             error = err
             raise
-        except Exception as err:
+        except Exception as err:   # the predictor's own failure: logged with its traceback
+            log.error("model '%s' failed a stream: %r", self.name, err, exc_info=err)
             error = Internal(f"model '{self.name}' failed: {type(err).__name__}: {err}")
             raise error from err
         finally:

@@ -21,7 +21,7 @@ import logging
 import pathlib
 from dataclasses import dataclass, field
 
-from meshserve.common.errors import InvalidArgument, NotFound, Unavailable
+from meshserve.common.errors import InvalidArgument, MeshError, NotFound, Unavailable
 from meshserve.common.model_names import plain_model_name
 from meshserve.common.security.tls import TlsConfig
 
@@ -117,7 +117,9 @@ class ModelRepository:
                 entry.state = READY if previous else UNAVAILABLE
                 entry.reason = f"{type(err).__name__}: {err}" if not previous else \
                     f"reload failed, still serving the previous copy: {err}"
-                log.error("model '%s' failed to load: %s", name, err)
+                # The predictor's own exception gets its traceback; our refusals (a bad config) are their message.
+                log.error("model '%s' failed to load: %s", name, err,
+                          exc_info=None if isinstance(err, MeshError) else err)
                 raise Unavailable(f"model '{name}' failed to load: {err}") from err
             warnings = [w for model in loaded.values() for w in getattr(model, "warnings", ())]
             entry.versions, entry.state = loaded, READY

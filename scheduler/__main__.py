@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
+from meshserve.common.daemon_logging import add_logging_arguments, configure_from_args
+from meshserve.common.env_flags import parse_with_environment
 from meshserve.common.listen import ListenError, exit_on_listen_error
 from meshserve.common.metrics import add_metrics_arguments, metrics_listen_from_args
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args
@@ -31,7 +32,7 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--election-ttl", type=int, default=SchedulerOptions.election_ttl_s)
     parser.add_argument("--report-interval", type=float, default=DEFAULT_REPORT_INTERVAL_S)
     parser.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S)
-    parser.add_argument("--log-level", default="INFO")
+    add_logging_arguments(parser)
     add_tls_arguments(parser)
     add_auth_arguments(parser, data_plane=False)
     parser.add_argument("--audit-log", metavar="FILE",
@@ -39,7 +40,7 @@ def _serve(argv: list[str]) -> int:
                              "default: the log, at INFO under logger meshserve.audit")
     add_etcd_arguments(parser)
     add_metrics_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parse_with_environment(parser, "scheduler", argv)   # MESHSERVE_SCHEDULER_<FLAG>, then argv
     metrics_listen = metrics_listen_from_args(parser, args)
     tls = tls_from_args(parser, args, args.listen)
     auth = authenticator_from_args(parser, args, tls)
@@ -47,7 +48,7 @@ def _serve(argv: list[str]) -> int:
         etcd_security = etcd_security_from_args(args)
     except ValueError as err:
         parser.error(str(err))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_from_args(args)
     options = SchedulerOptions(listen=args.listen, store_url=args.store, scheduler_id=args.id,
                                election_ttl_s=args.election_ttl, report_interval_s=args.report_interval,
                                heartbeat_timeout_s=args.heartbeat_timeout, tls=tls, etcd_security=etcd_security,

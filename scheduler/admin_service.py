@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
-from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
@@ -17,6 +18,12 @@ KINDS = ("nodes", "deployments", "replicas")
 _SINGULAR = {"node": "nodes", "deployment": "deployments", "replica": "replicas"}
 # Replica ids named in a refusal: enough to recognise them, bounded for a node with hundreds.
 NAMES_SHOWN = 5
+# ReplicaLogs: defaults and ceilings, whatever a request asks (node_agent/log_requests.py bounds them again).
+LOGS_TAIL_LINES, LOGS_MAX_TAIL_LINES = 100, 10_000
+LOGS_MAX_BYTES, LOGS_MAX_MAX_BYTES = 1 << 20, 16 << 20
+LOGS_FOLLOW_S, LOGS_MAX_FOLLOW_S = 3600, 24 * 3600
+# An agent answers a LogsRequest at once; one that does not within this predates it or is stuck.
+LOGS_FIRST_CHUNK_TIMEOUT_S = 10.0
 
 
 def _kind(kind: str) -> str:
@@ -97,6 +104,50 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         if record is None:
             raise NotFound(f"no deployment named {name!r}")
         return record
+
+    async def ReplicaLogs(self, request, context):
+        """The replica's kept output, from the agent of the node it is placed on (scheduler/log_relay.py)."""
+        self.core.require_leader()
+        if not request.replica:
+            raise InvalidArgument("ReplicaLogs needs a replica id")
+        replica = self.cluster.replicas.get(request.replica)
+        if replica is None:
+            raise NotFound(f"no replica named {request.replica[:200]!r}")
+        if not replica.node:
+            raise FailedPrecondition(f"replica {replica.id} is not placed on a node yet: it has no output")
+        channel = self.core.channel_of(replica.node)
+        if channel is None:
+            raise Unavailable(f"the agent of node {replica.node} (replica {replica.id}) is not connected")
+        ask = mesh.LogsRequest(
+            replica_id=replica.id, follow=request.follow,
+            tail_lines=min(request.tail_lines or LOGS_TAIL_LINES, LOGS_MAX_TAIL_LINES),
+            max_bytes=min(request.max_bytes or LOGS_MAX_BYTES, LOGS_MAX_MAX_BYTES),
+            follow_seconds=min(request.follow_seconds or LOGS_FOLLOW_S, LOGS_MAX_FOLLOW_S))
+        loop = asyncio.get_running_loop()
+        # Following ends on the agent's side; a silent agent is not waited for past that end.
+        follow_until = loop.time() + ask.follow_seconds + LOGS_FIRST_CHUNK_TIMEOUT_S
+        with self.core.log_relay.request(replica.node, channel, ask) as chunks:
+            first = True
+            while True:
+                following = ask.follow and not first
+                wait_s = max(0.0, follow_until - loop.time()) if following else LOGS_FIRST_CHUNK_TIMEOUT_S
+                try:
+                    async with asyncio.timeout(wait_s):
+                        chunk = await chunks.get()
+                except TimeoutError:
+                    if following:
+                        return
+                    raise Unavailable(f"the agent of node {replica.node} did not answer within "
+                                      f"{LOGS_FIRST_CHUNK_TIMEOUT_S:g}s (an agent older than ReplicaLogs?)") from None
+                first = False
+                if chunk is None:
+                    raise Unavailable(f"the agent of node {replica.node} disconnected")
+                if chunk.lines:
+                    yield mesh.ReplicaLogsChunk(lines=chunk.lines)
+                if chunk.error:
+                    raise FailedPrecondition(f"node {replica.node}: {chunk.error}")
+                if chunk.end:
+                    return
 
     async def Promote(self, request, context):
         self.core.require_leader()

@@ -47,8 +47,11 @@ class AgentService(mesh_grpc.AgentServiceServicer):
         async def read_reports() -> None:
             try:
                 async for message in messages:
-                    if message.WhichOneof("kind") == "report":
+                    kind = message.WhichOneof("kind")
+                    if kind == "report":
                         await self.core.report(name, message.report)
+                    elif kind == "logs":
+                        self.core.log_relay.deliver(name, channel, message.logs)
             finally:
                 channel.put_nowait(None)
 

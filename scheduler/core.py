@@ -49,6 +49,7 @@ from meshserve.common.leader import not_leader_message
 from meshserve.protos.mesh import control_pb2 as mesh
 
 from .cluster import Cluster, LiveNode
+from .log_relay import LogRelay
 from .placing import replica_needs
 from .reconciler import Reconciler
 from .records import DRAINING, FAILED, LEAVING, LOST, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord, ReplicaRecord
@@ -95,6 +96,7 @@ class SchedulerCore:
         self.deposed = asyncio.Event()   # set when a fenced write failed: this term is over
         self._dirty = asyncio.Event()
         self._node_channels: dict[str, asyncio.Queue] = {}
+        self.log_relay = LogRelay()      # `ctl logs`, over the agents' streams
         self._sent_assignments: dict[str, bytes] = {}
         self._assignment_version = 0
         self._route_watchers: set[asyncio.Queue] = set()
@@ -261,7 +263,12 @@ class SchedulerCore:
             self._publish_routes()
             self.poke()
 
+    def channel_of(self, node: str) -> asyncio.Queue | None:
+        """The outgoing queue of ``node``'s live agent stream, or None when its agent is not connected."""
+        return self._node_channels.get(node)
+
     def disconnect(self, name: str, channel: asyncio.Queue) -> None:
+        self.log_relay.stream_ended(channel)
         if self._node_channels.get(name) is channel:
             del self._node_channels[name]
             live = self.cluster.live.get(name)
@@ -443,6 +450,11 @@ class SchedulerCore:
         self._route_table = table
         for queue in self._route_watchers:
             queue.put_nowait(table)
+
+    @property
+    def published_routes(self) -> mesh.RouteTable:
+        """The route table last sent to the proxies (do not modify it)."""
+        return self._route_table
 
     def watch_routes(self) -> asyncio.Queue:
         """A queue of complete tables, the current one first; None when this scheduler stops leading."""

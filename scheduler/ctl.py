@@ -46,7 +46,7 @@ import pathlib
 import queue
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -258,6 +258,15 @@ class Session:
         except grpc.RpcError as err:
             raise self._failure(method, *_rpc_failure(err)) from None
 
+    def stream(self, method: str, request: Any, timeout_s: float) -> Iterator[Any]:
+        """A server-streaming admin RPC on the leader, as its messages; failures as in ``call``."""
+        if self._stub is None:
+            self._find_leader()
+        try:
+            yield from getattr(self._stub, method)(request, timeout=timeout_s)
+        except grpc.RpcError as err:
+            raise self._failure(method, *_rpc_failure(err)) from None
+
     def _failure(self, method: str, code: grpc.StatusCode, details: str) -> CtlError:
         error = errors.error_for_status(code, details or code.name)
         if isinstance(error, errors.DeadlineExceeded):
@@ -462,11 +471,37 @@ def _explain(args: argparse.Namespace, session: Session) -> int:
     return EXIT_OK
 
 
+# `logs --follow` ends on the scheduler's side after --follow-for; the call's own deadline is a little later.
+FOLLOW_SLACK_S = 30.0
+
+
+def _logs(args: argparse.Namespace, session: Session) -> int:
+    name = args.replica.partition("/")[2] if args.replica.startswith(("replica/", "replicas/")) else args.replica
+    request = pb.ReplicaLogsRequest(replica=name, tail_lines=args.tail, max_bytes=args.limit_bytes,
+                                    follow=args.follow, follow_seconds=int(args.follow_for) if args.follow else 0)
+    timeout_s = args.follow_for + FOLLOW_SLACK_S if args.follow else args.timeout
+    for chunk in session.stream("ReplicaLogs", request, timeout_s):
+        _write("".join(f"{line}\n" for line in chunk.lines))
+    return EXIT_OK
+
+
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+    return parse
+
+
 _VERBS: dict[str, Callable[[argparse.Namespace, Session], int]] = {
     "apply": _apply, "get": _get, "describe": _describe, "delete": _delete, "scale": _scale,
     "cordon": _node_verb("Cordon", "cordoned"), "uncordon": _node_verb("Uncordon", "uncordoned"),
     "drain": _node_verb("Drain", "draining"), "explain": _explain,
-    "promote": _rollout_verb("Promote"), "rollback": _rollout_verb("Rollback"),
+    "promote": _rollout_verb("Promote"), "rollback": _rollout_verb("Rollback"), "logs": _logs,
 }
 
 
@@ -562,6 +597,17 @@ def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
 
     explain = verbs.add_parser("explain", parents=[common], help="why a replica or deployment is where it is")
     explain.add_argument("target", nargs="+", metavar="KIND NAME", help="replica | deployment, and a name")
+
+    logs = verbs.add_parser("logs", parents=[common], help="a replica's stdout and stderr, from its node's agent")
+    logs.add_argument("replica", metavar="REPLICA")
+    logs.add_argument("--tail", type=_bounded_int(1, 10_000), default=100, metavar="N",
+                      help="the last N lines (default 100, at most 10000)")
+    logs.add_argument("--limit-bytes", type=_bounded_int(1, 16 << 20), default=1 << 20, metavar="BYTES",
+                      help="at most this much of the tail (default 1 MiB)")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="then print new output as it comes, until --follow-for or the replica stops")
+    logs.add_argument("--follow-for", type=_bounded_int(1, 24 * 3600), default=3600, metavar="S",
+                      help="stop following after S seconds (default 3600)")
 
     parser.set_defaults(func=run)
     return parser

@@ -35,7 +35,7 @@ from meshserve.common.listen import grpc_server
 from meshserve.common.metrics import render
 from meshserve.common.metrics_http import MetricsHttpServer
 from meshserve.common.ready_line import metrics_detail, print_ready_line
-from meshserve.common.sd_notify import Notifier, announce
+from meshserve.common.sd_notify import Notifier, announce, draining
 from meshserve.common.security.auth import Authenticator, AuthInterceptor
 from meshserve.common.security.roles import control_plane_table
 from meshserve.common.security.tls import TlsConfig, add_port
@@ -49,6 +49,7 @@ from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S, Schedu
 from .election import Election
 from .metrics import SchedulerMetrics, TimedStore
 from .route_service import RouteService
+from .status_line import scheduler_status
 from .store import CorruptStore, Store, StoreError, open_store
 from .store.etcd_security import EtcdSecurity
 from .store.identity import ensure_cluster_id
@@ -232,12 +233,13 @@ async def serve(options: SchedulerOptions) -> None:
     print_ready_line("scheduler", server.address, f" (id {server.scheduler_id}, store {options.store_url})"
                      + metrics_detail(server.metrics_address))
     notifier = Notifier()
-    systemd = asyncio.create_task(announce(notifier, server.role_known()), name="systemd")
+    systemd = asyncio.create_task(announce(notifier, server.role_known(), lambda: scheduler_status(server.core)),
+                                  name="systemd")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    notifier.stopping()
     systemd.cancel()
-    await server.stop()
+    async with draining(notifier, lambda: "stopping: ending agent streams and route watches, resigning"):
+        await server.stop()

@@ -199,6 +199,20 @@ def test_failing_predictor_fails_only_its_own_batch(serving, stub):
     np.testing.assert_array_equal(decode_outputs(response)["Y"], np.full((2, 4), 2, np.float32))
 
 
+
+def test_a_predictors_exception_is_logged_with_its_traceback(serving, stub):
+    """The replica's log (what the agent keeps and `ctl logs` shows) has the predictor's frame, not only
+    the message the client got."""
+    [result] = infer_concurrently(serving.address, [infer_request("fragile", {"X": np.full((1, 4), -7, np.float32)})])
+    assert_status(result, grpc.StatusCode.INTERNAL, "fragile", "ValueError", "fragile refuses negative input -7.0")
+    frame = 'raise ValueError(f"fragile refuses negative input {float(x[x < 0][0])}")'
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(frame in line for line in serving.output):
+        time.sleep(0.05)   # the output is read by a thread
+    text = "".join(serving.output)
+    assert frame in text and "Traceback (most recent call last):" in text, text[-3000:]
+    assert "ValueError: fragile refuses negative input -7.0" in text
+
 def test_statistics_durations_are_nanoseconds(stub):
     delay_ms = 50
     before = model_stats(stub, "sleeper")

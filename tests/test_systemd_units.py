@@ -7,6 +7,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 from conftest import REPO_ROOT
@@ -60,3 +61,26 @@ def test_each_unit_is_a_notify_service_with_a_watchdog_restarts_and_hardening(un
         assert "char-nvidia rw" in settings["DeviceAllow"] and settings["DevicePolicy"] == ["closed"]
     else:
         assert settings["NoNewPrivileges"] == ["yes"] and settings["User"] == ["meshserve"]
+
+
+DROP_IN = REPO_ROOT / "deploy" / "systemd" / "examples" / "meshserve-scheduler.service.d" / "etcd.conf"
+
+
+def test_the_etcd_drop_in_example_passes_verify_and_names_only_real_settings(tmp_path):
+    """systemd-analyze loads UNIT.d/*.conf beside the unit it verifies: an unknown key there is reported."""
+    analyze = _analyze()
+    unit = REPO_ROOT / "deploy" / "systemd" / "meshserve-scheduler.service"
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace(INSTALLED_BIN, f"{REPO_ROOT / '.venv' / 'bin'}/"))
+    (tmp_path / f"{unit.name}.d").mkdir()
+    (tmp_path / f"{unit.name}.d" / DROP_IN.name).write_text(DROP_IN.read_text())
+    done = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+    settings = dict(value.split("=", 1) for value in _settings(DROP_IN)["Environment"])
+    assert settings["MESHSERVE_SCHEDULER_STORE"].startswith("etcd://")
+    settings["MESHSERVE_SCHEDULER_ID"] = "sched-1"          # %H is systemd's; any name will do here
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MESHSERVE_")}
+    checked = subprocess.run([sys.executable, "-m", "meshserve.scheduler", "serve", "--help"],
+                             env={**env, **settings}, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr          # an unknown MESHSERVE_SCHEDULER_* would exit 2

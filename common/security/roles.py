@@ -33,7 +33,8 @@ MUTATING_ADMIN_METHODS = frozenset(_ADMIN + name for name in (
 
 CONTROL_PLANE: dict[str, frozenset[str]] = {
     **{method: frozenset() for method in MUTATING_ADMIN_METHODS},
-    **{_ADMIN + name: frozenset({"viewer"}) for name in ("Get", "Describe", "Explain")},
+    # ReplicaLogs: a replica's output is what `describe` already shows the tail of.
+    **{_ADMIN + name: frozenset({"viewer"}) for name in ("Get", "Describe", "Explain", "ReplicaLogs")},
     # Who leads is no secret: ctl, agents and proxies ask it to find the leader.
     _ADMIN + "Leader": frozenset({"viewer", "agent", "proxy", "scheduler"}),
     "/mesh.AgentService/Connect": frozenset({"agent"}),

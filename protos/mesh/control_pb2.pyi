@@ -111,13 +111,27 @@ class UsageReport(_message.Message):
     gpu_source: str
     def __init__(self, sequence: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., resources: _Optional[_Union[HostResources, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., gpu_source: _Optional[str] = ...) -> None: ...
 
+class LogsChunk(_message.Message):
+    __slots__ = ("request_id", "lines", "end", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    lines: _containers.RepeatedScalarFieldContainer[str]
+    end: bool
+    error: str
+    def __init__(self, request_id: _Optional[int] = ..., lines: _Optional[_Iterable[str]] = ..., end: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("register", "report")
+    __slots__ = ("register", "report", "logs")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
     register: Register
     report: UsageReport
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., report: _Optional[_Union[UsageReport, _Mapping]] = ...) -> None: ...
+    logs: LogsChunk
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., report: _Optional[_Union[UsageReport, _Mapping]] = ..., logs: _Optional[_Union[LogsChunk, _Mapping]] = ...) -> None: ...
 
 class ReplicaAssignment(_message.Message):
     __slots__ = ("replica_id", "deployment", "revision", "model_repository", "model_name", "gpu_indices", "env", "runtime_args")
@@ -168,13 +182,53 @@ class Registered(_message.Message):
     cluster_id: str
     def __init__(self, node_name: _Optional[str] = ..., report_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., scheduler_id: _Optional[str] = ..., cluster_id: _Optional[str] = ...) -> None: ...
 
+class LogsRequest(_message.Message):
+    __slots__ = ("request_id", "replica_id", "tail_lines", "max_bytes", "follow", "follow_seconds", "cancel")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    replica_id: str
+    tail_lines: int
+    max_bytes: int
+    follow: bool
+    follow_seconds: int
+    cancel: bool
+    def __init__(self, request_id: _Optional[int] = ..., replica_id: _Optional[str] = ..., tail_lines: _Optional[int] = ..., max_bytes: _Optional[int] = ..., follow: _Optional[bool] = ..., follow_seconds: _Optional[int] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
 class SchedulerMessage(_message.Message):
-    __slots__ = ("registered", "assignments")
+    __slots__ = ("registered", "assignments", "logs")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     assignments: Assignments
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assignments: _Optional[_Union[Assignments, _Mapping]] = ...) -> None: ...
+    logs: LogsRequest
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assignments: _Optional[_Union[Assignments, _Mapping]] = ..., logs: _Optional[_Union[LogsRequest, _Mapping]] = ...) -> None: ...
+
+class ReplicaLogsRequest(_message.Message):
+    __slots__ = ("replica", "tail_lines", "max_bytes", "follow", "follow_seconds")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    tail_lines: int
+    max_bytes: int
+    follow: bool
+    follow_seconds: int
+    def __init__(self, replica: _Optional[str] = ..., tail_lines: _Optional[int] = ..., max_bytes: _Optional[int] = ..., follow: _Optional[bool] = ..., follow_seconds: _Optional[int] = ...) -> None: ...
+
+class ReplicaLogsChunk(_message.Message):
+    __slots__ = ("lines",)
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lines: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("name", "host", "state", "cordoned", "draining", "labels", "gpu_source", "gpus", "resources", "last_seen_unix_ms", "replicas")

@@ -194,6 +194,11 @@ class AdminServiceStub:
                 request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
                 response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
                 _registered_method=True)
+        self.ReplicaLogs = channel.unary_stream(
+                '/mesh.AdminService/ReplicaLogs',
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ReplicaLogsRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ReplicaLogsChunk.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -283,6 +288,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplicaLogs(self, request, context):
+        """A replica's stdout and stderr as its agent keeps them, forwarded over the agent's stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -350,6 +362,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutRequest.FromString,
                     response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutResponse.SerializeToString,
+            ),
+            'ReplicaLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReplicaLogs,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ReplicaLogsRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ReplicaLogsChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -705,6 +722,33 @@ class AdminService:
             '/mesh.AdminService/Rollback',
             meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutRequest.SerializeToString,
             meshserve_dot_protos_dot_mesh_dot_control__pb2.RolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplicaLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mesh.AdminService/ReplicaLogs',
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ReplicaLogsRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ReplicaLogsChunk.FromString,
             options,
             channel_credentials,
             insecure,
