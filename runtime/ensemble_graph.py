@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshserve.common.model_config import ConfigError
 from meshserve.protos.inference import model_config_pb2 as mc
 
-from .config import ConfigError
 from .tensor_spec import TensorSpec
 
 
