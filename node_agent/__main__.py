@@ -75,6 +75,16 @@ def _fake_spec(text: str) -> str:
     return text
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -99,6 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds a draining replica gets before SIGKILL")
     parser.add_argument("--startup-timeout", type=_positive, default=ReplicaOptions.startup_timeout_s,
                         help="seconds a replica gets to become SERVING before it is killed and restarted")
+    parser.add_argument("--max-failed-starts", type=_at_least_one, default=ReplicaOptions.max_failed_starts,
+                        help="starts in a row that end before ready, after which a replica stays failed until "
+                             "its deployment's revision changes (default: %(default)s)")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                         help="where the agent remembers the cluster it joined (default: %(default)s)")
     parser.add_argument("--policy", metavar="FILE",
@@ -144,6 +157,7 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
     options = ReplicaOptions(listen_host=args.bind_host or args.host,
                              advertise_host=args.host if args.bind_host else None,
                              stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, policy=policy,
+                             max_failed_starts=args.max_failed_starts,
                              tls=args.tls)
     supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=policy.run_as))
     agent = Agent(AgentConfig(node_name=args.name, schedulers=args.scheduler, host=args.host,
