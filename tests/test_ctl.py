@@ -15,9 +15,9 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
-import shutil
 import sys
 import threading
 import time
