@@ -53,6 +53,8 @@ def _refuse(path: pathlib.Path, field: str, why: str) -> ConfigError:
 
 def parse_config_file(path: pathlib.Path) -> mc.ModelConfig:
     """Parse a config.pbtxt; an unknown field is reported as unsupported, with its line."""
+    if not path.is_file():  # a FIFO or device would block or never end the read
+        raise ConfigError(f"{path}: not a regular file")
     try:
         with path.open("rb") as file:
             data = file.read(MAX_CONFIG_BYTES + 1)

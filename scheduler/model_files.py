@@ -15,7 +15,14 @@ GPU hosts, not on the control plane. So:
   the replica's reason after a bounded number of restarts
   (node_agent/replica.py).
 
-The check reads files in a worker thread, never on the event loop.
+Model sources that are not a host path (uploaded, fetched over HTTP or S3 with a
+content digest: another change) are on the scheduler or ctl by construction;
+the same ``check_model`` is meant to run on their materialised folder (not
+wired here yet).
+
+The check reads files in a worker thread, never on the event loop; it reads
+only ``config.pbtxt`` files (at most 1 MiB each, regular files only) and
+folder listings, so an admin naming a path learns no more than that.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -88,6 +89,13 @@ def test_an_oversized_or_binary_config_is_refused_without_reading_it_all(repo):
     config.write_bytes(b"name: \xff\xfe")
     [problem] = check_model(repo, "add_sub")
     assert problem.startswith(f"{config}: not UTF-8 text")
+
+
+def test_a_config_that_is_a_fifo_is_refused_without_blocking(repo):
+    config = repo / "add_sub" / "config.pbtxt"
+    config.unlink()
+    os.mkfifo(config)
+    assert check_model(repo, "add_sub") == [f"{config}: not a regular file"]
 
 
 def test_a_missing_file_is_named(repo):
