@@ -31,9 +31,10 @@ every ``config.pbtxt`` of the model and its ensemble steps, the files their
 backends load), each problem as ``FILE: field: problem``. A repository that
 is not on this machine is refused unless ``--files-on-nodes`` says it lives
 only on the serving hosts (the scheduler checks it where it sees it; each
-host when the replica loads). It then sends the specs in their canonical form (defaults filled, a
-relative ``model.repository`` resolved against the file's folder), so the
-scheduler never sees a path relative to a folder it cannot know.
+host when the replica loads). It then sends the specs in their canonical
+form (defaults filled, a relative ``model.repository`` resolved against the
+file's folder), so the scheduler never sees a path relative to a folder it
+cannot know.
 
 Requests: ``Get.kind`` is plural (nodes|deployments|replicas), as the proto
 says; ``Describe``, ``Delete`` and ``Explain`` take the singular kind.
@@ -371,7 +372,7 @@ def _read_specs(sources: list[str], check_files: bool = True) -> str:
                 problems += check_model(spec.model.repository, spec.model.name, f"{label}: deployments[{index}]",
                                         [step.model for step in spec.steps])
     hint = ""
-    if any(".model.repository: " in problem for problem in problems):
+    if any(".model.repository: " in problem and problem.endswith(": no such folder") for problem in problems):
         hint = (f"\n(a repository that is only on the serving hosts: apply with {FILES_ON_NODES_FLAG}; "
                 "each host then checks it when the replica loads)")
     if len(problems) == 1:
