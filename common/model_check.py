@@ -112,6 +112,9 @@ class _Checker:
         except OSError as err:
             self.problems.append(f"{model_dir}: cannot read: {err.strerror or err}")
             return
+        except Exception as err:  # noqa: BLE001 - a hostile file must give a problem line, never a traceback
+            self.problems.append(f"{model_dir / CONFIG_FILE}: cannot read: {type(err).__name__}: {err}"[:500])
+            return
         config_path = model_dir / CONFIG_FILE
         self._labels(model_dir, config, config_path)
         self._requires(config, config_path)
