@@ -65,7 +65,8 @@ def test_refused_deployments_show_their_reason_in_get_replicas_and_explain(mesh,
         replicas = admin.wait_for(settled, "the good deployment ready and the refused ones failed", mesh_=mesh)
         expected = {"browser": "env 'BROWSER', 'PYTHONWARNINGS' are not allowed",
                     "lis": "runtime flag '--lis' is not allowed",
-                    "slash": f"model repository '{outside}' (resolved '{outside.resolve()}') is outside every allowed root"}
+                    # the paths are long (tmp_path) and the reason cuts them: what it says about them stays
+                    "slash": "is outside every allowed root"}
         for name, reason in expected.items():
             replica = replicas[name]
             assert replica.reason.startswith("refused by host policy: ") and reason in replica.reason, replica
