@@ -6,7 +6,9 @@ jitter, leader hints (``leader``), listeners (``listen``), server limits,
 telemetry set-up, systemd notification (``sd_notify``), security (TLS,
 identities, roles, tokens, the auth interceptor), the environment variables
 an assignment carries (``assignment_env``), replica and node states
-(``states``) and the runtime's ready line (``ready_line``).
+(``states``), the runtime's ready line (``ready_line``), and reading and checking a
+model's ``config.pbtxt`` and files (``model_config``, ``model_check``: the runtime loads with them, the
+scheduler and ``scheduler ctl`` check before anything runs).
 
 The daemons (runtime, scheduler, node agent, proxy) may import this package
 and ``meshserve.protos``; this package imports neither a daemon nor the

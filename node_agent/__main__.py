@@ -84,6 +84,16 @@ def _fake_spec(text: str) -> str:
     return text
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -108,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds a draining replica gets before SIGKILL")
     parser.add_argument("--startup-timeout", type=_positive, default=ReplicaOptions.startup_timeout_s,
                         help="seconds a replica gets to become SERVING before it is killed and restarted")
+    parser.add_argument("--max-failed-starts", type=_at_least_one, default=ReplicaOptions.max_failed_starts,
+                        help="starts in a row that end before ready, after which a replica stays failed until "
+                             "its deployment's revision changes (default: %(default)s)")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                         help="where the agent remembers the cluster it joined and keeps each replica's output "
                              "(replicas/REPLICA.log, rotated) (default: %(default)s)")
@@ -157,7 +170,8 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
                              advertise_host=args.host if args.bind_host else None,
                              stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, policy=policy,
                              tls=args.tls, metrics=args.metrics_listen is not None,
-                             logs=ReplicaLogs(os.path.join(args.state_dir, "replicas")))
+                             logs=ReplicaLogs(os.path.join(args.state_dir, "replicas")),
+                             max_failed_starts=args.max_failed_starts)
     supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=policy.run_as))
     metrics_server = None
     if args.metrics_listen:   # replicas then serve metrics on loopback, re-exported here (node_agent/metrics.py)

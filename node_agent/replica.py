@@ -22,6 +22,14 @@ Guarantees:
   failures; the count resets after ``backoff_reset_s`` of ready).
 - With ``ReplicaOptions.logs`` every output line is also appended to the
   replica's rotated file (replica_logs.py), across restarts.
+- A process that exits (or is killed) before it ever became ready failed
+  to start: usually its model failed to load (a module the host lacks, a bad
+  file). After ``max_failed_starts`` such failures in a row the replica is
+  not restarted again: it stays ``failed`` with the load error as the first
+  line of its message (``load_failure_reason``: the runtime's "failed to
+  load" summary, else the last ``...Error:`` line) until it is stopped or
+  replaced by a changed spec (a new revision of its deployment). A crash
+  after ready is restarted with backoff, without limit.
 - A spec the host policy refuses (``ReplicaOptions.policy``) starts no
   process: it stays ``failed`` with "refused by host policy: ..." until it
   is stopped or replaced by a changed spec.
@@ -36,6 +44,7 @@ import collections
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -171,6 +180,10 @@ class ReplicaOptions:
     startup_timeout_s: float = 600.0
     backoff: Backoff = field(default_factory=Backoff)
     backoff_reset_s: float = 60.0
+    # Starts in a row that end before ready, after which the replica stays failed: with the default
+    # backoff 0.5+1+2+4+8 s, about 16 s plus the load attempts. Enough for a transient cause (a port,
+    # a file being copied); a missing module does not fix itself, so retrying forever only burns CPU.
+    max_failed_starts: int = 6
     # What this host agrees to run (node_agent/policy.py). The node-agent command always sets one;
     # None (library use, unit tests with fake launchers) runs every assignment as given.
     policy: HostPolicy | None = None
@@ -214,6 +227,21 @@ class _Crash(Exception):
         self.exit_code = exit_code
         self.message = message
         self.ready_at = ready_at
+
+
+# The runtime's --strict summary: which models failed to load, and why.
+_STRICT_SUMMARY = re.compile(r"model\(s\) failed to load: (.+)$")
+
+
+def load_failure_reason(message: str) -> str:
+    """The one line of a crash message that says why the model did not load: the runtime's summary, else the
+    crash reason of its output (crash_reason.py), else its first line."""
+    lines = [line.strip() for line in message.splitlines()]
+    for line in reversed(lines):
+        found = _STRICT_SUMMARY.search(line)
+        if found:
+            return found.group(1)
+    return crash_reason(lines) or (lines[0] if lines else "failed to start")
 
 
 def _retrieve(task: asyncio.Future) -> None:
@@ -305,13 +333,17 @@ class Replica:
         await self._stop.wait()
 
     async def _supervise(self) -> None:
-        failures = 0
+        failures = failed_starts = 0
         while not self._stop.is_set():
             try:
                 await self._run_process()
             except _Crash as crash:
                 ready_for = 0.0 if crash.ready_at is None else self._clock.monotonic() - crash.ready_at
                 failures = 1 if ready_for >= self.options.backoff_reset_s else failures + 1
+                failed_starts = failed_starts + 1 if crash.ready_at is None else 0
+                if failed_starts >= self.options.max_failed_starts:
+                    await self._stay_failed(crash, failed_starts)
+                    return
                 delay = self.options.backoff.delay(failures)
                 log.warning("replica %s: %s; restarting in %.1fs", self.spec.replica_id,
                             crash.message.split("; last output:")[0], delay)
@@ -321,6 +353,16 @@ class Replica:
                 self._set(restarts=self._status.restarts + 1)
                 continue
             return  # the process ended because a stop was asked for
+
+    async def _stay_failed(self, crash: _Crash, failed_starts: int) -> None:
+        """Given up: no process until a stop (the assignment changed or went away)."""
+        reason = load_failure_reason(crash.message)
+        log.error("replica %s: failed to start %d times in a row; not restarted until its assignment changes: %s",
+                  self.spec.replica_id, failed_starts, reason)
+        self._set(state=FAILED, pid=0, address="", exit_code=crash.exit_code,
+                  message=f"{reason}\n(failed to start {failed_starts} times in a row; not restarted until the "
+                          f"deployment's revision changes) {crash.message}")
+        await self._stop.wait()
 
     async def _stop_requested_within(self, seconds: float) -> bool:
         sleeper = asyncio.ensure_future(self._clock.sleep(seconds))

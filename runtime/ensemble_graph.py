@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import pairwise
 
+from meshserve.common.model_config import ConfigError
 from meshserve.protos.inference import model_config_pb2 as mc
 
-from .config import ConfigError
 from .tensor_spec import TensorSpec
 
 

@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
+from meshserve.common import model_config as config_rules
 from meshserve.common.errors import FailedPrecondition, Internal, MeshError
 from meshserve.common.telemetry import RequestTrace
 from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.inference import model_config_pb2 as mc
 
-from . import config as config_rules
 from .backends import LoadContext, load_instances
 from .batcher import Batcher, BatchingPolicy
 from .devices import instance_devices

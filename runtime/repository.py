@@ -21,11 +21,11 @@ import logging
 import pathlib
 from dataclasses import dataclass, field
 
+from meshserve.common import model_config as config_rules
 from meshserve.common.errors import InvalidArgument, MeshError, NotFound, Unavailable
 from meshserve.common.model_names import plain_model_name
 from meshserve.common.security.tls import TlsConfig
 
-from . import config as config_rules
 from .ensemble import EnsembleModel
 from .ensemble_remote import RemoteModels
 from .model import ServedModel

@@ -11,6 +11,7 @@ from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .core import SchedulerCore
+from .model_files import check_visible_models
 from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord, RevisionEntry
 from .spec import DeploymentSpec, parse_deployments
 
@@ -57,6 +58,7 @@ class AdminService(mesh_grpc.AdminServiceServicer):
 
     async def Apply(self, request, context):
         specs = parse_deployments(request.spec_yaml)  # bad input is refused on any scheduler
+        await check_visible_models(specs)              # and so is a model whose files it sees are wrong
         self.core.require_leader()
         applied = []
         for spec in specs:

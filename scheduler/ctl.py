@@ -2,7 +2,7 @@
 
     scheduler ctl [--server A[,B...]] [-o table|json|yaml] [--timeout S] VERB ...
 
-      apply -f FILE|DIR|- [-f ...] [--dry-run]
+      apply -f FILE|DIR|- [-f ...] [--dry-run] [--files-on-nodes]
       get nodes|deployments|replicas [NAME]
       describe node|deployment|replica NAME
       delete deployment NAME | delete node NAME [--force]
@@ -25,9 +25,16 @@ address is not a scheduler's.
 
 ``apply`` checks every file with ``scheduler.spec`` before connecting, so a
 bad spec fails at once with every problem and its field path, and nothing is
-sent. It then sends the specs in their canonical form (defaults filled, a
-relative ``model.repository`` resolved against the file's folder), so the
-scheduler never sees a path relative to a folder it cannot know.
+sent. It also checks every model's files where this machine has them
+(``common/model_check.py``: the repository folder, the model's folder in it,
+every ``config.pbtxt`` of the model and its ensemble steps, the files their
+backends load), each problem as ``FILE: field: problem``. A repository that
+is not on this machine is refused unless ``--files-on-nodes`` says it lives
+only on the serving hosts (the scheduler checks it where it sees it; each
+host when the replica loads). It then sends the specs in their canonical
+form (defaults filled, a relative ``model.repository`` resolved against the
+file's folder), so the scheduler never sees a path relative to a folder it
+cannot know.
 
 Requests: ``Get.kind`` is plural (nodes|deployments|replicas), as the proto
 says; ``Describe``, ``Delete`` and ``Explain`` take the singular kind.
@@ -52,6 +59,7 @@ from typing import Any
 import grpc
 
 from meshserve.common import errors
+from meshserve.common.model_check import check_model
 from meshserve.common.security.tls import TlsConfig, TlsError, add_tls_arguments, sync_channel
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token, with_token
 from meshserve.protos.mesh import control_pb2 as pb
@@ -72,6 +80,7 @@ LEADER_PROBE_TIMEOUT_S = 3.0
 # grpc ends every call by its deadline; this only guards against a callback that never comes.
 PROBE_SLACK_S = 2.0
 
+FILES_ON_NODES_FLAG = "--files-on-nodes"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 _KINDS = {
@@ -336,8 +345,9 @@ def _done(args: argparse.Namespace, kind: str, name: str, result: str, **extra: 
     return EXIT_OK
 
 
-def _read_specs(sources: list[str]) -> str:
-    """Every spec file checked; the canonical YAML of them all, or a CtlError listing every problem."""
+def _read_specs(sources: list[str], check_files: bool = True) -> str:
+    """Every spec file checked, and with ``check_files`` every model's files (``common/model_check.py``);
+    the canonical YAML of them all, or a CtlError listing every problem."""
     files: list[tuple[str, str, str]] = []          # (label, text, base folder)
     problems: list[str] = []
     for source in sources:
@@ -367,10 +377,17 @@ def _read_specs(sources: list[str]) -> str:
                 continue
             seen[spec.name] = label
             specs.append(spec)
+            if check_files:
+                problems += check_model(spec.model.repository, spec.model.name, f"{label}: deployments[{index}]",
+                                        [step.model for step in spec.steps])
+    hint = ""
+    if any(".model.repository: " in problem and problem.endswith(": no such folder") for problem in problems):
+        hint = (f"\n(a repository that is only on the serving hosts: apply with {FILES_ON_NODES_FLAG}; "
+                "each host then checks it when the replica loads)")
     if len(problems) == 1:
-        raise CtlError(problems[0])
+        raise CtlError(problems[0] + hint)
     if problems:
-        raise CtlError(f"{len(problems)} problems; nothing was applied:\n" + "\n".join(problems))
+        raise CtlError(f"{len(problems)} problems; nothing was applied:\n" + "\n".join(problems) + hint)
     return specs_to_yaml(specs)
 
 
@@ -378,7 +395,7 @@ def _read_specs(sources: list[str]) -> str:
 
 
 def _apply(args: argparse.Namespace, session: Session) -> int:
-    spec_yaml = _read_specs(args.filenames)
+    spec_yaml = _read_specs(args.filenames, check_files=not args.files_on_nodes)
     reply = session.call("Apply", pb.ApplyRequest(spec_yaml=spec_yaml, dry_run=args.dry_run))
     if args.output != "table":
         _write(output.render(reply, args.output))
@@ -565,6 +582,9 @@ def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     apply.add_argument("-f", "--filename", dest="filenames", action="append", required=True,
                        metavar="FILE", help="a spec file, a folder of them, or - for stdin (repeatable)")
     apply.add_argument("--dry-run", action="store_true", help="validate on the scheduler, change nothing")
+    apply.add_argument(FILES_ON_NODES_FLAG, dest="files_on_nodes", action="store_true",
+                       help="the model repositories are only on the serving hosts: do not check the model files "
+                            "here (the scheduler still checks those it sees; each host checks at load)")
 
     get = verbs.add_parser("get", parents=[common], help="list nodes, deployments or replicas")
     get.add_argument("kind", metavar="KIND", help="nodes | deployments | replicas (or KIND/NAME)")

@@ -4,7 +4,10 @@ Starts, as child processes: a scheduler on the embedded SQLite store in
 ``--state-dir``, one node agent for this host — real NVML where there is a
 GPU, otherwise the fake GPUs of ``--fake-gpus`` (default 1x24GiB), and it
 says which — and the front proxy on ``--proxy-listen``. Then it applies
-``examples/deployments/``, waits until the replicas are ready, prints them,
+``examples/deployments/`` — except an example whose models need a module
+this host's Python lacks (``torch`` for resnet50_torch; declared by the
+model's ``requires`` parameter, onnxruntime for ONNX models): it says which
+it skipped and why — waits until the replicas are ready, prints them,
 calls the examples through the proxy with the client library (a unary call
 and a streaming one), and keeps running until Ctrl-C or SIGTERM, when it
 stops the proxy, the agent (which drains its replicas) and the scheduler.
@@ -29,10 +32,12 @@ import threading
 import time
 
 from meshserve.common.listen import ListenError, listen_socket
+from meshserve.common.model_check import missing_modules
 from meshserve.common.ready_line import parse_metrics_address, parse_ready_line
 from meshserve.common.security.tls import TlsConfig, without_tls_environment
 from meshserve.node_agent.policy import development_policy_yaml
 
+from .spec import SpecError, parse_deployments
 from .state_lock import StateDirBusy, hold_state_dir
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -58,6 +63,19 @@ def _write_dev_policy(state_dir: pathlib.Path) -> str:
     path = state_dir / DEV_POLICY_NAME
     path.write_text(development_policy_yaml(REPO_ROOT / "examples"), encoding="utf-8")
     return str(path)
+def missing_dependencies(spec_file: pathlib.Path) -> str:
+    """Why this host cannot serve the deployments of ``spec_file`` (modules its models need that this Python
+    lacks: the replicas run with it), or "" when it can. A spec that does not parse is left to ``apply``."""
+    try:
+        specs = parse_deployments(spec_file.read_text(encoding="utf-8"), base_dir=spec_file.parent)
+    except (OSError, UnicodeDecodeError, SpecError):
+        return ""
+    lacking = [(model, module) for spec in specs for model, module in
+               missing_modules(spec.model.repository, spec.model.name, [step.model for step in spec.steps])]
+    return "; ".join(f"model {model} needs {module}, which this host's Python lacks (pip install {module})"
+                     for model, module in dict.fromkeys(lacking))
+
+
 def _child_env() -> dict[str, str]:
     """Every process of the dev mesh is plaintext on loopback, whatever MESHSERVE_TLS_* the shell has."""
     return without_tls_environment(os.environ)
@@ -200,6 +218,10 @@ def main(argv: list[str]) -> int:
         children.insert(0, proxy_process)  # stopped last: it keeps serving while replicas drain
         proxy = _wait_for_ready(proxy_process, "proxy")
         for path in sorted(pathlib.Path(args.deployments).glob("*.yaml")):
+            lacking = missing_dependencies(path)
+            if lacking:
+                print(f"meshserve dev: skipping {path.name}: {lacking}", flush=True)
+                continue
             _ctl(address, "apply", "-f", str(path))
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline and not _settled(address):

@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -615,6 +616,7 @@ def test_apply_a_folder_in_one_request(admin, capsys):
 
 def test_apply_from_stdin_resolves_against_the_working_directory(admin, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
+    shutil.copytree(MODELS / "add_sub", tmp_path / "models" / "add_sub")   # ctl checks the model's files
     monkeypatch.setattr(sys, "stdin", io.StringIO("kind: Deployment\nname: new-one\n"
                                                   "model: {repository: models, name: add_sub}\n"))
     code, out, _ = ctl_on(admin, capsys, "apply", "-f", "-", "-o", "json")
@@ -642,11 +644,14 @@ def test_apply_lists_every_problem_of_every_file(admin, capsys, tmp_path):
     assert (code, out) == (1, "")
     a, b, c = (tmp_path / name for name in ("a.yaml", "b.yml", "c.yaml"))
     assert err.splitlines() == [
-        "error: 3 problems; nothing was applied:",
+        "error: 4 problems; nothing was applied:",
         f'  {a}: deployments[0].name: "A" is not a valid name (lowercase letters, digits and \'-\', '
         "starting and ending with a letter or digit, at most 63 characters)",
         f"  {a}: deployments[0].replicas: -1 is negative (use 0 or more)",
+        f"  {b}: deployments[0].model.repository: {tmp_path / 'r'}: no such folder",
         f'  {c}: deployments[0].name: "b" is also in {b}',
+        "  (a repository that is only on the serving hosts: apply with --files-on-nodes; "
+        "each host then checks it when the replica loads)",
     ]
     assert admin.requests == []
 
@@ -660,7 +665,7 @@ def test_apply_a_missing_file(admin, capsys, tmp_path):
 def test_apply_refused_by_the_server_shows_its_message(admin, capsys, tmp_path):
     spec = tmp_path / "refused.yaml"
     spec.write_text("kind: Deployment\nname: refused\nmodel: {repository: /nowhere, name: m}\n")
-    code, out, err = ctl_on(admin, capsys, "apply", "-f", str(spec))
+    code, out, err = ctl_on(admin, capsys, "apply", "-f", str(spec), "--files-on-nodes")  # not checked here
     assert (code, out) == (1, "")
     assert err == 'error: deployment "refused": model.repository: /nowhere is not a model repository on any node\n'
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import grpc
 import pytest
 from mesh_harness import EXAMPLES, REPO_ROOT, RPC_TIMEOUT_S, Admin, Mesh
 
@@ -45,7 +46,15 @@ def test_refused_deployments_show_their_reason_in_get_replicas_and_explain(mesh,
                                 f"BROWSER: \"/bin/sh -c 'id > {marker}' #%s\"}}\n"))
         admin.apply(_deployment("lis", root / "models",
                                 f"runtime_args: [--model-repo, '{tmp_path}', --lis, '0.0.0.0:0']\n"))
-        admin.apply(_deployment("slash", "/"))
+        # The scheduler sees "/" and refuses it itself (no model add_sub there: issue 11); a real repository
+        # outside the host's roots passes the scheduler and is the host's to refuse.
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.apply(_deployment("slash", "/"))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "deployments[0].model.name: no model 'add_sub' in the repository /" in refused.value.details()
+        outside = tmp_path / "outside" / "models"
+        shutil.copytree(EXAMPLES / "add_sub", outside / "add_sub")
+        admin.apply(_deployment("slash", outside))
 
         def settled():
             replicas = {r.deployment: r for r in admin.replicas()}
@@ -56,7 +65,8 @@ def test_refused_deployments_show_their_reason_in_get_replicas_and_explain(mesh,
         replicas = admin.wait_for(settled, "the good deployment ready and the refused ones failed", mesh_=mesh)
         expected = {"browser": "env 'BROWSER', 'PYTHONWARNINGS' are not allowed",
                     "lis": "runtime flag '--lis' is not allowed",
-                    "slash": "model repository '/' (resolved '/') is outside every allowed root"}
+                    # the paths are long (tmp_path) and the reason cuts them: what it says about them stays
+                    "slash": "is outside every allowed root"}
         for name, reason in expected.items():
             replica = replicas[name]
             assert replica.reason.startswith("refused by host policy: ") and reason in replica.reason, replica

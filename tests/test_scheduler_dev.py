@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -38,6 +39,10 @@ def test_dev_mesh_places_the_examples_serves_them_and_stops_cleanly(tmp_path):
     assert "FAKE 1x24GiB (--fake-gpus)" in output
     for deployment in ("add-sub", "mlp-onnx", "textgen"):
         assert f"deployment/{deployment} created" in output
+    if importlib.util.find_spec("torch") is None:    # the example this host cannot serve is skipped, saying why
+        assert ("meshserve dev: skipping resnet50_torch.yaml: model resnet50_torch needs torch, which this "
+                "host's Python lacks (pip install torch)") in output
+        assert "deployment/resnet50-torch" not in output
     assert "add_sub through the proxy 127.0.0.1:" in output and "INPUT0+1 = [1. 2. 3." in output
     assert "textgen through the proxy (streamed): The scheduler places" in output
     for daemon in ("scheduler", "node-agent", "proxy"):   # metrics on by default, each URL printed

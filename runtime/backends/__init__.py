@@ -40,7 +40,7 @@ class LoadContext:
 
 async def load_instances(context: LoadContext, count: int) -> list:
     """Load ``count`` instances with the backend the config names."""
-    from ..config import is_onnx
+    from meshserve.common.model_config import is_onnx
 
     if is_onnx(context.config):
         from . import onnx

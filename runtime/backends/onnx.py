@@ -13,10 +13,10 @@ import asyncio
 
 import numpy as np
 
+from meshserve.common.model_config import ONNX_FILE, ConfigError
 from meshserve.common.tensors import DATATYPE_TO_CONFIG
 from meshserve.protos.inference import model_config_pb2 as mc
 
-from ..config import ONNX_FILE, ConfigError
 from . import LoadContext
 
 _ORT_TYPES = {

@@ -26,8 +26,8 @@ import sys
 import numpy as np
 
 from meshserve.common.errors import Internal
+from meshserve.common.model_config import PYTHON_FILE
 
-from ..config import PYTHON_FILE
 from ..tensor_spec import TensorSpec
 from . import LoadContext, triton_python
 

@@ -45,8 +45,8 @@ import grpc
 import numpy as np
 
 from meshserve.common.errors import Internal, MeshError, error_for_status
+from meshserve.common.model_config import ConfigError
 
-from ..config import ConfigError
 from ..request import InferRequest
 from . import LoadContext
 from . import triton_python_backend_utils as pb_utils

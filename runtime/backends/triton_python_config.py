@@ -16,9 +16,9 @@ import json
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
+from meshserve.common.model_config import ConfigError
 from meshserve.protos.inference import model_config_pb2 as mc
 
-from ..config import ConfigError
 from . import LoadContext
 from . import triton_python_backend_utils as pb_utils
 

@@ -20,6 +20,8 @@ from meshserve.common.errors import InvalidArgument
 from meshserve.protos.inference import model_config_pb2 as mc
 
 CONFIG_FILE = "config.pbtxt"
+# A real config.pbtxt is a few KiB; a bigger one is not read (a hostile file must not fill memory).
+MAX_CONFIG_BYTES = 1 << 20
 PYTHON_BACKEND = "python"
 ONNX_PLATFORMS = ("onnxruntime_onnx", "onnxruntime")
 ENSEMBLE_PLATFORM = "ensemble"
@@ -52,8 +54,19 @@ def _refuse(path: pathlib.Path, field: str, why: str) -> ConfigError:
 
 def parse_config_file(path: pathlib.Path) -> mc.ModelConfig:
     """Parse a config.pbtxt; an unknown field is reported as unsupported, with its line."""
+    if not path.is_file():  # a FIFO or device would block or never end the read
+        raise ConfigError(f"{path}: not a regular file")
     try:
-        return text_format.Parse(path.read_text(), mc.ModelConfig())
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes (not a model configuration)")
+    try:
+        return text_format.Parse(data.decode("utf-8"), mc.ModelConfig())
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except text_format.ParseError as err:
         text = str(err)
         unknown = _UNKNOWN_FIELD.search(text)
@@ -61,6 +74,8 @@ def parse_config_file(path: pathlib.Path) -> mc.ModelConfig:
             field = unknown.group(1)
             raise ConfigError(f"{path}: field '{field}' is not supported by meshserve ({text})") from None
         raise ConfigError(f"{path}: cannot parse: {text}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read (not a model configuration)") from None
 
 
 def version_folders(model_dir: pathlib.Path) -> list[int]:
