@@ -9,6 +9,7 @@ from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFoun
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
+from .autoscaling import config_of
 from .core import SchedulerCore
 from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord
 from .spec import parse_deployments
@@ -64,9 +65,10 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                 applied.append(f"deployment/{spec.name} {verb} (dry run)")
                 continue
             if record is not None and record.revision_fingerprint == spec.revision_fingerprint():
-                await self._commit(record, replicas=spec.replicas, fingerprint=fingerprint,  # a scale: no new revision
+                replicas = _replicas_after_apply(record, spec)
+                await self._commit(record, replicas=replicas, fingerprint=fingerprint,  # a scale: no new revision
                                    spec=spec.to_dict(), spec_yaml=spec.to_yaml())
-                self.cluster.record_event(f"deployment/{spec.name}", f"configured: {spec.replicas} replica(s)")
+                self.cluster.record_event(f"deployment/{spec.name}", f"configured: {replicas} replica(s)")
                 applied.append(f"deployment/{spec.name} configured")
                 continue
             new = self._next_record(record, spec, fingerprint)
@@ -94,7 +96,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
             stable = revision
         return DeploymentRecord(
             name=spec.name, spec=spec_dict, spec_yaml=spec_yaml, fingerprint=fingerprint,
-            revision_fingerprint=spec.revision_fingerprint(), revision=revision, replicas=spec.replicas,
+            revision_fingerprint=spec.revision_fingerprint(), revision=revision,
+            replicas=_replicas_after_apply(record, spec),
             created_unix_ms=record.created_unix_ms if record else now, history=history, stable_revision=stable)
 
     def _deployment_record(self, name: str) -> DeploymentRecord:
@@ -192,7 +195,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                 record.stable_revision if record.canary_active else record.revision)),
             revision=record.revision, model=model_of(record.spec)[1], created_unix_ms=record.created_unix_ms,
             revision_history=[entry["revision"] for entry in record.history],
-            stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight)
+            stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight,
+            **_autoscaling_fields(record))
 
     async def Describe(self, request, context):
         kind = _kind(request.kind)
@@ -300,3 +304,19 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                 f"{replica.node} GPU {','.join(map(str, replica.gpu_indices)) or '-'}"
             lines.append(f"  {replica.id}: {replica.state} ({detail})")
         return lines
+
+
+def _replicas_after_apply(record: DeploymentRecord | None, spec) -> int:
+    """The spec's count; for an autoscaled deployment already running, the autoscaler's count kept within the
+    new bounds (applying the same spec again must not undo its decisions)."""
+    if spec.autoscaling is None or record is None:
+        return spec.replicas
+    return min(max(record.replicas, spec.autoscaling.min_replicas), spec.autoscaling.max_replicas)
+
+
+def _autoscaling_fields(record: DeploymentRecord) -> dict:
+    config = config_of(record)
+    if config is None:
+        return {}
+    return {"autoscaling": True, "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+            "last_scaling": record.last_scaling}

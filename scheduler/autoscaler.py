@@ -124,7 +124,8 @@ class AutoscalerState:
     panic_until: float = 0.0           # in panic until then
     want_since: float = 0.0            # since when the stable window has wanted ``want``
     want: int = -1
-    last_load_at: float = 0.0          # last time any load was seen (scale to zero counts from it)
+    last_load_at: float = 0.0          # last time any load was seen, or the first decision (scale to zero counts
+                                       # from it); 0: no decision yet
     reason: str = ""
     decided_at: float = 0.0
 
@@ -166,7 +167,7 @@ def decide(observations: Sequence[Observation], config: AutoscalingConfig, now: 
     latest_ready = next((o.ready for o in reversed(observations) if o.time <= now), 0)
     stable = _average(observations, now - config.stable_window_s, now)
     panic_load = _average(observations, now - config.panic_window_s, now)
-    last_load_at = state.last_load_at
+    last_load_at = state.last_load_at or now   # idleness is counted from the first decision at the latest
     if any(o.load > 0 for o in observations if now - config.panic_window_s <= o.time <= now) or demand:
         last_load_at = now
     if stable is None or panic_load is None:
@@ -227,7 +228,7 @@ def decide(observations: Sequence[Observation], config: AutoscalingConfig, now: 
         desired, reason = previous, f"{pending} replica(s) pending (no node has room): not asking for more"
 
     if config.min_replicas == 0:
-        idle_for = now - (last_load_at or observations[0].time)
+        idle_for = now - last_load_at
         if demand and previous == 0:
             desired, reason = max(desired, 1), "a call is waiting and no replica exists: waking up"
         elif idle_for >= config.scale_to_zero_after_s and stable == 0:

@@ -134,9 +134,14 @@ def nodes_table(nodes: Sequence[pb.Node]) -> str:
 
 
 def deployments_table(deployments: Sequence[pb.Deployment], now_unix_ms: int) -> str:
+    """With an autoscaled deployment among them, two more columns: its bounds and its last scaling decision."""
+    autoscaled = any(d.autoscaling for d in deployments)
     return table(
-        ("NAME", "MODEL", "READY/DESIRED", "REVISION", "AGE"),
+        ("NAME", "MODEL", "READY/DESIRED", "REVISION", "AGE")
+        + (("AUTOSCALE(MIN-MAX)", "LAST-SCALING") if autoscaled else ()),
         ((d.name, d.model, f"{d.ready_replicas}/{d.replicas}", d.revision, age(d.created_unix_ms, now_unix_ms))
+         + ((f"{d.min_replicas}-{d.max_replicas}" if d.autoscaling else NONE,
+             _shorten(d.last_scaling) if d.last_scaling else NONE) if autoscaled else ())
          for d in deployments),
     )
 

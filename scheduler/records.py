@@ -66,6 +66,10 @@ class DeploymentRecord(_Json):
     # The revision that takes the traffic the canary does not; equal to `revision` unless a
     # canary rollout is under way.
     stable_revision: int = 0
+    # Autoscaled deployments (scheduler/autoscaling.py): the policy's state at its last change of
+    # `replicas`, and that decision with its reason.
+    autoscaler: dict = field(default_factory=dict)
+    last_scaling: str = ""
 
     def spec_of(self, revision: int) -> dict:
         """The spec a revision was applied with (the current spec if it left the history)."""

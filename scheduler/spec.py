@@ -29,6 +29,11 @@ A spec file is YAML with one object per document (separate documents with
                                   # of requests until `scheduler ctl promote` (or `rollback`)
       canary_weight: 10           # percent of requests to the new revision, 1..99
       canary_replicas: 1          # replicas of the new revision while it is a canary
+    autoscaling:                  # replicas follow the load (scheduler/autoscaler.py); default: fixed
+      min_replicas: 1             # 0: scale to zero when idle, wake on the first call at a proxy
+      max_replicas: 4
+      target_in_flight: 2         # calls in flight (queued included) per replica to aim for
+      downscale_delay_s: 60       # a lower want must hold this long; more in the README
 
 Sizes are a whole number of bytes (``1073741824``) or a number and a unit:
 binary ``B KiB MiB GiB TiB`` (also Kubernetes' ``Ki Mi Gi Ti``) or decimal
@@ -75,6 +80,8 @@ import yaml
 from meshserve.common import sizes
 from meshserve.common.errors import InvalidArgument
 
+from .autoscaler import AutoscalingConfig
+
 KIND_DEPLOYMENT = "Deployment"
 KIND_PIPELINE = "Pipeline"
 KINDS = (KIND_DEPLOYMENT, KIND_PIPELINE)
@@ -96,7 +103,7 @@ _AGENT_ARGS = {"--model-repository": "from model.repository", "--model": "from m
 _AGENT_ENV = {"CUDA_VISIBLE_DEVICES": "to the GPUs placement picks"}
 
 _TOP_FIELDS = ("kind", "name", "model", "replicas", "resources", "placement", "revision_history",
-               "runtime_args", "env", "rollout", "colocate", "steps")
+               "runtime_args", "env", "rollout", "colocate", "steps", "autoscaling")
 _MODEL_FIELDS = ("repository", "name")
 _RESOURCE_FIELDS = ("gpus", "gpu_memory", "cpu", "memory")
 _PLACEMENT_FIELDS = ("strategy", "node_selector")
@@ -184,6 +191,8 @@ class DeploymentSpec:
     # Pipelines only: the step models with their resources, and where they may run.
     steps: tuple[PipelineStep, ...] = ()
     colocate: str = "required"
+    # The replica count follows the load between min and max (scheduler/autoscaler.py); None: fixed.
+    autoscaling: AutoscalingConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The complete spec in the documented shape; plain dicts, lists, str and numbers."""
@@ -203,6 +212,7 @@ class DeploymentSpec:
             **({"colocate": self.colocate, "steps": [
                 {"model": step.model, "resources": _resources_dict(step.resources)} for step in self.steps]}
                if self.kind == KIND_PIPELINE else {}),
+            **({"autoscaling": self.autoscaling.to_spec()} if self.autoscaling is not None else {}),
         }
 
     def to_yaml(self) -> str:
@@ -213,9 +223,11 @@ class DeploymentSpec:
         return _digest(self.to_dict())
 
     def revision_fingerprint(self) -> str:
-        """Like ``fingerprint`` without replicas, revision_history and rollout: equal means same revision."""
+        """Like ``fingerprint`` without replicas, revision_history, rollout and autoscaling: equal means same
+        revision (none of them changes what a replica runs)."""
         canonical = self.to_dict()
         del canonical["replicas"], canonical["revision_history"], canonical["rollout"]
+        canonical.pop("autoscaling", None)
         return _digest(canonical)
 
     def replace(self, **changes: Any) -> DeploymentSpec:
@@ -428,6 +440,18 @@ def _deployment(doc: Any, path: str, base_dir: str | None, check: _Checker) -> D
             check.add(f"{path}.env.{key}", f"is set by the node agent ({why}); remove it")
 
     rollout = _rollout(top.get("rollout"), f"{path}.rollout", check)
+    autoscaling = None
+    if top.get("autoscaling") is not None:
+        try:
+            autoscaling = AutoscalingConfig.from_spec(top["autoscaling"])
+        except InvalidArgument as err:
+            check.add(f"{path}.autoscaling", str(err).removeprefix("autoscaling: "))
+        else:
+            if "replicas" not in top:   # start within the bounds; the autoscaler takes it from there
+                replicas = min(max(replicas, autoscaling.min_replicas), autoscaling.max_replicas)
+            elif not autoscaling.min_replicas <= replicas <= autoscaling.max_replicas:
+                check.add(f"{path}.replicas", f"{replicas} is outside autoscaling's [min_replicas, max_replicas] "
+                                          f"= [{autoscaling.min_replicas}, {autoscaling.max_replicas}]")
     steps, colocate = (), "required"
     if kind == KIND_PIPELINE:
         steps = _steps(top.get("steps"), f"{path}.steps", check)
@@ -439,7 +463,8 @@ def _deployment(doc: Any, path: str, base_dir: str | None, check: _Checker) -> D
         return None
     return DeploymentSpec(name=name, model=model, replicas=replicas, resources=resources,
                           placement=placement, revision_history=history, runtime_args=runtime_args,
-                          env=FrozenMap(env), rollout=rollout, kind=kind, steps=steps, colocate=colocate)
+                          env=FrozenMap(env), rollout=rollout, kind=kind, steps=steps, colocate=colocate,
+                          autoscaling=autoscaling)
 
 
 _STEP_FIELDS = ("model", "resources")

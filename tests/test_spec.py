@@ -180,7 +180,7 @@ def test_the_documented_size_error():
 @pytest.mark.parametrize("extra, expected", [
     ("replica: 2\n", 'deployments[0].replica: unknown field (did you mean "replicas"?)'),
     ("shade: blue\n", "deployments[0].shade: unknown field (fields: kind, name, model, replicas, resources, "
-                      "placement, revision_history, runtime_args, env, rollout, colocate, steps)"),
+                      "placement, revision_history, runtime_args, env, rollout, colocate, steps, autoscaling)"),
     ("rollout: {strategy: blue}\n",
      'deployments[0].rollout.strategy: "blue" is not a rollout strategy (use rolling or canary)'),
     ("rollout: {canary_weight: 100}\n", "deployments[0].rollout.canary_weight: 100 is more than 99"),
