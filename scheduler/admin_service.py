@@ -12,6 +12,7 @@ from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 from .autoscaling import config_of
 from .core import SchedulerCore
 from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord
+from .placing import replica_needs
 from .spec import parse_deployments
 from .spec_fields import model_of
 
@@ -179,6 +180,10 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                          draining=record.draining, labels=record.labels, gpu_source=record.gpu_source,
                          last_seen_unix_ms=record.last_seen_unix_ms,
                          replicas=len(self.cluster.replicas_on(name)))
+        booked = [replica_needs(self.cluster, r) for r in self.cluster.replicas_on(name) if r.state != PENDING]
+        node.cpu_allocated = sum(needs.cpu for needs in booked)
+        node.memory_allocated_bytes = sum(needs.memory for needs in booked)
+        node.gpu_memory_allocated_bytes = sum(needs.gpu_memory * max(needs.gpus, 0) for needs in booked)
         if live:
             node.gpus.extend(live.gpus)
             node.resources.CopyFrom(live.resources)
@@ -188,11 +193,9 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         record = self.cluster.deployments.get(name)
         if record is None:
             raise NotFound(f"no deployment named {name!r}")
-        replicas = self.cluster.replicas_of(name)
         return mesh.Deployment(
             name=name, spec_yaml=record.spec_yaml, replicas=record.replicas,
-            ready_replicas=sum(1 for r in replicas if r.state == READY and r.revision == (
-                record.stable_revision if record.canary_active else record.revision)),
+            ready_replicas=self.cluster.ready_count(name),
             revision=record.revision, model=model_of(record.spec)[1], created_unix_ms=record.created_unix_ms,
             revision_history=[entry["revision"] for entry in record.history],
             stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight,
@@ -246,8 +249,26 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         return mesh.NodeResponse()
 
     async def Drain(self, request, context):
+        self.core.require_leader()
+        stranded = self._stranded_by_drain(request.name)
+        if stranded and not request.force:
+            raise FailedPrecondition(
+                f"draining {request.name} would leave {', '.join(stranded)} with no ready replica elsewhere "
+                f"(an outage until replacements are ready); drain with --force to do it anyway")
         await self._set_node_flags(request.name, cordoned=True, draining=True)
+        if stranded:
+            self.cluster.record_event(f"node/{request.name}", f"drained with --force: {', '.join(stranded)} "
+                                                              f"had no ready replica elsewhere")
         return mesh.NodeResponse()
+
+    def _stranded_by_drain(self, node: str) -> list[str]:
+        """Deployments whose every ready replica is on ``node``."""
+        stranded = []
+        for name in sorted(self.cluster.deployments):
+            ready = [r for r in self.cluster.replicas_of(name) if r.state == READY]
+            if ready and all(r.node == node for r in ready):
+                stranded.append(f"deployment/{name}")
+        return stranded
 
     async def DeleteNode(self, request, context):
         """Forget a node that is gone for good. Without ``force`` only a node that holds no
@@ -294,8 +315,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         if record is None:
             raise NotFound(f"no deployment named {name!r}")
         replicas = self.cluster.replicas_of(name)
-        ready = sum(1 for r in replicas if r.state == READY)
-        lines = [f"deployment {name}: {ready}/{record.replicas} ready, revision {record.revision}"]
+        lines = [f"deployment {name}: {self.cluster.ready_count(name)}/{record.replicas} ready, "
+                 f"revision {record.revision}"]
         if record.canary_active:
             lines.append(f"  canary: revision {record.revision} takes {record.canary_weight}% of requests, "
                          f"revision {record.stable_revision} the rest; `scheduler ctl promote|rollback {name}`")

@@ -445,7 +445,7 @@ def _rollout_verb(method: str) -> Callable[[argparse.Namespace, Session], int]:
 def _node_verb(method: str, result: str) -> Callable[[argparse.Namespace, Session], int]:
     def verb(args: argparse.Namespace, session: Session) -> int:
         name = args.node.partition("/")[2] if args.node.startswith(("node/", "nodes/")) else args.node
-        session.call(method, pb.NodeRequest(name=name))
+        session.call(method, pb.NodeRequest(name=name, force=getattr(args, "force", False)))
         return _done(args, "node", name, result)
     return verb
 
@@ -559,6 +559,9 @@ def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
                        ("drain", "cordon a node and move its replicas elsewhere")):
         node = verbs.add_parser(verb, parents=[common], help=text)
         node.add_argument("node", metavar="NODE")
+        if verb == "drain":
+            node.add_argument("--force", action="store_true",
+                              help="even if a deployment would be left with no ready replica elsewhere")
 
     explain = verbs.add_parser("explain", parents=[common], help="why a replica or deployment is where it is")
     explain.add_argument("target", nargs="+", metavar="KIND NAME", help="replica | deployment, and a name")

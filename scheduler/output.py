@@ -118,6 +118,14 @@ def _gpu_memory(node: pb.Node) -> str:
     return f"{free / GIB:.1f}/{total / GIB:.1f}GiB"
 
 
+def _allocated(node: pb.Node) -> str:
+    """Booked by the node's replicas / what the node has: ``1.5/8 cores, 2.0/31.2GiB, 10.0/80.0GiB``."""
+    gpu_total = sum(gpu.memory_total_bytes for gpu in node.gpus)
+    return (f"{node.cpu_allocated:g}/{node.resources.cpu_cores}, "
+            f"{node.memory_allocated_bytes / GIB:.1f}/{node.resources.memory_total_bytes / GIB:.1f}GiB, "
+            f"{node.gpu_memory_allocated_bytes / GIB:.1f}/{gpu_total / GIB:.1f}GiB")
+
+
 def _indices(indices: Sequence[int]) -> str:
     return ",".join(str(i) for i in indices) or NONE
 
@@ -127,9 +135,10 @@ def _indices(indices: Sequence[int]) -> str:
 
 def nodes_table(nodes: Sequence[pb.Node]) -> str:
     return table(
-        ("NAME", "STATE", "GPUS", "GPU-MEMORY(FREE/TOTAL)", "SOURCE", "REPLICAS", "LABELS"),
-        ((n.name, _node_state(n), _gpu_count(n), _gpu_memory(n), n.gpu_source, n.replicas, _labels(n.labels))
-         for n in nodes),
+        ("NAME", "STATE", "GPUS", "GPU-MEMORY(FREE/TOTAL)", "ALLOCATED(CPU/MEMORY/GPU-MEMORY)", "SOURCE",
+         "REPLICAS", "LABELS"),
+        ((n.name, _node_state(n), _gpu_count(n), _gpu_memory(n), _allocated(n), n.gpu_source, n.replicas,
+          _labels(n.labels)) for n in nodes),
     )
 
 
@@ -148,9 +157,9 @@ def deployments_table(deployments: Sequence[pb.Deployment], now_unix_ms: int) ->
 
 def replicas_table(replicas: Sequence[pb.Replica]) -> str:
     return table(
-        ("NAME", "DEPLOYMENT", "NODE", "GPU", "ADDRESS", "PID", "STATE", "REASON"),
-        ((r.id, r.deployment, r.node, _indices(r.gpu_indices), r.address, r.pid or NONE, r.state,
-          _shorten(r.reason)) for r in replicas),
+        ("NAME", "DEPLOYMENT", "REVISION", "NODE", "GPU", "ADDRESS", "PID", "STATE", "RESTARTS", "REASON"),
+        ((r.id, r.deployment, r.revision or NONE, r.node, _indices(r.gpu_indices), r.address, r.pid or NONE, r.state,
+          r.restarts, _shorten(r.reason)) for r in replicas),
     )
 
 

@@ -179,7 +179,7 @@ class SchedulerMessage(_message.Message):
     def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assignments: _Optional[_Union[Assignments, _Mapping]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "host", "state", "cordoned", "draining", "labels", "gpu_source", "gpus", "resources", "last_seen_unix_ms", "replicas")
+    __slots__ = ("name", "host", "state", "cordoned", "draining", "labels", "gpu_source", "gpus", "resources", "last_seen_unix_ms", "replicas", "cpu_allocated", "memory_allocated_bytes", "gpu_memory_allocated_bytes")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,9 @@ class Node(_message.Message):
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    CPU_ALLOCATED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     host: str
     state: str
@@ -209,7 +212,10 @@ class Node(_message.Message):
     resources: HostResources
     last_seen_unix_ms: int
     replicas: int
-    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., cordoned: _Optional[bool] = ..., draining: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_source: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., resources: _Optional[_Union[HostResources, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
+    cpu_allocated: float
+    memory_allocated_bytes: int
+    gpu_memory_allocated_bytes: int
+    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., cordoned: _Optional[bool] = ..., draining: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_source: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., resources: _Optional[_Union[HostResources, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., replicas: _Optional[int] = ..., cpu_allocated: _Optional[float] = ..., memory_allocated_bytes: _Optional[int] = ..., gpu_memory_allocated_bytes: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
     __slots__ = ("name", "spec_yaml", "replicas", "ready_replicas", "revision", "model", "created_unix_ms", "revision_history", "stable_revision", "canary_weight", "autoscaling", "min_replicas", "max_replicas", "last_scaling")
@@ -342,10 +348,12 @@ class ScaleResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "force")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class NodeResponse(_message.Message):
     __slots__ = ()
