@@ -54,12 +54,12 @@ TARGET_IN_FLIGHT = 4
 STEP_HIGH = 16
 
 
-def spec(name: str, *, min_replicas: int, scale_to_zero_after_s: float = 120.0, env: str = "") -> str:
+def spec(name: str, *, min_replicas: int, scale_to_zero_after_s: float = 120.0, drain_delay_s: int = 2) -> str:
     return f"""kind: Deployment
 name: {name}
 model: {{repository: {SERVING}, name: sleeper}}
 resources: {{gpus: 1, gpu_memory: 1GiB, cpu: 10m}}
-env: {{{env}}}
+runtime_args: [--drain-delay, "{drain_delay_s}"]
 autoscaling:
   min_replicas: {min_replicas}
   max_replicas: 6
@@ -242,7 +242,7 @@ def rollout_under_load(admin: Admin, load: Load) -> dict:
     time.sleep(3)
     start = time.monotonic()
     revision = admin.deployment("sleepy").revision
-    admin.apply(spec("sleepy", min_replicas=1, env="ROLLOUT: \"2\""))
+    admin.apply(spec("sleepy", min_replicas=1, drain_delay_s=1))   # a new revision
     admin.wait(lambda: admin.deployment("sleepy").revision == revision + 1
                and all(r.revision == revision + 1 and r.state == "ready" for r in admin.replicas("sleepy"))
                and admin.replicas("sleepy"), "the new revision everywhere")

@@ -29,6 +29,7 @@ from . import config as config_rules
 from .ensemble import EnsembleModel
 from .ensemble_remote import RemoteModels
 from .model import ServedModel
+from .warmup import sample_requests, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,10 @@ class ModelRepository:
                     raise config_rules.ConfigError(
                         f"{model_dir}: no version folder matches the version policy (found {available})"
                     )
+                samples = sample_requests(config, model_dir)   # checked before any version loads
                 for version in versions:
                     loaded[str(version)] = await ServedModel.load(model_dir, config, str(version))
+                    await warm_up(loaded[str(version)], samples)   # ready only once warm (runtime/warmup.py)
             except Exception as err:
                 for model in loaded.values():
                     await model.close()
