@@ -206,6 +206,9 @@ def load_step(admin: Admin, load: Load, quick: bool) -> dict:
 
 
 def cold_start(admin: Admin, proxy: str) -> dict:
+    # The proxy routes by model: "sleepy" serves sleeper too, so it goes first.
+    admin.stub.Delete(mesh.DeleteRequest(kind="deployments", name="sleepy"), timeout=10)
+    admin.wait(lambda: not admin.replicas("sleepy"), "sleepy gone", timeout=120)
     admin.apply(spec("napper", min_replicas=0, scale_to_zero_after_s=3))
     admin.wait(lambda: admin.deployment("napper").replicas == 0 and not admin.replicas("napper"),
                "napper at zero replicas", timeout=120)

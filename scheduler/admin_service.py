@@ -11,9 +11,10 @@ from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .autoscaling import config_of
 from .core import SchedulerCore
-from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord
 from .placing import replica_needs
-from .spec import parse_deployments
+from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord
+from .rollouts import PROGRESSING, ROLLED_BACK, rollback_changes
+from .spec import parse_deployments, parse_spec
 from .spec_fields import model_of
 
 KINDS = ("nodes", "deployments", "replicas")
@@ -99,7 +100,9 @@ class AdminService(mesh_grpc.AdminServiceServicer):
             name=spec.name, spec=spec_dict, spec_yaml=spec_yaml, fingerprint=fingerprint,
             revision_fingerprint=spec.revision_fingerprint(), revision=revision,
             replicas=_replicas_after_apply(record, spec),
-            created_unix_ms=record.created_unix_ms if record else now, history=history, stable_revision=stable)
+            created_unix_ms=record.created_unix_ms if record else now, history=history, stable_revision=stable,
+            autoscaler=record.autoscaler if record else {}, last_scaling=record.last_scaling if record else "",
+            rollout_state=PROGRESSING, rollout_started_unix_ms=now)
 
     def _deployment_record(self, name: str) -> DeploymentRecord:
         record = self.cluster.deployments.get(name)
@@ -123,21 +126,10 @@ class AdminService(mesh_grpc.AdminServiceServicer):
     async def Rollback(self, request, context):
         self.core.require_leader()
         record = self._deployment_record(request.name)
-        if record.canary_active:
-            target = record.stable_revision
-        else:
-            earlier = [entry["revision"] for entry in record.history if entry["revision"] < record.revision]
-            if not earlier:
-                raise FailedPrecondition(f"deployment {request.name!r} has no earlier revision in its history "
-                                         f"(revision_history keeps {len(record.history)})")
-            target = max(earlier)
-        entry = next(e for e in record.history if e["revision"] == target)
-        [spec] = parse_deployments(entry["spec_yaml"])
-        spec = spec.replace(replicas=record.replicas)
+        changes, target = rollback_changes(record, parse_spec)
         previous = record.revision
-        await self._commit(record, revision=target, stable_revision=target, spec=spec.to_dict(),
-                           spec_yaml=spec.to_yaml(), fingerprint=spec.fingerprint(),
-                           revision_fingerprint=spec.revision_fingerprint())
+        await self._commit(record, **changes, rollout_state=f"{ROLLED_BACK}: by request",
+                           rollout_started_unix_ms=int(time.time() * 1000))
         message = f"rolled back from revision {previous} to revision {target}"
         self.cluster.record_event(f"deployment/{request.name}", message)
         self.core.poke()

@@ -70,6 +70,10 @@ class DeploymentRecord(_Json):
     # `replicas`, and that decision with its reason.
     autoscaler: dict = field(default_factory=dict)
     last_scaling: str = ""
+    # The latest rollout (scheduler/rollouts.py): progressing | complete | failed: why | rolled back: why,
+    # and when it began (unix ms).
+    rollout_state: str = ""
+    rollout_started_unix_ms: int = 0
 
     def spec_of(self, revision: int) -> dict:
         """The spec a revision was applied with (the current spec if it left the history)."""

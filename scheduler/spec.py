@@ -174,6 +174,13 @@ class Rollout:
     strategy: str = "rolling"
     canary_weight: int = 10       # percent of requests to the new revision while it is a canary
     canary_replicas: int = 1
+    # Rolling (Kubernetes semantics, a count or "N%" of the desired replicas): at most max_surge replicas
+    # beyond the desired count, at most max_unavailable of them not ready, during the change.
+    max_surge: int | str = 1
+    max_unavailable: int | str = 0
+    resource_aware: bool = False  # a surge replica no node has room for: replace an old one in place
+    progress_deadline_s: int = 600   # a rollout not done by then has failed
+    auto_rollback: bool = True    # a failed rollout (crash loop, deadline) goes back to the previous revision
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,11 @@ class DeploymentSpec:
             "runtime_args": list(self.runtime_args),
             "env": dict(self.env),
             "rollout": {"strategy": self.rollout.strategy, "canary_weight": self.rollout.canary_weight,
-                        "canary_replicas": self.rollout.canary_replicas},
+                        "canary_replicas": self.rollout.canary_replicas, "max_surge": self.rollout.max_surge,
+                        "max_unavailable": self.rollout.max_unavailable,
+                        "resource_aware": self.rollout.resource_aware,
+                        "progress_deadline_s": self.rollout.progress_deadline_s,
+                        "auto_rollback": self.rollout.auto_rollback},
             **({"colocate": self.colocate, "steps": [
                 {"model": step.model, "resources": _resources_dict(step.resources)} for step in self.steps]}
                if self.kind == KIND_PIPELINE else {}),
@@ -490,7 +501,9 @@ def _steps(value: Any, path: str, check: _Checker) -> tuple[PipelineStep, ...]:
 
 
 ROLLOUT_STRATEGIES = ("rolling", "canary")
-_ROLLOUT_FIELDS = ("strategy", "canary_weight", "canary_replicas")
+_ROLLOUT_FIELDS = ("strategy", "canary_weight", "canary_replicas", "max_surge", "max_unavailable", "resource_aware",
+                   "progress_deadline_s", "auto_rollback")
+_PERCENT = re.compile(r"^(100|[1-9]?[0-9])%$")
 
 
 def _rollout(value: Any, path: str, check: _Checker) -> Rollout:
@@ -509,7 +522,34 @@ def _rollout(value: Any, path: str, check: _Checker) -> Rollout:
                              MAX_REPLICAS)
     if replicas < 1:
         check.add(f"{path}.canary_replicas", "a canary needs at least 1 replica")
-    return Rollout(strategy=strategy, canary_weight=weight, canary_replicas=replicas)
+    surge = _count_or_percent(block.get("max_surge", Rollout.max_surge), f"{path}.max_surge", check)
+    unavailable = _count_or_percent(block.get("max_unavailable", Rollout.max_unavailable),
+                                    f"{path}.max_unavailable", check)
+    if surge in (0, "0%") and unavailable in (0, "0%"):
+        check.add(f"{path}.max_unavailable", "max_surge and max_unavailable cannot both be 0 (nothing could move)")
+    flags = {}
+    for flag in ("resource_aware", "auto_rollback"):
+        value = block.get(flag, getattr(Rollout, flag))
+        if not isinstance(value, bool):
+            check.add(f"{path}.{flag}", f"{_show(value)} is not true or false")
+            value = getattr(Rollout, flag)
+        flags[flag] = value
+    deadline = check.integer(block.get("progress_deadline_s"), f"{path}.progress_deadline_s",
+                             Rollout.progress_deadline_s, 86_400)
+    if deadline < 1:
+        check.add(f"{path}.progress_deadline_s", "must be at least 1 second")
+    return Rollout(strategy=strategy, canary_weight=weight, canary_replicas=replicas, max_surge=surge,
+                   max_unavailable=unavailable, progress_deadline_s=deadline, **flags)
+
+
+def _count_or_percent(value: Any, path: str, check: _Checker) -> int | str:
+    """A replica count (``2``) or a percentage of the desired replicas (``"25%"``), as Kubernetes takes them."""
+    if isinstance(value, str) and _PERCENT.match(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPLICAS:
+        check.add(path, f"{_show(value)} is not a replica count (0..{MAX_REPLICAS}) or a percentage like \"25%\"")
+        return 0
+    return value
 
 
 def _model(top: dict, path: str, base_dir: str | None, check: _Checker) -> ModelRef | None:
@@ -633,3 +673,9 @@ def parse_deployments(text: str, base_dir: str | os.PathLike | None = None) -> l
 def specs_to_yaml(specs: list[DeploymentSpec]) -> str:
     """Several specs as one multi-document YAML text that ``parse_deployments`` reads back."""
     return "---\n".join(spec.to_yaml() for spec in specs)
+
+
+def parse_spec(text: str) -> DeploymentSpec:
+    """The one deployment of a stored spec's YAML (a revision in a record's history)."""
+    [spec] = parse_deployments(text)
+    return spec
