@@ -88,7 +88,7 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         now = time.time_ns() // 1_000_000
         spec_dict, spec_yaml = spec.to_dict(), spec.to_yaml()
         revision = record.revision + 1 if record else 1
-        entry = {"revision": revision, "spec": spec_dict, "spec_yaml": spec_yaml}
+        entry = {"revision": revision, "spec": spec_dict, "spec_yaml": spec_yaml, "applied_unix_ms": now}
         keep = max(1, spec.revision_history)
         history = ((record.history if record else []) + [entry])[-keep:]
         if record is not None and spec.rollout.strategy == "canary":
@@ -191,7 +191,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
             revision=record.revision, model=model_of(record.spec)[1], created_unix_ms=record.created_unix_ms,
             revision_history=[entry["revision"] for entry in record.history],
             stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight,
-            **_autoscaling_fields(record))
+            rollout_state=record.rollout_state, rollout_started_unix_ms=record.rollout_started_unix_ms,
+            revisions=_revisions(record), **_autoscaling_fields(record))
 
     async def Describe(self, request, context):
         kind = _kind(request.kind)
@@ -333,3 +334,21 @@ def _autoscaling_fields(record: DeploymentRecord) -> dict:
         return {}
     return {"autoscaling": True, "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
             "last_scaling": record.last_scaling}
+
+
+def _revisions(record: DeploymentRecord) -> list[mesh.RevisionInfo]:
+    """The kept revisions, each with what changed from the one before (top-level spec sections)."""
+    infos, previous = [], None
+    for entry in record.history:
+        spec = entry.get("spec", {})
+        if previous is None:
+            change = "first revision kept"
+        else:
+            changed = [key for key in sorted(set(spec) | set(previous))
+                       if key not in ("replicas", "revision_history", "rollout", "autoscaling")
+                       and spec.get(key) != previous.get(key)]
+            change = ", ".join(changed) or "no change to what replicas run"
+        infos.append(mesh.RevisionInfo(revision=entry["revision"], applied_unix_ms=entry.get("applied_unix_ms", 0),
+                                       change=change))
+        previous = spec
+    return infos

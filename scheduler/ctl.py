@@ -8,7 +8,8 @@
       delete deployment NAME | delete node NAME [--force]
       scale NAME --replicas N
       promote NAME | rollback NAME
-      cordon NODE | uncordon NODE | drain NODE
+      rollout status NAME [--wait S] | rollout history NAME
+      cordon NODE | uncordon NODE | drain NODE [--force]
       explain replica|deployment NAME
 
 The global options may also follow the verb (``get nodes -o yaml``); a kind
@@ -34,8 +35,9 @@ says; ``Describe``, ``Delete`` and ``Explain`` take the singular kind.
 
 Exit codes: 0 done; 1 the request failed (invalid spec, not found, refused by
 the scheduler); 2 usage error; 3 no scheduler reachable, no leader, its store
-unavailable, or no answer in time. Every failure is one ``error: ...`` on stderr, never a
-traceback.
+unavailable, or no answer in time; 4 ``rollout status`` still in progress when
+its wait ended (1: the rollout failed or was rolled back). Every failure is one
+``error: ...`` on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ LEADER_PROBE_TIMEOUT_S = 3.0
 # grpc ends every call by its deadline; this only guards against a callback that never comes.
 PROBE_SLACK_S = 2.0
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+ROLLOUT_POLL_S = 0.5
 
 _KINDS = {
     "node": "node", "nodes": "node", "no": "node",
@@ -442,6 +445,33 @@ def _rollout_verb(method: str) -> Callable[[argparse.Namespace, Session], int]:
     return verb
 
 
+def _rollout(args: argparse.Namespace, session: Session) -> int:
+    """``rollout status NAME``: wait for the current rollout; ``rollout history NAME``: its kept revisions."""
+    name = args.name.partition("/")[2] if args.name.startswith(("deployment/", "deployments/")) else args.name
+    if args.action == "history":
+        deployment = session.call("Get", pb.GetRequest(kind="deployments", name=name)).deployments[0]
+        if args.output != "table":
+            _write(output.dump({"revisions": [output.to_data(r) for r in deployment.revisions]}, args.output))
+        else:
+            _write(output.revisions_table(deployment, int(time.time() * 1000)))
+        return EXIT_OK
+    deadline = time.monotonic() + args.wait
+    last = ""
+    while True:
+        deployment = session.call("Get", pb.GetRequest(kind="deployments", name=name)).deployments[0]
+        replicas = session.call("Get", pb.GetRequest(kind="replicas", name=name)).replicas
+        state, line = output.rollout_progress(deployment, replicas)
+        if line != last:
+            _write(line + "\n")
+            last = line
+        if state != "progressing":
+            return EXIT_OK if state == "complete" else EXIT_FAILED
+        if time.monotonic() >= deadline:
+            sys.stderr.write(f"error: deployment/{name}: the rollout is still in progress after {args.wait:g}s\n")
+            return EXIT_TIMEOUT
+        time.sleep(ROLLOUT_POLL_S)
+
+
 def _node_verb(method: str, result: str) -> Callable[[argparse.Namespace, Session], int]:
     def verb(args: argparse.Namespace, session: Session) -> int:
         name = args.node.partition("/")[2] if args.node.startswith(("node/", "nodes/")) else args.node
@@ -466,7 +496,7 @@ _VERBS: dict[str, Callable[[argparse.Namespace, Session], int]] = {
     "apply": _apply, "get": _get, "describe": _describe, "delete": _delete, "scale": _scale,
     "cordon": _node_verb("Cordon", "cordoned"), "uncordon": _node_verb("Uncordon", "uncordoned"),
     "drain": _node_verb("Drain", "draining"), "explain": _explain,
-    "promote": _rollout_verb("Promote"), "rollback": _rollout_verb("Rollback"),
+    "promote": _rollout_verb("Promote"), "rollback": _rollout_verb("Rollback"), "rollout": _rollout,
 }
 
 
@@ -553,6 +583,13 @@ def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
                        ("rollback", "back to the stable revision (in a canary) or the previous one")):
         rollout = verbs.add_parser(verb, parents=[common], help=text)
         rollout.add_argument("target", nargs="+", metavar="NAME")
+
+    rollout = verbs.add_parser("rollout", parents=[common], help="a deployment's rollout: status (waits) or history")
+    rollout.add_argument("action", choices=("status", "history"))
+    rollout.add_argument("name", metavar="NAME")
+    rollout.add_argument("--wait", type=_positive_seconds, default=600.0, metavar="S",
+                         help="status: how long to wait for the rollout to end (default 600); exit 0 complete, "
+                              "1 failed or rolled back, 4 still in progress")
 
     for verb, text in (("cordon", "stop placing new replicas on a node"),
                        ("uncordon", "allow placing replicas on a node again"),

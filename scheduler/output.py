@@ -163,6 +163,29 @@ def replicas_table(replicas: Sequence[pb.Replica]) -> str:
     )
 
 
+def rollout_progress(deployment: pb.Deployment, replicas: Sequence[pb.Replica]) -> tuple[str, str]:
+    """(progressing | complete | failed, one line saying where the rollout is), as `rollout status` prints."""
+    name, revision = deployment.name, deployment.revision
+    state = deployment.rollout_state
+    if state.startswith(("failed", "rolled back")):
+        return "failed", f"deployment/{name}: rollout {state}"
+    current = [r for r in replicas if r.revision == revision and r.state != "draining"]
+    ready = sum(1 for r in current if r.state == "ready")
+    old = [r for r in replicas if r.revision != revision and r.state != "draining"]
+    if ready >= deployment.replicas and not old:
+        return "complete", f"deployment/{name}: revision {revision} rolled out ({ready} of {deployment.replicas} ready)"
+    return "progressing", (f"deployment/{name}: waiting for revision {revision}: {ready} of {deployment.replicas} "
+                           f"updated replicas ready, {len(old)} old replica(s) left")
+
+
+def revisions_table(deployment: pb.Deployment, now_unix_ms: int) -> str:
+    return table(
+        ("REVISION", "APPLIED", "CHANGE", ""),
+        ((r.revision, age(r.applied_unix_ms, now_unix_ms) + " ago" if r.applied_unix_ms else NONE, r.change,
+          "(current)" if r.revision == deployment.revision else "") for r in deployment.revisions),
+    )
+
+
 def get_table(response: pb.GetResponse, kind: str, now_unix_ms: int) -> str:
     """The table for ``get KIND`` (kind: nodes | deployments | replicas)."""
     if kind == "nodes":

@@ -218,7 +218,7 @@ class Node(_message.Message):
     def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., cordoned: _Optional[bool] = ..., draining: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_source: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., resources: _Optional[_Union[HostResources, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., replicas: _Optional[int] = ..., cpu_allocated: _Optional[float] = ..., memory_allocated_bytes: _Optional[int] = ..., gpu_memory_allocated_bytes: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "spec_yaml", "replicas", "ready_replicas", "revision", "model", "created_unix_ms", "revision_history", "stable_revision", "canary_weight", "autoscaling", "min_replicas", "max_replicas", "last_scaling")
+    __slots__ = ("name", "spec_yaml", "replicas", "ready_replicas", "revision", "model", "created_unix_ms", "revision_history", "stable_revision", "canary_weight", "autoscaling", "min_replicas", "max_replicas", "last_scaling", "rollout_state", "rollout_started_unix_ms", "revisions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_YAML_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +233,9 @@ class Deployment(_message.Message):
     MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     LAST_SCALING_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_STATE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec_yaml: str
     replicas: int
@@ -247,7 +250,20 @@ class Deployment(_message.Message):
     min_replicas: int
     max_replicas: int
     last_scaling: str
-    def __init__(self, name: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., revision: _Optional[int] = ..., model: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., revision_history: _Optional[_Iterable[int]] = ..., stable_revision: _Optional[int] = ..., canary_weight: _Optional[int] = ..., autoscaling: _Optional[bool] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., last_scaling: _Optional[str] = ...) -> None: ...
+    rollout_state: str
+    rollout_started_unix_ms: int
+    revisions: _containers.RepeatedCompositeFieldContainer[RevisionInfo]
+    def __init__(self, name: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., revision: _Optional[int] = ..., model: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., revision_history: _Optional[_Iterable[int]] = ..., stable_revision: _Optional[int] = ..., canary_weight: _Optional[int] = ..., autoscaling: _Optional[bool] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., last_scaling: _Optional[str] = ..., rollout_state: _Optional[str] = ..., rollout_started_unix_ms: _Optional[int] = ..., revisions: _Optional[_Iterable[_Union[RevisionInfo, _Mapping]]] = ...) -> None: ...
+
+class RevisionInfo(_message.Message):
+    __slots__ = ("revision", "applied_unix_ms", "change")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    applied_unix_ms: int
+    change: str
+    def __init__(self, revision: _Optional[int] = ..., applied_unix_ms: _Optional[int] = ..., change: _Optional[str] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("id", "deployment", "node", "gpu_indices", "address", "pid", "state", "reason", "restarts", "revision", "gpu_memory_bytes")
