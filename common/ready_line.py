@@ -30,3 +30,17 @@ def parse_ready_line(line: str, component: str | None = None) -> str | None:
     if match is None or (component is not None and match["component"] != component):
         return None
     return match["address"]
+
+
+_METRICS = re.compile(r"metrics on http://(?P<address>[^/\s]+:\d+)/metrics")
+
+
+def metrics_detail(address: str | None) -> str:
+    """What a daemon with ``--metrics-listen`` adds to its ready line: `` (metrics on http://ADDR/metrics)``."""
+    return f" (metrics on http://{address}/metrics)" if address else ""
+
+
+def parse_metrics_address(line: str) -> str | None:
+    """The metrics address a ready line announces (``metrics_detail``), or None."""
+    match = _METRICS.search(line)
+    return match["address"] if match else None

@@ -29,6 +29,10 @@ import signal
 import socket
 import sys
 
+from meshserve.common.listen import ListenError, exit_on_listen_error
+from meshserve.common.metrics import add_metrics_arguments, metrics_listen_from_args
+from meshserve.common.metrics_http import MetricsHttpServer
+from meshserve.common.ready_line import metrics_detail
 from meshserve.common.sd_notify import Notifier, announce
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token
@@ -36,6 +40,7 @@ from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token
 from .agent import Agent, AgentConfig
 from .gpu_probe import parse_fake_spec, select_probe
 from .membership import MembershipUnreadable
+from .metrics import AgentMetrics
 from .policy import HostPolicy, PolicyError
 from .process import SubprocessLauncher
 from .replica import ReplicaOptions
@@ -106,10 +111,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "flags, run_as user, caps; default: nothing is allowed to run")
     parser.add_argument("--log-level", default="INFO")
     add_tls_arguments(parser)
+    add_metrics_arguments(parser)
     parser.add_argument("--token-file", metavar="FILE",
                         help=f"a file holding this node's bearer token for the scheduler (role agent, NAME the "
                              f"node name; default ${ENV_TOKEN}); with mutual TLS its certificate is enough")
     args = parser.parse_args(argv)
+    args.metrics_listen = metrics_listen_from_args(parser, args)
     try:
         args.token = client_token(args.token_file)
     except TokenError as err:
@@ -144,8 +151,13 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
     options = ReplicaOptions(listen_host=args.bind_host or args.host,
                              advertise_host=args.host if args.bind_host else None,
                              stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, policy=policy,
-                             tls=args.tls)
+                             tls=args.tls, metrics=args.metrics_listen is not None)
     supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=policy.run_as))
+    metrics_server = None
+    if args.metrics_listen:   # replicas then serve metrics on loopback, re-exported here (node_agent/metrics.py)
+        metrics_server = MetricsHttpServer(args.metrics_listen, AgentMetrics(args.name, probe, supervisor).render)
+        await metrics_server.start()
+        print(f"meshserve node-agent {args.name}{metrics_detail(metrics_server.address)}", flush=True)
     agent = Agent(AgentConfig(node_name=args.name, schedulers=args.scheduler, host=args.host,
                               labels=args.labels, report_interval_s=args.report_interval, tls=args.tls, token=args.token,
                               membership_file=os.path.join(args.state_dir, f"node-{args.name}.json")),
@@ -170,6 +182,8 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
             await shutdown[0]
     finally:
         await supervisor.drain_all()  # a no-op after shutdown(); otherwise never leave replicas behind
+        if metrics_server:
+            await metrics_server.stop()
         probe.close()
     log.info("stopped")
 
@@ -182,6 +196,8 @@ def main(argv=None) -> None:
     except MembershipUnreadable as err:
         print(f"node-agent: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except ListenError as err:
+        exit_on_listen_error("meshserve node-agent", err)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class GpuSample:
     memory_used_bytes: int
     memory_free_bytes: int
     utilization_percent: int = 0
+    power_watts: float = 0.0   # NVML's power draw; 0 where unsupported, and on fake GPUs
     processes: tuple[GpuProcess, ...] = ()
 
 
@@ -208,6 +209,7 @@ class NvmlProbe:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
             utilization = self._optional(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu, 0)
+            power_mw = self._optional(lambda h=handle: nvml.nvmlDeviceGetPowerUsage(h), 0)
             running = self._optional(lambda: nvml.nvmlDeviceGetComputeRunningProcesses(handle), [])
             samples.append(GpuSample(
                 index=index,
@@ -217,6 +219,7 @@ class NvmlProbe:
                 memory_used_bytes=int(memory.used),
                 memory_free_bytes=int(memory.free),
                 utilization_percent=int(utilization),
+                power_watts=int(power_mw) / 1000.0,
                 # usedGpuMemory is None where NVML cannot tell (e.g. Windows WDDM): reported as 0.
                 processes=tuple(GpuProcess(int(p.pid), int(p.usedGpuMemory or 0)) for p in running),
             ))

@@ -41,7 +41,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.common.assignment_env import GPU_MEMORY_ENV
 from meshserve.common.backoff import Backoff
-from meshserve.common.ready_line import parse_ready_line
+from meshserve.common.metrics import METRICS_FLAG
+from meshserve.common.ready_line import parse_metrics_address, parse_ready_line
 from meshserve.common.runtime_options import SHARED_MEMORY_FLAG, SHARED_MEMORY_NONE
 from meshserve.common.security.tls import TlsConfig, aio_channel, without_tls_environment
 from meshserve.common.security.tokens import without_token_environment
@@ -136,6 +137,7 @@ class ReplicaStatus:
     restarts: int = 0
     in_flight: int = 0      # inference calls in progress, from the runtime (node_agent/replica_load.py)
     queued: int = 0
+    metrics_address: str = ""   # the process's GET /metrics, while it has one (ReplicaOptions.metrics)
 
 
 @dataclass
@@ -169,6 +171,9 @@ class ReplicaOptions:
     # The agent's TLS settings: handed to every replica as MESHSERVE_TLS_* (a spec's env cannot change
     # them) and used for the health checks. None: plaintext, loopback replicas only.
     tls: TlsConfig | None = None
+    # Each replica serves GET /metrics on loopback, a port of its own choosing, which the agent
+    # re-exports with replica and node labels (node_agent/metrics.py). Off: no metrics endpoint.
+    metrics: bool = False
 
 
 WaitReady = Callable[[str], Awaitable[None]]
@@ -329,6 +334,8 @@ class Replica:
         # The host's choice: a spec may not pass --shared-memory (node_agent/runtime_flags.py).
         argv += [SHARED_MEMORY_FLAG, options.policy.shared_memory if options.policy else SHARED_MEMORY_NONE]
         argv.extend(spec.runtime_args)  # after ours: a deployment's runtime_args may override them
+        if options.metrics:   # last: the agent scrapes it, so a spec cannot move it off loopback
+            argv += [METRICS_FLAG, "127.0.0.1:0"]
         env = without_token_environment(without_tls_environment({**options.base_env, "PYTHONUNBUFFERED": "1",
                                                                  **dict(spec.env)}))   # the agent's token stays
         env.update((options.tls or TlsConfig()).as_environment())   # the agent's TLS, whatever the spec says
@@ -345,7 +352,7 @@ class Replica:
             raise _Crash(-1, f"cannot start {argv[0]}: {err}") from None
         log.info("replica %s: started pid %d (CUDA_VISIBLE_DEVICES=%r)", self.spec.replica_id, process.pid,
                  env["CUDA_VISIBLE_DEVICES"])
-        self._set(state=STARTING, pid=process.pid, address="")
+        self._set(state=STARTING, pid=process.pid, address="", metrics_address="")
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         reader = asyncio.create_task(self._read_output(process, tail, listening))
@@ -415,6 +422,7 @@ class Replica:
             if stream == "stdout" and not listening.done():
                 address = parse_ready_line(line, "runtime")
                 if address is not None:
+                    self._set(metrics_address=parse_metrics_address(line) or "")
                     listening.set_result(address)
         if not listening.done():
             listening.set_exception(ConnectionError("output closed before the listening line"))

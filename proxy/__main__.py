@@ -17,6 +17,7 @@ import signal
 from google.protobuf import text_format
 
 from meshserve.common.listen import ListenError, exit_on_listen_error
+from meshserve.common.metrics import add_metrics_arguments, metrics_listen_from_args
 from meshserve.common.ready_line import print_ready_line
 from meshserve.common.sd_notify import Notifier, announce
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
@@ -36,7 +37,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
     source.add_argument("--scheduler", help="HOST:PORT[,HOST:PORT...]: schedulers to follow routes from")
     source.add_argument("--routes-file", help="a static mesh.RouteTable in protobuf text format")
     parser.add_argument("--listen", default=ProxyOptions.listen, help="HOST:PORT (port 0 picks a free one)")
-    parser.add_argument("--metrics-listen", help="HOST:PORT for Prometheus GET /metrics")
+    add_metrics_arguments(parser)
     parser.add_argument("--max-message-bytes", type=int, default=ProxyOptions.max_message_bytes)
     parser.add_argument("--max-retries", type=int, default=ProxyOptions.max_retries,
                         help="retries per call of one that never reached a model")
@@ -58,6 +59,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
                              f"(default ${ENV_TOKEN}); with mutual TLS its certificate is enough")
     args = parser.parse_args(argv)
     tls = tls_from_args(parser, args, args.listen)
+    metrics_listen = metrics_listen_from_args(parser, args)
     auth, roles = authenticator_from_args(parser, args, tls), data_plane_table_from_args(parser, args)
     try:
         token = client_token(args.client_token_file)
@@ -72,7 +74,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
     if args.cold_start_timeout <= 0 or args.max_held_calls < 0:
         parser.error("--cold-start-timeout must be > 0 and --max-held-calls >= 0")
     return args, ProxyOptions(
-        schedulers=schedulers, listen=args.listen, metrics_listen=args.metrics_listen,
+        schedulers=schedulers, listen=args.listen, metrics_listen=metrics_listen,
         max_message_bytes=args.max_message_bytes, routes=routes, max_retries=args.max_retries, tls=tls,
         auth=auth, roles=roles, client_token=token,
         channels_per_replica=args.channels_per_replica,

@@ -25,6 +25,7 @@ from opentelemetry import trace
 
 from meshserve.common import limits
 from meshserve.common.listen import grpc_server
+from meshserve.common.metrics_http import MetricsHttpServer
 from meshserve.common.security.auth import Authenticator, AuthInterceptor
 from meshserve.common.security.roles import RoleTable, data_plane_table
 from meshserve.common.security.tls import TlsConfig, add_port
@@ -36,7 +37,6 @@ from .endpoints import SERVICE_NAME, EndpointPool
 from .follower import RouteFollower
 from .forwarder import UnaryForwarder, Upstreams
 from .metrics import ProxyMetrics
-from .metrics_http import MetricsHttpServer
 from .retry_budget import RetryBudget
 from .routes import RouteTable
 from .servicer import ProxyServicer, service_handler

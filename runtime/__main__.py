@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from meshserve.common.listen import ListenError, exit_on_listen_error
+from meshserve.common.metrics import add_metrics_arguments, metrics_listen_from_args
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 from meshserve.common.telemetry import configure_tracing, shutdown_tracing
@@ -47,7 +48,9 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
     parser.add_argument("--log-level", default="INFO")
     add_tls_arguments(parser)
     add_auth_arguments(parser, data_plane=True)
+    add_metrics_arguments(parser)
     args = parser.parse_args(argv)
+    metrics_listen = metrics_listen_from_args(parser, args)
     tls = tls_from_args(parser, args, args.listen)
     auth, roles = authenticator_from_args(parser, args, tls), data_plane_table_from_args(parser, args)
     remote_models = {}
@@ -63,6 +66,7 @@ def parse_args(argv=None) -> tuple[str, ServerOptions]:
         max_message_bytes=args.max_message_bytes, grace_period_s=args.grace_period,
         drain_delay_s=args.drain_delay, strict=args.strict, remote_models=remote_models, tls=tls,
         model_control=args.model_control, auth=auth, roles=roles, shared_memory=args.shared_memory,
+        metrics_listen=metrics_listen,
     )
 
 

@@ -91,6 +91,7 @@ class ServedModel:
         self._executor = executor
         self._pool = InstancePool(instances)
         self._streams = 0
+        self.pending_requests = 0   # ModelInfer calls queued or executing (nv_inference_pending_request_count)
         self._no_streams = asyncio.Event()
         self._no_streams.set()
         self._batcher = None if self.decoupled else Batcher(
@@ -144,11 +145,14 @@ class ServedModel:
             raise FailedPrecondition(
                 f"model '{self.name}' is decoupled (it streams responses); call ModelStreamInfer"
             )
+        self.pending_requests += 1
         try:
             outputs = await self._batcher.submit(request, trace)
         except MeshError:
             self.stats.record_request(False, time.perf_counter_ns() - request.arrival_ns)
             raise
+        finally:
+            self.pending_requests -= 1
         self._check_outputs(outputs, request)
         self.stats.record_request(True, time.perf_counter_ns() - request.arrival_ns)
         return outputs

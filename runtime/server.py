@@ -28,7 +28,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshserve.common import limits
 from meshserve.common.listen import grpc_server
-from meshserve.common.ready_line import print_ready_line
+from meshserve.common.metrics import render
+from meshserve.common.metrics_http import MetricsHttpServer
+from meshserve.common.ready_line import metrics_detail, print_ready_line
 from meshserve.common.security.auth import Authenticator, AuthInterceptor
 from meshserve.common.security.roles import RoleTable, data_plane_table
 from meshserve.common.security.tls import TlsConfig, add_port
@@ -39,6 +41,7 @@ from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .heap_trim import HeapTrimmer
 from .load_service import LoadServicer
+from .metrics import runtime_registry
 from .model_control import NONE, ModelControl
 from .repository import ModelRepository
 from .servicer import InferenceServicer
@@ -76,6 +79,8 @@ class ServerOptions:
     roles: RoleTable | None = None
     # System shared memory: "system" (Triton's default) or "none" (runtime/shared_memory.py MODES).
     shared_memory: str = SYSTEM
+    # HOST:PORT for Prometheus GET /metrics (runtime/metrics.py); None: no metrics endpoint.
+    metrics_listen: str | None = None
 
 
 class RuntimeServer:
@@ -99,6 +104,13 @@ class RuntimeServer:
         self.address = add_port(self.server, options.listen, options.tls)  # ListenError: the port is taken
         self.port = int(self.address.rsplit(":", 1)[1])
         self.shared_memory_janitor = SharedMemoryJanitor(self.servicer.shared_memory, self.port)
+        self.metrics_registry = runtime_registry(self.repository.ready_models)
+        self.metrics_server = (MetricsHttpServer(options.metrics_listen, lambda: render(self.metrics_registry))
+                               if options.metrics_listen else None)   # ListenError: the port is taken
+
+    @property
+    def metrics_address(self) -> str | None:
+        return self.metrics_server.address if self.metrics_server else None
 
     def _load(self) -> tuple[int, int]:
         """(inference calls in progress, of which queued in a batcher) for ReplicaService/WatchLoad."""
@@ -118,6 +130,8 @@ class RuntimeServer:
 
     async def start(self) -> None:
         await self.server.start()
+        if self.metrics_server:
+            await self.metrics_server.start()
         self.heap_trimmer.start()
         self.shared_memory_janitor.start()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -127,6 +141,8 @@ class RuntimeServer:
             log.warning("model '%s' is not available: %s", name, reason)
         if failed and self.options.strict:
             await self.server.stop(0)
+            if self.metrics_server:
+                await self.metrics_server.stop()
             await self.heap_trimmer.stop()
             await self.shared_memory_janitor.stop()
             await self.repository.close()
@@ -154,12 +170,14 @@ class RuntimeServer:
         await self.shared_memory_janitor.stop()
         self.servicer.shared_memory.close()
         await self.repository.close()
+        if self.metrics_server:
+            await self.metrics_server.stop()
 
 
 async def run(options: ServerOptions) -> None:
     server = RuntimeServer(options)
     await server.start()
-    print_ready_line("runtime", server.address)
+    print_ready_line("runtime", server.address, metrics_detail(server.metrics_address))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -75,6 +75,10 @@ class ModelStatisticsRecorder:
     def record_request(self, ok: bool, ns: int) -> None:
         (self.success if ok else self.fail).add(ns)
 
+    def executions_by_batch_size(self) -> dict[int, int]:
+        """Batch size -> executions of that size (``batch_stats``' counts; runtime/metrics.py's histogram)."""
+        return {size: self._batches[size].compute_infer.count for size in sorted(self._batches)}
+
     def to_proto(self) -> pb.ModelStatistics:
         message = pb.ModelStatistics(
             name=self.name,

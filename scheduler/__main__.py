@@ -8,6 +8,7 @@ import logging
 import sys
 
 from meshserve.common.listen import ListenError, exit_on_listen_error
+from meshserve.common.metrics import add_metrics_arguments, metrics_listen_from_args
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 
@@ -37,7 +38,9 @@ def _serve(argv: list[str]) -> int:
                         help="append one JSON line per mutating admin call (allowed or refused) to FILE; "
                              "default: the log, at INFO under logger meshserve.audit")
     add_etcd_arguments(parser)
+    add_metrics_arguments(parser)
     args = parser.parse_args(argv)
+    metrics_listen = metrics_listen_from_args(parser, args)
     tls = tls_from_args(parser, args, args.listen)
     auth = authenticator_from_args(parser, args, tls)
     try:
@@ -48,7 +51,7 @@ def _serve(argv: list[str]) -> int:
     options = SchedulerOptions(listen=args.listen, store_url=args.store, scheduler_id=args.id,
                                election_ttl_s=args.election_ttl, report_interval_s=args.report_interval,
                                heartbeat_timeout_s=args.heartbeat_timeout, tls=tls, etcd_security=etcd_security,
-                               auth=auth, audit_log=args.audit_log)
+                               auth=auth, audit_log=args.audit_log, metrics_listen=metrics_listen)
     try:
         asyncio.run(serve(options))
     except CorruptStore as exc:

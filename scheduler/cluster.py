@@ -37,6 +37,7 @@ class Cluster:
         self.replicas: dict[str, ReplicaRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.live: dict[str, LiveNode] = {}
+        self.placements = 0   # replicas placed on a node by this process (scheduler/metrics.py)
         self.events: dict[str, collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=EVENTS_KEPT))
 

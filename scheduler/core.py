@@ -115,6 +115,8 @@ class SchedulerCore:
         self._route_table = mesh.RouteTable()
         self._loop_task: asyncio.Task | None = None
         self.autoscaling = Autoscaling(self.cluster, self._commit_deployment)
+        # Told each reconcile pass's duration in seconds (scheduler/metrics.py); nothing by default.
+        self.observe_reconcile: Callable[[float], None] = lambda seconds: None
 
     # -- leadership ----------------------------------------------------------
 
@@ -193,6 +195,7 @@ class SchedulerCore:
                             now - last_tick, self.reconciler.lost_grace_s)
                 self.reconciler.begin_grace()
             last_tick = now
+            started = time.perf_counter()
             try:
                 if self.autoscaling.due(now):
                     await self.autoscaling.tick(now)
@@ -204,6 +207,7 @@ class SchedulerCore:
                 log.warning("reconcile pass failed: %s; retrying on the next tick", exc)
             except Exception:
                 log.exception("reconcile pass failed; retrying on the next tick")
+            self.observe_reconcile(time.perf_counter() - started)
             # Routes first: a replica leaving (draining) is out of every proxy's table before
             # its agent is told to stop it (and its runtime's drain delay covers the rest).
             self._publish_routes()

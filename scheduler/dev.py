@@ -8,6 +8,10 @@ says which — and the front proxy on ``--proxy-listen``. Then it applies
 calls the examples through the proxy with the client library (a unary call
 and a streaming one), and keeps running until Ctrl-C or SIGTERM, when it
 stops the proxy, the agent (which drains its replicas) and the scheduler.
+
+Metrics are on (``--no-metrics`` turns them off): the scheduler, the agent
+and the proxy serve Prometheus GET /metrics on loopback ports of their own
+(port 0), the replicas' are re-exported by the agent; the URLs are printed.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import threading
 import time
 
 from meshserve.common.listen import ListenError, listen_socket
-from meshserve.common.ready_line import parse_ready_line
+from meshserve.common.ready_line import parse_metrics_address, parse_ready_line
 from meshserve.common.security.tls import TlsConfig, without_tls_environment
 from meshserve.node_agent.policy import development_policy_yaml
 
@@ -38,6 +42,15 @@ DEV_POLICY_NAME = "dev-policy.yaml"
 READY_TIMEOUT_S = 120.0
 # The proxy learns of ready replicas from the scheduler's route watch within moments.
 ROUTES_TIMEOUT_S = 30.0
+METRICS_ARGS = ["--metrics-listen", "127.0.0.1:0"]
+# Daemon name -> its metrics address, as its output announces it (common/ready_line.py).
+metrics_addresses: dict[str, str] = {}
+
+
+def _note_metrics(name: str, line: str) -> None:
+    address = parse_metrics_address(line)
+    if address is not None:
+        metrics_addresses.setdefault(name, address)
 
 
 def _write_dev_policy(state_dir: pathlib.Path) -> str:
@@ -63,6 +76,7 @@ def _forward_output(process: subprocess.Popen, name: str) -> None:
     """Print a child's output with its name, for as long as it runs (a full pipe would block it)."""
     def forward():
         for line in process.stdout:
+            _note_metrics(name, line)
             print(f"  {name} | {line.rstrip()}", flush=True)
     threading.Thread(target=forward, daemon=True, name=f"output-{name}").start()
 
@@ -70,6 +84,7 @@ def _forward_output(process: subprocess.Popen, name: str) -> None:
 def _wait_for_ready(process: subprocess.Popen, name: str) -> str:
     for line in process.stdout:
         print(f"  {name} | {line.rstrip()}", flush=True)
+        _note_metrics(name, line)
         address = parse_ready_line(line, name)
         if address is not None:
             _forward_output(process, name)
@@ -136,7 +151,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--policy", help="the node agent's host policy file (default: one written to "
                         "STATE_DIR/dev-policy.yaml allowing the repositories under examples/)")
     parser.add_argument("--once", action="store_true", help="stop once the replicas are ready")
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="no Prometheus /metrics endpoints (default: every daemon serves one on loopback)")
     args = parser.parse_args(argv)
+    metrics = [] if args.no_metrics else METRICS_ARGS
 
     state_dir = pathlib.Path(args.state_dir)
     try:
@@ -166,18 +184,19 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         scheduler = _start(["-m", "meshserve.scheduler", "serve", "--listen", args.listen,
-                            "--store", f"sqlite:///{state_dir / 'state.db'}", "--id", "dev"], "scheduler")
+                            "--store", f"sqlite:///{state_dir / 'state.db'}", "--id", "dev", *metrics], "scheduler")
         children.append(scheduler)
         address = _wait_for_ready(scheduler, "scheduler")
         agent_args = ["-m", "meshserve.node_agent", "--scheduler", address, "--name", socket.gethostname(),
                       "--state-dir", str(state_dir / "node-agent"),
-                      "--policy", args.policy or _write_dev_policy(state_dir)]
+                      "--policy", args.policy or _write_dev_policy(state_dir), *metrics]
         if fake:
             agent_args += ["--fake-gpus", fake]
         agent = _start(agent_args, "node-agent")
         children.append(agent)
         _forward_output(agent, "node-agent")
-        proxy_process = _start(["-m", "meshserve.proxy", "--scheduler", address, "--listen", args.proxy_listen], "proxy")
+        proxy_process = _start(["-m", "meshserve.proxy", "--scheduler", address, "--listen", args.proxy_listen,
+                               *metrics], "proxy")
         children.insert(0, proxy_process)  # stopped last: it keeps serving while replicas drain
         proxy = _wait_for_ready(proxy_process, "proxy")
         for path in sorted(pathlib.Path(args.deployments).glob("*.yaml")):
@@ -188,6 +207,11 @@ def main(argv: list[str]) -> int:
         _ctl(address, "get", "nodes")
         _ctl(address, "get", "replicas")
         _show_calls(proxy)
+        if metrics:
+            print("\nmetrics (Prometheus text; the node agent's include its replicas'):", flush=True)
+            for name in ("scheduler", "node-agent", "proxy"):
+                address = metrics_addresses.get(name)
+                print(f"  {name}: " + (f"http://{address}/metrics" if address else "not announced"), flush=True)
         if not args.once:
             print(f"\nmesh running: clients use the proxy at {proxy} (KServe v2 gRPC); operators "
                   f"`scheduler ctl --server {address} get replicas`; Ctrl-C to stop", flush=True)

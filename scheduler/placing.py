@@ -109,4 +109,5 @@ async def place_pending(cluster: Cluster, writer: FencedWriter) -> bool:
                 cluster.record_event(f"replica/{replica.id}", f"pending: {reason}")
                 changed.append(replica)
     await writer.put_many(changed)
+    cluster.placements += sum(1 for replica in changed if replica.state == PLACED)
     return bool(changed)

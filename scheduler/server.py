@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from meshserve.common import limits
 from meshserve.common.leader import leader_hint
 from meshserve.common.listen import grpc_server
-from meshserve.common.ready_line import print_ready_line
+from meshserve.common.metrics import render
+from meshserve.common.metrics_http import MetricsHttpServer
+from meshserve.common.ready_line import metrics_detail, print_ready_line
 from meshserve.common.sd_notify import Notifier, announce
 from meshserve.common.security.auth import Authenticator, AuthInterceptor
 from meshserve.common.security.roles import control_plane_table
@@ -45,6 +47,7 @@ from .agent_service import AgentService
 from .audit import AuditLog
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S, SchedulerCore
 from .election import Election
+from .metrics import SchedulerMetrics, TimedStore
 from .route_service import RouteService
 from .store import CorruptStore, StoreError, open_store
 from .store.etcd_security import EtcdSecurity
@@ -88,6 +91,8 @@ class SchedulerOptions:
     auth: Authenticator | None = None
     # Audit lines of mutating admin calls go here (JSON lines); None: the log, logger meshserve.audit.
     audit_log: str | None = None
+    # HOST:PORT for Prometheus GET /metrics (scheduler/metrics.py); None: no metrics endpoint.
+    metrics_listen: str | None = None
 
 
 class SchedulerServer:
@@ -105,9 +110,18 @@ class SchedulerServer:
         self.election: Election | None = None
         self.core: SchedulerCore | None = None
         self._leadership: asyncio.Task | None = None
+        self.metrics = SchedulerMetrics(lambda: self.core)
+        self.metrics_server = (MetricsHttpServer(options.metrics_listen, lambda: render(self.metrics.registry))
+                               if options.metrics_listen else None)   # ListenError: the port is taken
+
+    @property
+    def metrics_address(self) -> str | None:
+        return self.metrics_server.address if self.metrics_server else None
 
     async def start(self) -> None:
-        self.store = await open_store(self.options.store_url, self.options.etcd_security)
+        if self.metrics_server:
+            await self.metrics_server.start()   # first: a scheduler waiting for its store says leader 0
+        self.store = TimedStore(await open_store(self.options.store_url, self.options.etcd_security), self.metrics)
         cluster_id = await self._cluster_id()
         self.election = Election(self.store, ELECTION_NAME, self.scheduler_id, self.address,
                                  self.options.election_ttl_s)
@@ -117,6 +131,7 @@ class SchedulerServer:
                                   heartbeat_timeout_s=self.options.heartbeat_timeout_s,
                                   verifier=GrpcReplicaVerifier(self.options.tls))
         self.core.cluster_id = cluster_id
+        self.core.observe_reconcile = self.metrics.reconcile_seconds.observe
         mesh_grpc.add_AgentServiceServicer_to_server(AgentService(self.core, self.auth), self.server)
         mesh_grpc.add_AdminServiceServicer_to_server(AdminService(self.core, self._leader_info), self.server)
         mesh_grpc.add_RouteServiceServicer_to_server(RouteService(self.core), self.server)
@@ -195,6 +210,8 @@ class SchedulerServer:
         await self.server.stop(1.0)
         if self.store:
             await self.store.close()
+        if self.metrics_server:
+            await self.metrics_server.stop()
         self.audit.close()
 
 
@@ -212,7 +229,8 @@ async def _first_of(*waits) -> None:
 async def serve(options: SchedulerOptions) -> None:
     server = SchedulerServer(options)
     await server.start()
-    print_ready_line("scheduler", server.address, f" (id {server.scheduler_id}, store {options.store_url})")
+    print_ready_line("scheduler", server.address, f" (id {server.scheduler_id}, store {options.store_url})"
+                     + metrics_detail(server.metrics_address))
     notifier = Notifier()
     systemd = asyncio.create_task(announce(notifier, server.role_known()), name="systemd")
     stop = asyncio.Event()

@@ -95,12 +95,12 @@ class Mesh:
         self._files = tempfile.TemporaryDirectory(prefix="mesh-harness-")  # policies; agents' state dirs
 
     def scheduler(self, store_url: str, scheduler_id: str, wait_leading: bool = True,
-                  listen: str = "127.0.0.1:0") -> Process:
+                  listen: str = "127.0.0.1:0", extra_args: tuple[str, ...] = ()) -> Process:
         """``listen`` with a fixed port restarts a scheduler where its agents and proxies look for it."""
         process = Process(f"scheduler-{scheduler_id}", [
             "-m", "meshserve.scheduler", "serve", "--listen", listen, "--store", store_url, "--id", scheduler_id,
             "--report-interval", str(REPORT_INTERVAL_S), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S),
-            "--election-ttl", str(ELECTION_TTL_S), "--log-level", "INFO"])
+            "--election-ttl", str(ELECTION_TTL_S), "--log-level", "INFO", *extra_args])
         self.processes.append(process)
         process.wait_listening()
         if wait_leading:
@@ -109,7 +109,8 @@ class Mesh:
             admin.close()
         return process
 
-    def agent(self, name: str, schedulers: str, fake_gpus: str = "2x80GiB", policy: str | None = None) -> Process:
+    def agent(self, name: str, schedulers: str, fake_gpus: str = "2x80GiB", policy: str | None = None,
+              extra_args: tuple[str, ...] = ()) -> Process:
         """A node agent; ``policy`` is its host policy's YAML (default: the repositories of this checkout)."""
         policy_file = pathlib.Path(self._files.name) / f"policy-{name}-{len(self.processes)}.yaml"
         policy_file.write_text(policy if policy is not None else development_policy_yaml(REPO_ROOT / "examples",
@@ -117,7 +118,7 @@ class Mesh:
         process = Process(f"agent-{name}", ["-m", "meshserve.node_agent", "--scheduler", schedulers, "--name", name,
                                             "--fake-gpus", fake_gpus, "--host", "127.0.0.1",
                                             "--state-dir", os.path.join(self._files.name, "state", name),
-                                            "--policy", str(policy_file)])
+                                            "--policy", str(policy_file), *extra_args])
         self.processes.append(process)
         return process
 

@@ -137,3 +137,4 @@ def test_nvml_probe_reads_real_gpus():
         assert gpu.memory_total_bytes > 0
         assert gpu.memory_used_bytes <= gpu.memory_total_bytes
         assert 0 <= gpu.utilization_percent <= 100
+        assert gpu.power_watts >= 0   # 0 where the device does not report power

@@ -40,6 +40,8 @@ def test_dev_mesh_places_the_examples_serves_them_and_stops_cleanly(tmp_path):
         assert f"deployment/{deployment} created" in output
     assert "add_sub through the proxy 127.0.0.1:" in output and "INPUT0+1 = [1. 2. 3." in output
     assert "textgen through the proxy (streamed): The scheduler places" in output
+    for daemon in ("scheduler", "node-agent", "proxy"):   # metrics on by default, each URL printed
+        assert re.search(rf"^  {daemon}: http://127\.0\.0\.1:\d+/metrics$", output, re.MULTILINE), output[-3000:]
     assert (tmp_path / "state" / "state.db").exists()
     scheduler_address = re.search(r"meshserve scheduler listening on (\S+)", output).group(1)
     # The scheduler carries the state dir, the agent the scheduler's address; replicas die with the agent.

@@ -3,15 +3,22 @@
 One request per connection (``Connection: close``); anything but GET
 /metrics is 404. Request heads over 8 KiB or slower than 10 s are dropped,
 so a stuck or hostile client cannot hold memory or a task for long.
+Shared by every daemon's ``--metrics-listen`` (common/metrics.py). ``render``
+may be a coroutine function (the node agent's gathers its replicas' metrics);
+one that fails answers 500 with one line, and the server keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
 
 from meshserve.common.listen import listen_socket
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD_BYTES = 8192
@@ -21,7 +28,7 @@ READ_TIMEOUT_S = 10.0
 class MetricsHttpServer:
     """Binds ``listen`` when created (``ListenError`` if the port is taken); serves from ``start()``."""
 
-    def __init__(self, listen: str, render: Callable[[], str]):
+    def __init__(self, listen: str, render: Callable[[], str | Awaitable[str]]):
         self.listen = listen
         self.render = render
         self.server: asyncio.AbstractServer | None = None
@@ -37,7 +44,7 @@ class MetricsHttpServer:
             method, _, rest = head.decode("latin-1").partition(" ")
             path = rest.split(" ", 1)[0].split("?", 1)[0]
             if method in ("GET", "HEAD") and path == "/metrics":
-                status, body, kind = "200 OK", self.render().encode(), CONTENT_TYPE
+                status, body, kind = await self._metrics()
             else:
                 status, body, kind = "404 Not Found", b"not found: try GET /metrics\n", "text/plain"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
@@ -49,6 +56,16 @@ class MetricsHttpServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    async def _metrics(self) -> tuple[str, bytes, str]:
+        try:
+            text = self.render()
+            if inspect.isawaitable(text):
+                text = await text
+        except Exception as err:  # a collector's bug must not end the endpoint
+            log.exception("rendering /metrics failed")
+            return "500 Internal Server Error", f"metrics failed: {type(err).__name__}\n".encode(), "text/plain"
+        return "200 OK", str(text).encode(), CONTENT_TYPE
 
     async def stop(self) -> None:
         if self.server is not None:
