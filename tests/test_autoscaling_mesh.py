@@ -76,14 +76,15 @@ def test_a_load_step_scales_up_and_back_down_without_a_failed_call(cluster, tmp_
         admin.wait_for(lambda: ready_count(admin, "sleepy") >= 3, "scaled up to >= 3 ready", mesh_=cluster)
         up = deployment(admin, "sleepy")
         assert up.autoscaling and up.min_replicas == 1 and up.max_replicas == 4
-        assert "autoscaled 1 ->" in up.last_scaling
+        assert up.last_scaling.startswith("autoscaled ")
     finally:
         load.stop()
     assert load.failed == 0, load.summary()
     admin.wait_for(lambda: deployment(admin, "sleepy").replicas == 1 and ready_count(admin, "sleepy") == 1,
                    "scaled back down to 1", mesh_=cluster)
-    events = admin.stub.Describe(mesh.DescribeRequest(kind="deployments", name="sleepy")).events
-    assert any("autoscaled" in e and "-> 1" in e for e in events), events
+    events = admin.stub.Describe(mesh.DescribeRequest(kind="deployment", name="sleepy")).events
+    assert any("autoscaled 1 ->" in e for e in events), events       # up, with its reason
+    assert any("autoscaled" in e and "-> 1:" in e for e in events), events   # and back down
 
 
 def test_scale_to_zero_and_the_first_call_wakes_it(cluster, tmp_path):
@@ -101,13 +102,18 @@ def test_scale_to_zero_and_the_first_call_wakes_it(cluster, tmp_path):
                    "scaled to zero", mesh_=cluster)
     assert "scaling to zero" in deployment(admin, "napper").last_scaling
 
-    with InferenceClient(proxy, timeout=90, retries=0) as client:
+    with InferenceClient(proxy, timeout=90, retries=0) as client:   # a stream wakes it: held, then forwarded
         started = time.monotonic()
-        out = client.infer("sleeper", INPUTS)
+        responses = [response["DONE_MS"].tolist() for response in client.stream("sleeper", INPUTS, timeout=90)]
         cold_start_s = time.monotonic() - started
+        assert responses == [[DELAY_MS]]
+        assert deployment(admin, "napper").replicas >= 1
+        print(f"cold start through the proxy: {cold_start_s:.1f}s")
+
+        admin.wait_for(lambda: deployment(admin, "napper").replicas == 0 and not admin.replicas("napper"),
+                       "scaled to zero again", mesh_=cluster)
+        out = client.infer("sleeper", INPUTS)                             # and a unary call wakes it too
     assert out["DONE_MS"].tolist() == [DELAY_MS]
-    assert deployment(admin, "napper").replicas >= 1
-    print(f"cold start through the proxy: {cold_start_s:.1f}s")
 
 
 def test_a_model_at_zero_without_autoscaling_says_so(cluster, tmp_path):
