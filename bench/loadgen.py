@@ -29,7 +29,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import grpc
 import numpy as np
@@ -48,7 +47,7 @@ CALL_DEADLINE_S = 30.0
 # Above gRPC's 4 MiB default so that tensor-sized answers (and their framing) fit.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-RequestSource = Union[pb.ModelInferRequest, Callable[[], pb.ModelInferRequest]]
+RequestSource = pb.ModelInferRequest | Callable[[], pb.ModelInferRequest]
 Checker = Callable[[pb.ModelInferRequest, pb.ModelInferResponse], None]
 
 

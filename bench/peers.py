@@ -1,7 +1,7 @@
 """meshserve vs Triton vs MLServer on add_sub, side by side in one run.
 
-    .venv/bin/python -m bench.peers [--duration 5] [--rounds 2] [--quick]
-        [--peers-dir ../shared/peers] [--install-dir /tmp/meshserve-peers]
+    .venv/bin/python -m bench.peers --peers-dir DIR [--install-dir /tmp/meshserve-peers]
+        [--duration 5] [--rounds 2] [--quick]
 
 All three servers are up at once (idle ones cost next to nothing) and are
 driven by the same load generator, ours (bench/loadgen.py), with the same
@@ -17,8 +17,10 @@ is spread over all of them. Servers, each with dynamic batching:
 - MLServer: ``start_mlserver.sh PORT models_batch`` (adaptive batching,
   max_batch_size 16, 2 ms).
 
-The peers and their scripts are outside tooling (see the peers folder's
-README); a peer whose script or install is missing is skipped with a message.
+The peers and their scripts are outside tooling, not part of meshserve (see
+the peers folder's README), so ``--peers-dir`` is required: no default could
+point at them without leaving the repository. A peer whose script or install
+is missing is skipped with a message.
 Human lines first; the last line is one JSON object with every figure and
 the throughput ratios meshserve/Triton and meshserve/MLServer.
 """
@@ -41,7 +43,6 @@ from bench.loadgen import CheckFailed, LoadResult, measure
 from bench.servers import REPO_ROOT, PeerServer, RuntimeServer, stop_on_signals
 
 CONCURRENCIES = (1, 16)
-DEFAULT_PEERS_DIR = REPO_ROOT.parent / "shared" / "peers"
 DEFAULT_INSTALL_DIR = os.environ.get("PEERS_DIR", "/tmp/meshserve-peers")
 
 
@@ -60,7 +61,7 @@ def available_systems(args, workdir: Path) -> tuple[dict, dict[str, str]]:
         ("mlserver", "start_mlserver.sh", "models_batch", "venv-mlserver"),
     ):
         if not os.access(peers / script, os.X_OK):
-            skipped[name] = f"no executable {peers / script} (pass --peers-dir)"
+            skipped[name] = f"no executable {peers / script} (check --peers-dir)"
         elif not (install / venv).is_dir():
             skipped[name] = f"no {install / venv}: run {peers / 'setup.sh'} (or pass --install-dir)"
         else:
@@ -78,8 +79,9 @@ def ratio(ours: LoadResult | None, theirs: LoadResult | None) -> float | None:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_cell_arguments(parser, "alternating slices, the systems taking turns (default 2)")
-    parser.add_argument("--peers-dir", default=str(DEFAULT_PEERS_DIR),
-                        help="the shared peers folder holding start_triton.sh and start_mlserver.sh")
+    parser.add_argument("--peers-dir", required=True,
+                        help="the peers folder holding start_triton.sh and start_mlserver.sh (outside tooling, "
+                             "not part of meshserve)")
     parser.add_argument("--install-dir", default=DEFAULT_INSTALL_DIR,
                         help="where setup.sh installed the peers (PEERS_DIR; default /tmp/meshserve-peers)")
     return settle_cell_arguments(parser.parse_args(argv))

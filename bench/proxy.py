@@ -314,7 +314,7 @@ def main(argv=None) -> int:
                       f"envoy {_shown(cell['added_p50_ms']['envoy'], ' ms', True)}", flush=True)
     checked = goals(cells)
     print("goals (proxy issue):", flush=True)
-    for name, goal in checked.items():
+    for goal in checked.values():
         verdict = {True: "MET", False: "NOT MET", None: "n/a"}[goal["met"]]
         figures = {k: v for k, v in goal.items() if k in ("proxy", "envoy")}
         print(f"  {goal['target']}: {verdict}   {figures}", flush=True)

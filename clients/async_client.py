@@ -14,13 +14,12 @@ from collections.abc import Mapping, Sequence
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from meshserve.common.errors import MeshError, Unavailable
 from meshserve.common.security.tls import TlsConfig
 from meshserve.common.security.tokens import aio_token_interceptors
 from meshserve.protos.inference import grpc_service_pb2 as pb
-from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from .channel import bearer_token as _bearer_token
 from .channel import channel_credentials as _channel_credentials
@@ -28,6 +27,7 @@ from .channel import channel_options as _channel_options
 from .encoding import build_infer_request, build_stream_request, decode_infer_response, decode_stream_response
 from .retry import DEFAULT_MAX_RETRIES, RetryPolicy, async_call_with_retries
 from .status import from_rpc_error
+from .stubs import Req, Resp, async_health_stub, async_inference_stub
 from .tracing import StreamSpan, client_span
 
 
@@ -41,7 +41,8 @@ class AsyncInferStream:
     or dropping the iterator before the end (``break``) cancels the call.
     """
 
-    def __init__(self, call: grpc.aio.StreamStreamCall, request: pb.ModelInferRequest):
+    def __init__(self, call: grpc.aio.StreamStreamCall[pb.ModelInferRequest, pb.ModelStreamInferResponse],
+                 request: pb.ModelInferRequest) -> None:
         self._call = call
         self._request: pb.ModelInferRequest | None = request
         self._request_not_sent = False
@@ -53,6 +54,8 @@ class AsyncInferStream:
         as INTERNAL, hiding the server's status; a failed write here leaves that status for
         the read that follows."""
         request, self._request = self._request, None
+        if request is None:
+            return
         try:
             await self._call.write(request)
         except (grpc.RpcError, asyncio.InvalidStateError):
@@ -83,7 +86,7 @@ class AsyncInferStream:
             except asyncio.CancelledError:
                 self.cancel()
                 raise
-            if message is grpc.aio.EOF:
+            if not isinstance(message, pb.ModelStreamInferResponse):  # grpc.aio.EOF: the server ended the call
                 self._finished = True
                 break
             try:
@@ -111,10 +114,10 @@ class AsyncInferStream:
     async def __aenter__(self) -> AsyncInferStream:
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self.cancel()
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.cancel()
         except Exception:  # the event loop may be closed already
@@ -138,7 +141,7 @@ class AsyncInferenceClient:
         tls: TlsConfig | None = None,
         channel_options: Sequence[tuple[str, object]] | None = None,
         token: str | None = None,
-    ):
+    ) -> None:
         options = _channel_options(channel_options)
         credentials = _channel_credentials(credentials, tls)
         interceptors = aio_token_interceptors(_bearer_token(token))
@@ -147,8 +150,8 @@ class AsyncInferenceClient:
         else:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options,
                                                     interceptors=interceptors)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._stub = async_inference_stub(self._channel)
+        self._health = async_health_stub(self._channel)
         self.address = address
         self.timeout = timeout
         self.retry_policy = RetryPolicy.of(retries)
@@ -162,7 +165,7 @@ class AsyncInferenceClient:
     async def __aenter__(self) -> AsyncInferenceClient:
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     # -- plumbing ----------------------------------------------------------
@@ -170,9 +173,10 @@ class AsyncInferenceClient:
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    async def _unary(self, method, request, timeout: float | None):
+    async def _unary(self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req,
+                     timeout: float | None) -> Resp:
         with client_span(request, self.address) as metadata:  # the CLIENT span covers the retries
-            async def attempt(remaining: float | None):
+            async def attempt(remaining: float | None) -> Resp:
                 try:
                     return await method(request, timeout=remaining, metadata=metadata)
                 except grpc.RpcError as err:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from google.protobuf.internal.containers import MessageMap
 
 from meshserve.common import tensors
 from meshserve.common.errors import Internal, InvalidArgument
@@ -39,7 +40,7 @@ ENABLE_EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
 _INT64_MAX = 2**63 - 1
 
 
-def set_parameter(parameter: pb.InferParameter, value) -> None:
+def set_parameter(parameter: pb.InferParameter, value: object) -> None:
     """Store a Python bool, int, float or str in an ``InferParameter``."""
     if isinstance(value, (bool, np.bool_)):
         parameter.bool_param = bool(value)
@@ -58,13 +59,16 @@ def set_parameter(parameter: pb.InferParameter, value) -> None:
         )
 
 
-def parameter_value(parameter: pb.InferParameter):
+def parameter_value(parameter: pb.InferParameter) -> bool | int | float | str | None:
     """The Python value of an ``InferParameter`` (None when unset)."""
     which = parameter.WhichOneof("parameter_choice")
-    return None if which is None else getattr(parameter, which)
+    if which is None:
+        return None
+    value: bool | int | float | str = getattr(parameter, which)
+    return value
 
 
-def _set_parameters(target, parameters: Mapping | None) -> None:
+def _set_parameters(target: MessageMap[str, pb.InferParameter], parameters: Mapping[str, object] | None) -> None:
     for key, value in (parameters or {}).items():
         try:
             set_parameter(target[key], value)
@@ -72,7 +76,7 @@ def _set_parameters(target, parameters: Mapping | None) -> None:
             raise InvalidArgument(f"parameter {key!r}: {err.message}") from None
 
 
-def _as_array(name: str, value) -> tuple[np.ndarray, str]:
+def _as_array(name: str, value: object) -> tuple[np.ndarray, str]:
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
     try:
         return array, tensors.datatype_of(array)
@@ -87,7 +91,7 @@ def build_infer_request(
     *,
     version: str | None = None,
     request_id: str | None = None,
-    parameters: Mapping | None = None,
+    parameters: Mapping[str, object] | None = None,
     use_raw: bool = True,
 ) -> pb.ModelInferRequest:
     """A ``ModelInferRequest`` for ``inputs`` (name -> array), in their order.
@@ -143,14 +147,19 @@ def build_stream_request(
     model: str,
     inputs: Mapping[str, np.ndarray],
     outputs: Sequence[str] | None = None,
-    **options,
+    *,
+    version: str | None = None,
+    request_id: str | None = None,
+    parameters: Mapping[str, object] | None = None,
+    use_raw: bool = True,
 ) -> pb.ModelInferRequest:
     """Like ``build_infer_request``, also asking for an explicit final response.
 
     A caller's own ``triton_enable_empty_final_response`` parameter wins.
     """
-    parameters = {ENABLE_EMPTY_FINAL_RESPONSE: True, **(options.pop("parameters", None) or {})}
-    return build_infer_request(model, inputs, outputs, parameters=parameters, **options)
+    parameters = {ENABLE_EMPTY_FINAL_RESPONSE: True, **(parameters or {})}
+    return build_infer_request(model, inputs, outputs, version=version, request_id=request_id,
+                               parameters=parameters, use_raw=use_raw)
 
 
 def decode_stream_response(message: pb.ModelStreamInferResponse) -> tuple[dict[str, np.ndarray] | None, bool]:

@@ -53,7 +53,7 @@ class RetryPolicy:
     jitter: float = 0.2
     retryable_codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         if self.initial_backoff < 0 or self.max_backoff < 0:

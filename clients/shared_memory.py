@@ -37,14 +37,20 @@ import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from multiprocessing import shared_memory as _mp_shared_memory
+from typing import TYPE_CHECKING
 
 import numpy as np
+from google.protobuf.internal.containers import MessageMap
 
 from meshserve.common import tensors
 from meshserve.common.errors import Internal, InvalidArgument
 from meshserve.protos.inference import grpc_service_pb2 as pb
 
-from .encoding import build_infer_request
+from .encoding import build_infer_request, parameter_value, set_parameter
+
+if TYPE_CHECKING:
+    from .async_client import AsyncInferenceClient
+    from .sync_client import InferenceClient
 
 REGION_PARAMETER = "shared_memory_region"
 OFFSET_PARAMETER = "shared_memory_offset"
@@ -153,7 +159,7 @@ class SharedMemoryRegion:
     def __enter__(self) -> SharedMemoryRegion:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
@@ -163,11 +169,12 @@ def _register_request(region: SharedMemoryRegion) -> pb.SystemSharedMemoryRegist
 
 
 def _build_request(region: SharedMemoryRegion, model: str, inputs: Mapping[str, np.ndarray],
-                   outputs: Sequence[str] | Mapping[str, int] | None, options: dict) -> pb.ModelInferRequest:
+                   outputs: Sequence[str] | Mapping[str, int] | None, *, version: str | None,
+                   request_id: str | None, parameters: Mapping[str, object] | None) -> pb.ModelInferRequest:
     """Write ``inputs`` into ``region`` and build a request that points at them (see the module layout)."""
     if isinstance(outputs, str):
         raise InvalidArgument("outputs must be a list of output names or {name: byte_size}, not a str")
-    request = build_infer_request(model, {}, None, **options)
+    request = build_infer_request(model, {}, None, version=version, request_id=request_id, parameters=parameters)
     offset = 0
     for name, value in inputs.items():
         array = np.asarray(value)
@@ -196,10 +203,9 @@ def _build_request(region: SharedMemoryRegion, model: str, inputs: Mapping[str, 
     return request
 
 
-def _set(target, parameters: dict[str, object]) -> None:
-    target[REGION_PARAMETER].string_param = parameters[REGION_PARAMETER]
-    target[OFFSET_PARAMETER].int64_param = parameters[OFFSET_PARAMETER]
-    target[BYTE_SIZE_PARAMETER].int64_param = parameters[BYTE_SIZE_PARAMETER]
+def _set(target: MessageMap[str, pb.InferParameter], parameters: dict[str, object]) -> None:
+    for key in (REGION_PARAMETER, OFFSET_PARAMETER, BYTE_SIZE_PARAMETER):
+        set_parameter(target[key], parameters[key])
 
 
 def decode_response(response: pb.ModelInferResponse, region: SharedMemoryRegion) -> dict[str, np.ndarray]:
@@ -212,8 +218,8 @@ def decode_response(response: pb.ModelInferResponse, region: SharedMemoryRegion)
                 parameters = output.parameters
                 if parameters[REGION_PARAMETER].string_param != region.name:
                     raise ValueError(f"is in region {parameters[REGION_PARAMETER].string_param!r}, not {region.name!r}")
-                offset = int(_value(parameters[OFFSET_PARAMETER])) if OFFSET_PARAMETER in parameters else 0
-                size = _value(parameters[BYTE_SIZE_PARAMETER]) if BYTE_SIZE_PARAMETER in parameters else None
+                offset = _int_parameter(parameters, OFFSET_PARAMETER) or 0
+                size = _int_parameter(parameters, BYTE_SIZE_PARAMETER)
                 result[output.name] = region.read(output.datatype, output.shape, offset, size)
             elif index < len(raw):
                 result[output.name] = tensors.from_raw(output.datatype, output.shape, raw[index])
@@ -225,9 +231,14 @@ def decode_response(response: pb.ModelInferResponse, region: SharedMemoryRegion)
     return result
 
 
-def _value(parameter: pb.InferParameter):
-    choice = parameter.WhichOneof("parameter_choice")
-    return getattr(parameter, choice) if choice else None
+def _int_parameter(parameters: MessageMap[str, pb.InferParameter], key: str) -> int | None:
+    """``parameters[key]`` as an integer; None when absent or unset; ValueError for any other kind of value."""
+    value = parameter_value(parameters[key]) if key in parameters else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"parameter {key!r} is {value!r}, not an integer")
+    return value
 
 
 class SharedMemory:
@@ -237,7 +248,7 @@ class SharedMemory:
     unregisters and unlinks on exit; or call ``register()`` and ``close()``.
     """
 
-    def __init__(self, client, byte_size: int, name: str | None = None):
+    def __init__(self, client: InferenceClient, byte_size: int, name: str | None = None) -> None:
         self.client = client
         self.region = SharedMemoryRegion(byte_size, name)
         self._registered = False
@@ -257,9 +268,9 @@ class SharedMemory:
               timeout: float | None = None, request_id: str | None = None,
               parameters: Mapping[str, object] | None = None) -> dict[str, np.ndarray]:
         """Like ``InferenceClient.infer``, with tensors through the region (see the module layout)."""
-        options = {"version": version, "request_id": request_id, "parameters": parameters}
         with self._lock:
-            request = _build_request(self.region, model, inputs, outputs, options)
+            request = _build_request(self.region, model, inputs, outputs, version=version, request_id=request_id,
+                                     parameters=parameters)
             response = self.client._unary(self.client._stub.ModelInfer, request, timeout)
             return decode_response(response, self.region)
 
@@ -279,14 +290,14 @@ class SharedMemory:
             raise
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
 class AsyncSharedMemory:
     """``SharedMemory`` for an ``AsyncInferenceClient``: the same calls with ``await`` / ``async with``."""
 
-    def __init__(self, client, byte_size: int, name: str | None = None):
+    def __init__(self, client: AsyncInferenceClient, byte_size: int, name: str | None = None) -> None:
         self.client = client
         self.region = SharedMemoryRegion(byte_size, name)
         self._registered = False
@@ -306,9 +317,9 @@ class AsyncSharedMemory:
                     outputs: Sequence[str] | Mapping[str, int] | None = None, version: str | None = None,
                     timeout: float | None = None, request_id: str | None = None,
                     parameters: Mapping[str, object] | None = None) -> dict[str, np.ndarray]:
-        options = {"version": version, "request_id": request_id, "parameters": parameters}
         async with self._lock:
-            request = _build_request(self.region, model, inputs, outputs, options)
+            request = _build_request(self.region, model, inputs, outputs, version=version, request_id=request_id,
+                                     parameters=parameters)
             response = await self.client._unary(self.client._stub.ModelInfer, request, timeout)
             return decode_response(response, self.region)
 
@@ -327,5 +338,5 @@ class AsyncSharedMemory:
             raise
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()

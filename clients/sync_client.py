@@ -21,13 +21,12 @@ from collections.abc import Mapping, Sequence
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from meshserve.common.errors import MeshError
 from meshserve.common.security.tls import TlsConfig
 from meshserve.common.security.tokens import with_token
 from meshserve.protos.inference import grpc_service_pb2 as pb
-from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
 from .channel import bearer_token as _bearer_token
 from .channel import channel_credentials as _channel_credentials
@@ -35,6 +34,7 @@ from .channel import channel_options as _channel_options
 from .encoding import build_infer_request, build_stream_request, decode_infer_response, decode_stream_response
 from .retry import DEFAULT_MAX_RETRIES, RetryPolicy, call_with_retries
 from .status import from_rpc_error
+from .stubs import Req, Resp, StreamCall, health_stub, inference_stub
 from .tracing import StreamSpan, client_span
 
 
@@ -48,7 +48,7 @@ class InferStream:
     (``break`` out of a ``for``) cancels the call; the server sees CANCELLED.
     """
 
-    def __init__(self, call):
+    def __init__(self, call: StreamCall) -> None:
         self._call = call
         self._finished = False
 
@@ -92,10 +92,10 @@ class InferStream:
     def __enter__(self) -> InferStream:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.cancel()
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.cancel()
         except Exception:  # interpreter shutdown: the channel may be gone already
@@ -126,7 +126,7 @@ class InferenceClient:
         tls: TlsConfig | None = None,
         channel_options: Sequence[tuple[str, object]] | None = None,
         token: str | None = None,
-    ):
+    ) -> None:
         options = _channel_options(channel_options)
         credentials = _channel_credentials(credentials, tls)
         if credentials is None:
@@ -134,8 +134,8 @@ class InferenceClient:
         else:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         self._channel = with_token(self._channel, _bearer_token(token))
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._stub = inference_stub(self._channel)
+        self._health = health_stub(self._channel)
         self.address = address
         self.timeout = timeout
         self.retry_policy = RetryPolicy.of(retries)
@@ -149,7 +149,7 @@ class InferenceClient:
     def __enter__(self) -> InferenceClient:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # -- plumbing ----------------------------------------------------------
@@ -157,9 +157,9 @@ class InferenceClient:
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
-    def _unary(self, method, request, timeout: float | None):
+    def _unary(self, method: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req, timeout: float | None) -> Resp:
         with client_span(request, self.address) as metadata:  # the CLIENT span covers the retries
-            def attempt(remaining: float | None):
+            def attempt(remaining: float | None) -> Resp:
                 try:
                     return method(request, timeout=remaining, metadata=metadata)
                 except grpc.RpcError as err:

@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf.message import Message
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from meshserve.protos.inference import grpc_service_pb2 as pb
+
 Metadata = tuple[tuple[str, str], ...]
+_Call = TypeVar("_Call")
 
 # A module-level API tracer is a proxy: it records through the SDK provider
 # once the application installs one, and is a no-op until then.
@@ -43,14 +49,14 @@ def trace_metadata() -> Metadata | None:
     return _inject(None)
 
 
-def _inject(context) -> Metadata | None:
+def _inject(context: Context | None) -> Metadata | None:
     carrier: dict[str, str] = {}
     propagate.inject(carrier, context=context)
     # gRPC metadata keys must be lowercase.
     return tuple((key.lower(), value) for key, value in carrier.items()) or None
 
 
-def _rpc_of(request) -> tuple[str, str]:
+def _rpc_of(request: Message) -> tuple[str, str]:
     """(service, method) of the unary RPC that takes ``request`` (``ModelInferRequest`` -> ModelInfer)."""
     package, _, message = request.DESCRIPTOR.full_name.rpartition(".")
     if package == "grpc.health.v1":
@@ -58,8 +64,8 @@ def _rpc_of(request) -> tuple[str, str]:
     return INFERENCE_SERVICE, message.removesuffix("Request")
 
 
-def _start(service: str, method: str, request, address: str) -> trace.Span:
-    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+def _start(service: str, method: str, request: Message, address: str) -> trace.Span:
+    attributes: dict[str, str | int] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
     host, _, port = address.rpartition(":")
     if host and port.isdigit():
         attributes["server.address"] = host.strip("[]")
@@ -90,7 +96,7 @@ def _fail(span: trace.Span, error: BaseException) -> None:
 
 
 @contextlib.contextmanager
-def client_span(request, address: str) -> Iterator[Metadata | None]:
+def client_span(request: Message, address: str) -> Iterator[Metadata | None]:
     """A CLIENT span around one unary call (retries included); yields the call's metadata."""
     span = _start(*_rpc_of(request), request, address)
     if not span.is_recording():  # no SDK installed by the application
@@ -115,7 +121,7 @@ class StreamSpan:
     cancellation, whichever comes first.
     """
 
-    def __init__(self, request, address: str):
+    def __init__(self, request: Message, address: str) -> None:
         span = _start(INFERENCE_SERVICE, "ModelStreamInfer", request, address)
         if span.is_recording():
             self._span: trace.Span | None = span
@@ -125,11 +131,12 @@ class StreamSpan:
             self.metadata = trace_metadata()
         self._responses = 0
 
-    def wrap(self, call):
-        """``call`` itself when nothing is recorded, else a proxy of it that reports to the span."""
-        return call if self._span is None else _TracedStreamCall(call, self)
+    def wrap(self, call: _Call) -> _Call:
+        """``call`` itself when nothing is recorded, else a proxy of it that reports to the span
+        (it forwards every other attribute to ``call``, so it stands in for it)."""
+        return call if self._span is None else cast(_Call, _TracedStreamCall(call, self))
 
-    def response(self, message) -> None:
+    def response(self, message: pb.ModelStreamInferResponse) -> None:
         span = self._span
         if span is None:
             return
@@ -159,16 +166,16 @@ class StreamSpan:
 class _TracedStreamCall:
     """A sync (``next``) or grpc.aio (``read``) stream call that reports to its ``StreamSpan``."""
 
-    def __init__(self, call, span: StreamSpan):
+    def __init__(self, call: Any, span: StreamSpan) -> None:  # Any: a sync or a grpc.aio stream call
         self._call = call
         self._span = span
 
-    def __iter__(self):
+    def __iter__(self) -> _TracedStreamCall:
         return self
 
-    def __next__(self):
+    def __next__(self) -> pb.ModelStreamInferResponse:
         try:
-            message = next(self._call)
+            message: pb.ModelStreamInferResponse = next(self._call)
         except StopIteration:
             self._span.end(grpc.StatusCode.OK)
             raise
@@ -178,26 +185,26 @@ class _TracedStreamCall:
         self._span.response(message)
         return message
 
-    async def read(self):
+    async def read(self) -> object:  # a response or grpc.aio.EOF
         try:
-            message = await self._call.read()
+            message: object = await self._call.read()
         except grpc.RpcError as err:
             self._span.end(error=err)
             raise
-        if message is grpc.aio.EOF:
-            self._span.end(grpc.StatusCode.OK)
-        else:
+        if isinstance(message, pb.ModelStreamInferResponse):
             self._span.response(message)
+        else:  # grpc.aio.EOF
+            self._span.end(grpc.StatusCode.OK)
         return message
 
-    def cancel(self):
+    def cancel(self) -> bool:
         self._span.end(grpc.StatusCode.CANCELLED)
-        return self._call.cancel()
+        return bool(self._call.cancel())
 
-    def __getattr__(self, name):  # write, done_writing, cancelled, code, ... of the call itself
+    def __getattr__(self, name: str) -> Any:  # write, done_writing, cancelled, code, ... of the call itself
         return getattr(self._call, name)
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self._span.end(grpc.StatusCode.CANCELLED)
         except Exception:  # interpreter shutdown

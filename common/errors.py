@@ -99,10 +99,11 @@ def drop_tracebacks(err: BaseException) -> None:
     or a response and nothing will read its traceback again.
     """
     seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        err.__traceback__ = None
-        err = err.__cause__ or err.__context__
+    chained: BaseException | None = err
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
 
 
 class Unauthenticated(MeshError):

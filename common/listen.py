@@ -59,7 +59,7 @@ def _why_not(address: str) -> str:
         return str(err)
 
 
-def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> str:
+def bind(server: grpc.Server | grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> str:
     """Listen on ``address`` (port 0 picks a free one); returns ``HOST:PORT`` with the port bound.
 
     Raises ``ListenError`` (e.g. "cannot listen on 127.0.0.1:7070: address already in use").

@@ -214,7 +214,7 @@ def _malformed(data: bytes, count: int, shape) -> str:
     return f"BYTES data holds {holds} elements but shape {list(shape)} needs {count}"
 
 
-def decode_bytes(buffer: bytes, shape) -> np.ndarray:
+def decode_bytes(buffer: bytes | memoryview, shape) -> np.ndarray:
     """Parse length-prefixed BYTES elements into an object array of ``bytes`` of ``shape``.
 
     Raises ValueError if the buffer holds more or fewer elements than the

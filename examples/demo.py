@@ -18,12 +18,11 @@ import sys
 
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from meshserve.clients import InferenceClient  # noqa: E402
-from meshserve.common.errors import MeshError  # noqa: E402
+from meshserve.clients import InferenceClient
+from meshserve.common.errors import MeshError
 from meshserve.common.ready_line import parse_ready_line
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def start_runtime(listen: str) -> tuple[subprocess.Popen, str]:

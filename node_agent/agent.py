@@ -135,7 +135,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._report_now = asyncio.Event()
         self._write_lock = asyncio.Lock()
-        self._call = None
+        self._call: grpc.aio.StreamStreamCall | None = None   # the live stream to the scheduler
         self._changed = asyncio.Event()
         self._probe_error: str | None = None
         self.membership = ClusterMembership(config.membership_file)
@@ -159,7 +159,7 @@ class Agent:
                 log.info("no final report: %r", err)
         self.stop()
 
-    async def wait_connected(self, timeout: float, sessions: int = 1) -> None:
+    async def wait_connected(self, timeout: float | None, sessions: int = 1) -> None:
         """For tests and readiness: await until ``sessions`` streams have been accepted and one is live."""
         async with asyncio.timeout(timeout):
             while not (self.sessions >= sessions and self.connected_to):
@@ -256,6 +256,8 @@ class Agent:
 
     async def _write(self, message: pb.AgentMessage) -> None:
         async with self._write_lock:
+            if self._call is None:
+                raise ConnectionError("no stream to a scheduler is open")
             await self._call.write(message)
         if message.HasField("report"):
             stopped = [r.replica_id for r in message.report.replicas if r.state == STOPPED]
@@ -370,7 +372,7 @@ class Agent:
 def _leader_named_by(error: BaseException) -> str | None:
     """The leader a stream's end status named (a scheduler that stepped down), else None."""
     if isinstance(error, grpc.aio.AioRpcError):
-        return leader_named(error.code(), error.details(), error.trailing_metadata())
+        return leader_named(error.code(), error.details() or "", error.trailing_metadata())
     return None
 
 

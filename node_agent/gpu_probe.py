@@ -208,9 +208,9 @@ class NvmlProbe:
         for index in range(self.count):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            utilization = self._optional(lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu, 0)
-            power_mw = self._optional(lambda h=handle: nvml.nvmlDeviceGetPowerUsage(h), 0)
-            running = self._optional(lambda: nvml.nvmlDeviceGetComputeRunningProcesses(handle), [])
+            utilization = self._optional(lambda handle=handle: nvml.nvmlDeviceGetUtilizationRates(handle).gpu, 0)
+            power_mw = self._optional(lambda handle=handle: nvml.nvmlDeviceGetPowerUsage(handle), 0)
+            running = self._optional(lambda handle=handle: nvml.nvmlDeviceGetComputeRunningProcesses(handle), [])
             samples.append(GpuSample(
                 index=index,
                 uuid=_text(nvml.nvmlDeviceGetUUID(handle)),

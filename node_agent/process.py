@@ -80,7 +80,8 @@ class _Subprocess:
     async def lines(self) -> AsyncIterator[tuple[str, str]]:
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(self._pump(name, stream, queue))
-                 for name, stream in (("stdout", self._proc.stdout), ("stderr", self._proc.stderr))]
+                 for name, stream in (("stdout", self._proc.stdout), ("stderr", self._proc.stderr))
+                 if stream is not None]   # both are pipes (launch)
         try:
             open_streams = len(pumps)
             while open_streams:
@@ -136,14 +137,16 @@ class SubprocessLauncher:
     async def launch(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None) -> ChildProcess:
         if self.die_with_parent:
             argv = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
-        env, user = dict(env), {}
-        if self.run_as is not None:
-            env.update(HOME=self.run_as.home, USER=self.run_as.name, LOGNAME=self.run_as.name)
-            user = {"user": self.run_as.uid, "group": self.run_as.gid, "extra_groups": []}
+        env, run_as = dict(env), self.run_as
+        if run_as is not None:
+            env.update(HOME=run_as.home, USER=run_as.name, LOGNAME=run_as.name)
         proc = await asyncio.create_subprocess_exec(
             *argv, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            limit=_LINE_LIMIT_BYTES, start_new_session=True, **user,
+            limit=_LINE_LIMIT_BYTES, start_new_session=True,
+            # None: subprocess's own defaults (this process's user, group and groups)
+            user=None if run_as is None else run_as.uid, group=None if run_as is None else run_as.gid,
+            extra_groups=None if run_as is None else [],
         )
         return _Subprocess(proc)
 

@@ -36,6 +36,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -188,8 +189,8 @@ def _dial_address(address: str) -> str:
 async def wait_serving(address: str, tls: TlsConfig | None = None) -> None:
     """Return once grpc.health.v1 at ``address`` says SERVING (a Watch stream: no polling)."""
     async with aio_channel(_dial_address(address), tls) as channel:
-        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""),
-                                                         wait_for_ready=True)
+        stub: Any = health_pb2_grpc.HealthStub(channel)   # Any: the health stubs declare no methods on it
+        call = stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True)
         async for response in call:
             if response.status == health_pb2.HealthCheckResponse.SERVING:
                 call.cancel()

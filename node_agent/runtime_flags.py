@@ -111,6 +111,7 @@ def runtime_arg_problems(args: Iterable[str], allowed: Collection[str], allow_mo
             name = flag if flag in NEVER_FLAGS else shown(flag)
             problems.append(f"runtime flag {name} is never allowed ({never})")
             continue
+        check: Callable[[str], None] | None
         if flag == MODEL_CONTROL_FLAG:
             if not allow_model_control:
                 problems.append(f"runtime flag {flag} is not allowed (allow_model_control is off in {source})")

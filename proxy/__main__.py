@@ -102,7 +102,8 @@ async def run(options: ProxyOptions, grace_period_s: float) -> None:
 async def _routes_received(server: ProxyServer) -> str:
     """Ready to serve: a route table is in force (systemd's READY)."""
     await server.wait_for_routes()
-    return f"serving on {server.address}; route table version {server.routes.version}"
+    version = server.routes.version if server.routes is not None else 0   # set once routes arrived
+    return f"serving on {server.address}; route table version {version}"
 
 
 def main(argv=None) -> None:

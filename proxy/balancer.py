@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 
 from .endpoints import Endpoint, EndpointPool
 from .routes import Route
@@ -27,7 +28,7 @@ class Balancer:
     def __init__(self, rng: random.Random | None = None):
         self.rng = rng or random.Random()
 
-    def pick(self, routes: Iterable[Route], pool: EndpointPool, exclude: set[str] = frozenset()) -> Endpoint | None:
+    def pick(self, routes: Iterable[Route], pool: EndpointPool, exclude: AbstractSet[str] = frozenset()) -> Endpoint | None:
         routes = list(routes)
         for in_rotation_only in (True, False):
             options = []

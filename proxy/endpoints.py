@@ -22,8 +22,10 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -86,7 +88,7 @@ class Endpoint:
         self.admission = Admission(MAX_CALLS_PER_REPLICA, MAX_QUEUED_PER_REPLICA, MAX_QUEUED_BYTES_PER_REPLICA)
         self.outstanding = 0
         self.healthy = True          # the scheduler listed it as ready
-        self._watch_call = None
+        self._watch_call: grpc.aio.UnaryStreamCall | None = None
         self._watcher: asyncio.Task | None = None
         self._methods: dict[tuple[str, bool, int], object] = {}
         self._turn = itertools.cycle(range(channels))
@@ -119,7 +121,7 @@ class Endpoint:
             self._watch_call.cancel()  # the next watch reports the current status afresh
 
     async def _watch_health(self) -> None:
-        stub = health_pb2_grpc.HealthStub(self.channel)
+        stub: Any = health_pb2_grpc.HealthStub(self.channel)   # Any: the health stubs declare no methods on it
         failures = 0
         while True:
             self._watch_call = stub.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
@@ -132,7 +134,8 @@ class Endpoint:
                     self.healthy = serving
                     failures = 0
             except asyncio.CancelledError:
-                if asyncio.current_task().cancelling():
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
                     raise  # closing; else mark_failed cancelled the watch call: watch again
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -182,7 +185,10 @@ class EndpointPool:
         for address in [a for a in self._endpoints if a not in wanted]:
             endpoint = self._endpoints.pop(address)
             task = self._retiring[endpoint] = asyncio.create_task(endpoint.close(RETIRED_GRACE_S))
-            task.add_done_callback(lambda _, e=endpoint: self._retiring.pop(e, None))
+            task.add_done_callback(functools.partial(self._forget_retired, endpoint))
+
+    def _forget_retired(self, endpoint: Endpoint, _task: asyncio.Task) -> None:
+        self._retiring.pop(endpoint, None)
 
     async def close(self) -> None:
         """Close every channel now, the retiring ones too (their calls are cancelled)."""

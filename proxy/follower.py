@@ -31,6 +31,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -159,7 +160,7 @@ class RouteFollower:
         except grpc.aio.AioRpcError as err:
             log.log(logging.INFO if state.received else logging.DEBUG,
                     "route watch on %s ended: %s: %s", address, err.code().name, err.details())
-            return leader_named(err.code(), err.details(), await _trailing(call))
+            return leader_named(err.code(), err.details() or "", await _trailing(call))
         return None
 
     def _same_cluster(self, address: str, cluster_id: str) -> bool:
@@ -193,7 +194,8 @@ async def _until_silent(channel: grpc.aio.Channel) -> None:
     Any answer proves it alive (it may not serve grpc.health.v1: UNIMPLEMENTED);
     a broken connection (UNAVAILABLE) ends the watch itself, so only
     DEADLINE_EXCEEDED counts as silence."""
-    check = health_pb2_grpc.HealthStub(channel).Check
+    stub: Any = health_pb2_grpc.HealthStub(channel)   # Any: the health stubs declare no methods on it
+    check = stub.Check
     while True:
         try:
             await check(health_pb2.HealthCheckRequest(), timeout=LIVENESS_TIMEOUT_S)

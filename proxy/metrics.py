@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
 
 # Latency buckets (s): 0.5 ms to 30 s, about x2.5 apart; inference spans
 # sub-millisecond CPU models to multi-second generation.
@@ -43,23 +44,30 @@ def _number(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
-class _Family:
+_Child = TypeVar("_Child")
+_F = TypeVar("_F", bound="_Family[Any]")
+
+
+class _Family(Generic[_Child]):
     type = "untyped"
 
     def __init__(self, name: str, help_text: str, labelnames: tuple[str, ...]):
         self.name = name
         self.help = help_text
         self.labelnames = labelnames
-        self.children: dict[tuple[str, ...], object] = {}
+        self.children: dict[tuple[str, ...], _Child] = {}
 
     def _labels(self, values: tuple[str, ...], extra: Iterable[tuple[str, str]] = ()) -> str:
-        pairs = [*zip(self.labelnames, values), *extra]
+        pairs = [*zip(self.labelnames, values, strict=True), *extra]
         if not pairs:
             return ""
         return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in pairs) + "}"
 
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.type}"]
+
+    def render(self) -> list[str]:
+        raise NotImplementedError
 
 
 class _Value:
@@ -78,7 +86,7 @@ class _Value:
         self.value = value
 
 
-class Counter(_Family):
+class Counter(_Family[_Value]):
     type = "counter"
 
     def labels(self, *values: str) -> _Value:
@@ -112,7 +120,7 @@ class _Buckets:
             self.counts[index] += 1
 
 
-class Histogram(_Family):
+class Histogram(_Family[_Buckets]):
     type = "histogram"
 
     def __init__(self, name: str, help_text: str, labelnames: tuple[str, ...], buckets: tuple[float, ...]):
@@ -129,7 +137,7 @@ class Histogram(_Family):
         lines = []
         for key, child in self.children.items():
             cumulative = 0
-            for bound, count in zip(child.bounds, child.counts):
+            for bound, count in zip(child.bounds, child.counts, strict=True):
                 cumulative += count
                 lines.append(f"{self.name}_bucket{self._labels(key, [('le', _number(bound))])} {cumulative}")
             lines.append(f"{self.name}_bucket{self._labels(key, [('le', '+Inf')])} {child.count}")
@@ -141,11 +149,11 @@ class Histogram(_Family):
 class Registry:
     """Families in registration order; ``collectors`` refresh gauges just before rendering."""
 
-    def __init__(self):
-        self.families: list[_Family] = []
+    def __init__(self) -> None:
+        self.families: list[_Family[Any]] = []
         self.collectors: list[Callable[[], None]] = []
 
-    def add(self, family):
+    def add(self, family: _F) -> _F:
         self.families.append(family)
         return family
 

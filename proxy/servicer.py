@@ -170,7 +170,7 @@ async def _statistics(endpoint: Endpoint, request, timeout: float, outgoing) -> 
 def service_handler(servicer: ProxyServicer, unary: UnaryForwarder,
                     streams: StreamForwarder) -> grpc.GenericRpcHandler:
     """Every RPC of the service: raw-bytes handlers for the forwarded ones, typed for the rest."""
-    handlers = {}
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     for method in service.methods:
         name = method.name

@@ -124,7 +124,7 @@ class _Session:
             # Without its traceback: that holds this frame and the request bytes (see UpstreamFailure).
             await self.out.put(err.with_traceback(None))
             return
-        await asyncio.gather(*(u.relay for u in self.streams.values()), return_exceptions=True)
+        await asyncio.gather(*(u.relay for u in self.streams.values() if u.relay is not None), return_exceptions=True)
         await self.out.put(None)
 
     async def _open(self, model: str, version: str) -> _Upstream:

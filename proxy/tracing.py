@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 from opentelemetry import propagate, trace
 
@@ -26,7 +26,7 @@ _TRACE_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
-def forwarded_metadata(incoming: Sequence[tuple[str, str | bytes]] | None) -> list[tuple[str, str | bytes]]:
+def forwarded_metadata(incoming: Iterable[tuple[str, str | bytes]] | None) -> list[tuple[str, str | bytes]]:
     """The caller's metadata minus what the transport owns (``grpc-*``, pseudo headers) and trace keys."""
     return [
         (key, value) for key, value in incoming or ()
@@ -39,7 +39,7 @@ class ProxyTracing:
         self.tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
 
     @contextlib.contextmanager
-    def server_span(self, method: str, incoming: Sequence[tuple[str, str | bytes]] | None,
+    def server_span(self, method: str, incoming: Iterable[tuple[str, str | bytes]] | None,
                     current: bool = True) -> Iterator[trace.Span]:
         """The ``proxy <method>`` span, child of the caller's context.
 

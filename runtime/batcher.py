@@ -24,6 +24,9 @@ Guarantees:
   dropped.
 - An exception in a batch fails exactly the requests of that batch, each
   with INTERNAL and the exception's message; the batcher keeps serving.
+- An instance with ``executes_requests`` (a Triton python model) gets the
+  batch as a list of requests, not stacked inputs, and answers one result
+  per request: its outputs, or a MeshError failing that request alone.
 - A request submitted with a ``RequestTrace`` (tracing on) is told when its
   batch starts and ends, with the batch's size; untraced requests cost one
   ``is None`` test per batch member.
@@ -248,12 +251,17 @@ class Batcher:
             _traces_started(traces, total, len(batch))
         error = None
         try:
-            inputs = _concatenate([pending.request.inputs for pending in batch])
-            input_done = time.perf_counter_ns()
-            outputs = await instance.execute(inputs)
-            infer_done = time.perf_counter_ns()
-            results = self._split(outputs, sizes, total)
-            output_done = time.perf_counter_ns()
+            if getattr(instance, "executes_requests", False):  # a Triton python model: a list of requests
+                input_done = time.perf_counter_ns()
+                results = await instance.execute_requests([pending.request for pending in batch])
+                infer_done = output_done = time.perf_counter_ns()
+            else:
+                inputs = _concatenate([pending.request.inputs for pending in batch])
+                input_done = time.perf_counter_ns()
+                outputs = await instance.execute(inputs)
+                infer_done = time.perf_counter_ns()
+                results = self._split(outputs, sizes, total)
+                output_done = time.perf_counter_ns()
         except MeshError as err:
             error = err
             self._fail(batch, err)
@@ -264,8 +272,12 @@ class Batcher:
         else:
             self._stats.record_batch(len(batch), total, input_done - started,
                                      infer_done - input_done, output_done - infer_done)
-            for pending, result in zip(batch, results):
-                if not pending.future.done():
+            for pending, result in zip(batch, results, strict=True):
+                if pending.future.done():
+                    continue
+                if isinstance(result, MeshError):  # that request's own error response
+                    pending.future.set_exception(result)
+                else:
                     pending.future.set_result(result)
         finally:
             self._pool.release(instance)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+from collections.abc import Sequence
 
 from google.protobuf import text_format
 
@@ -209,7 +210,9 @@ def _validate_dynamic_batching(config: mc.ModelConfig, path: pathlib.Path) -> No
 
 
 def _validate_tensors(config: mc.ModelConfig, path: pathlib.Path) -> None:
-    for kind, tensors in (("input", config.input), ("output", config.output)):
+    inputs_and_outputs: tuple[tuple[str, Sequence[mc.ModelInput | mc.ModelOutput]], ...] = (
+        ("input", config.input), ("output", config.output))
+    for kind, tensors in inputs_and_outputs:
         seen = set()
         for index, tensor in enumerate(tensors):
             where = f"{kind}[{index}]"
@@ -226,7 +229,7 @@ def _validate_tensors(config: mc.ModelConfig, path: pathlib.Path) -> None:
                 raise _refuse(path, f"{where}.reshape", "reshape is not supported")
             if tensor.is_shape_tensor:
                 raise _refuse(path, f"{where}.is_shape_tensor", "shape tensors are not supported")
-            if kind == "input" and tensor.allow_ragged_batch:
+            if isinstance(tensor, mc.ModelInput) and tensor.allow_ragged_batch:
                 raise _refuse(path, f"{where}.allow_ragged_batch", "ragged batches are not supported")
 
 

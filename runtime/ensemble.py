@@ -38,7 +38,7 @@ from meshserve.protos.inference import model_config_pb2 as mc
 from .ensemble_graph import EnsemblePlan, Step, StepModelSpec, plan_ensemble
 from .ensemble_remote import RemoteModels, RemoteStep
 from .ensemble_trace import StepTrace
-from .model import model_metadata
+from .model import ServedModel, model_metadata
 from .request import InferRequest, ModelSignature
 from .statistics import ModelStatisticsRecorder
 from .tensor_spec import TensorSpec
@@ -46,7 +46,7 @@ from .tensor_spec import TensorSpec
 log = logging.getLogger(__name__)
 
 # (name, version) -> the ready local model; raises NotFound/Unavailable like ModelRepository.get.
-Resolve = Callable[[str, str], object]
+Resolve = Callable[[str, str], "ServedModel | EnsembleModel"]
 
 
 class LocalStep:
@@ -106,7 +106,7 @@ def step_error(ensemble: str, step: Step, err: MeshError, where: str = "local") 
 class EnsembleModel:
     """A loaded ensemble; duck-types ``ServedModel`` for the servicer and the repository."""
 
-    def __init__(self, config: mc.ModelConfig, version: str, plan: EnsemblePlan, targets: dict[int, object]):
+    def __init__(self, config: mc.ModelConfig, version: str, plan: EnsemblePlan, targets: dict[int, LocalStep | RemoteStep]):
         self.config = config
         self.name = config.name
         self.version = version
@@ -136,7 +136,7 @@ class EnsembleModel:
         """
         config = mc.ModelConfig.FromString(config.SerializeToString())
         specs: dict[int, StepModelSpec] = {}
-        targets: dict[int, object] = {}
+        targets: dict[int, LocalStep | RemoteStep] = {}
         for index, step in enumerate(config.ensemble_scheduling.step):
             number = index + 1
             version_text = "" if step.model_version <= 0 else str(step.model_version)
@@ -169,7 +169,7 @@ class EnsembleModel:
         target = self.targets[step.number]
         step_trace = None if trace is None else StepTrace(
             trace, step.number, step.model, None if target.where == "local" else target.where)
-        error = None
+        error: BaseException | None = None
         try:
             outputs = await target.infer(inputs, request, step_trace)
             missing = [name for name in step.output_map if name not in outputs]
@@ -266,7 +266,7 @@ class EnsembleModel:
         inputs = {name: tensors_[t] for name, t in step.input_map.items() if t in tensors_}
         step_trace = None if trace is None else StepTrace(
             trace, step.number, step.model, None if target.where == "local" else target.where)
-        error = None
+        error: BaseException | None = None
         try:
             async for outputs in target.stream(inputs, request, step_trace):
                 yield outputs

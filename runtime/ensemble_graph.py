@@ -20,6 +20,7 @@ ensemble input that nothing reads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from meshserve.protos.inference import model_config_pb2 as mc
 
@@ -91,7 +92,7 @@ def full_shape(dims, max_batch_size: int) -> list[int]:
 
 
 def shapes_match(a: list[int], b: list[int]) -> bool:
-    return len(a) == len(b) and all(x == -1 or y == -1 or x == y for x, y in zip(a, b))
+    return len(a) == len(b) and all(x == -1 or y == -1 or x == y for x, y in zip(a, b, strict=True))
 
 
 def plan_ensemble(config: mc.ModelConfig, specs: dict[int, StepModelSpec]) -> EnsemblePlan:
@@ -161,7 +162,8 @@ def _topological_order(steps: list[Step], producers: dict[str, Step], fail) -> l
     after = {step.number: {producers[t].number for t in step.input_map.values() if t in producers}
              for step in steps}
     by_number = {step.number: step for step in steps}
-    order, done = [], set()
+    order: list[Step] = []
+    done: set[int] = set()
     while len(order) < len(steps):
         ready = [n for n, deps in after.items() if n not in done and deps <= done]
         if not ready:
@@ -184,7 +186,7 @@ def _describe_cycle(by_number, after, producers, done) -> str:
         path.append(number)
     path.reverse()  # producer -> consumer
     parts = []
-    for producer, consumer in zip(path, path[1:]):
+    for producer, consumer in pairwise(path):
         tensor = next(t for t in by_number[consumer].input_map.values()
                       if t in producers and producers[t].number == producer)
         parts.append(f"{by_number[producer].label} -> '{tensor}' ->")

@@ -37,17 +37,18 @@ class StepTrace:
 
     def __init__(self, parent: RequestTrace, number: int, model: str, remote: str | None = None):
         self.tracer = parent.tracer
-        attributes = {STEP_NUMBER: number, MODEL_NAME: model}
+        attributes: dict[str, str | int] = {STEP_NUMBER: number, MODEL_NAME: model}
         if remote:
             attributes[STEP_REMOTE] = remote
         self.span = self.tracer.start_span(f"step {number} {model}",
                                            context=trace.set_span_in_context(parent.span),
                                            attributes=attributes)
         self._context = trace.set_span_in_context(self.span)
-        self._queued_ns = self._started_ns = None
-        self._execute = None
+        self._queued_ns: int | None = None
+        self._started_ns: int | None = None
+        self._execute: trace.Span | None = None
         self._queue_ns = 0
-        self._compute_ns = None
+        self._compute_ns: int | None = None
         self._responses = 0
 
     def current(self):
@@ -89,7 +90,8 @@ class StepTrace:
             self._queue_ns = now - self._queued_ns
         self.span.set_attribute(STEP_QUEUE_NS, self._queue_ns)
         if self._compute_ns is None:  # no batch reported (a remote step): the whole step
-            self._compute_ns = now - self.span.start_time if getattr(self.span, "start_time", None) else 0
+            start = getattr(self.span, "start_time", None)   # the SDK's spans have it, the no-op span not
+            self._compute_ns = now - start if start else 0
         self.span.set_attribute(STEP_COMPUTE_NS, self._compute_ns)
         if error is not None:
             mark_error(self.span, error)

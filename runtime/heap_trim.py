@@ -30,6 +30,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class _MallInfo2(ctypes.Structure):
         "keepcost")]
 
 
-def _glibc_functions():
+def _glibc_functions() -> tuple[Callable[[], _MallInfo2], Callable[[int], int]] | None:
     """glibc's ``mallinfo2`` and ``malloc_trim``, or None where the C library lacks them."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -78,24 +79,23 @@ class HeapTrimmer:
         if self._glibc is None:
             log.debug("no mallinfo2/malloc_trim here: freed heap stays with the allocator")
             return
-        self._task = asyncio.create_task(self._run(), name="heap-trim")
+        self._task = asyncio.create_task(self._run(*self._glibc), name="heap-trim")
 
-    def _levels(self) -> tuple[int, int]:
-        """(free bytes in the allocator, resident bytes)."""
-        return self._glibc[0]().fordblks, resident_bytes()
+    async def _run(self, info: Callable[[], _MallInfo2], trim: Callable[[int], int]) -> None:
+        def levels() -> tuple[int, int]:
+            """(free bytes in the allocator, resident bytes)."""
+            return info().fordblks, resident_bytes()
 
-    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        trim = self._glibc[1]
-        free_after, floor = self._levels()
+        free_after, floor = levels()
         while True:
             await asyncio.sleep(self.interval_s)
-            free, resident = self._levels()
+            free, resident = levels()
             floor = min(floor, resident)
             if free - free_after < self.growth_bytes and resident - floor < self.growth_bytes:
                 continue
             await loop.run_in_executor(None, trim, 0)
-            free_after, after = self._levels()
+            free_after, after = levels()
             # Nothing much went back: what is resident is in use, the new floor (no trim a second).
             floor = after if resident - after < self.growth_bytes else min(floor, after)
 

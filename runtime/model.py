@@ -141,7 +141,7 @@ class ServedModel:
 
         ``trace`` (tracing on) gets the request's queue and execute spans.
         """
-        if self.decoupled:
+        if self._batcher is None:   # decoupled
             raise FailedPrecondition(
                 f"model '{self.name}' is decoupled (it streams responses); call ModelStreamInfer"
             )
@@ -176,6 +176,9 @@ class ServedModel:
         if trace is not None:
             trace.queued()
         instance = await self._pool.acquire()
+        # A Triton python model's instance is free once its execute returns, responses or not
+        # (runtime/backends/triton_python.py); it hands the instance back itself.
+        whole_requests = getattr(instance, "executes_requests", False)
         started = time.perf_counter_ns()
         self.stats.record_queue(started - request.arrival_ns)
         if trace is not None:
@@ -185,7 +188,9 @@ class ServedModel:
         self._streams += 1
         self._no_streams.clear()
         try:
-            async for outputs in instance.stream(request.inputs):
+            responses = instance.stream_request(request, lambda: self._pool.release(instance)) \
+                if whole_requests else instance.stream(request.inputs)
+            async for outputs in responses:
                 yield outputs
             ok = True
         except MeshError as err:
@@ -200,7 +205,8 @@ class ServedModel:
             self._streams -= 1
             if not self._streams:
                 self._no_streams.set()
-            self._pool.release(instance)
+            if not whole_requests:
+                self._pool.release(instance)
             done = time.perf_counter_ns()
             if ok:
                 self.stats.record_batch(1, request.batch_size, 0, done - started, 0)

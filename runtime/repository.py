@@ -31,6 +31,9 @@ from .ensemble_remote import RemoteModels
 from .model import ServedModel
 from .warmup import sample_requests, warm_up
 
+# What a model name serves: a model of its own, or an ensemble (which duck-types ServedModel).
+Loaded = ServedModel | EnsembleModel
+
 log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
@@ -41,13 +44,13 @@ class ModelEntry:
     name: str
     state: str = UNAVAILABLE
     reason: str = "not loaded"
-    versions: dict[str, ServedModel] = field(default_factory=dict)  # ascending by version
+    versions: dict[str, Loaded] = field(default_factory=dict)  # ascending by version
 
 
 class ModelRepository:
     """Loads and serves the models of one repository folder."""
 
-    def __init__(self, root: pathlib.Path, models: list[str] | None = None,
+    def __init__(self, root: str | pathlib.Path, models: list[str] | None = None,
                  remote_models: dict[str, str] | None = None, tls: TlsConfig | None = None):
         self.root = pathlib.Path(root).resolve()
         if not self.root.is_dir():
@@ -94,7 +97,7 @@ class ModelRepository:
             entry = self._entries.setdefault(name, ModelEntry(name))
             previous = dict(entry.versions)
             entry.state, entry.reason = LOADING, ""
-            loaded: dict[str, ServedModel] = {}
+            loaded: dict[str, Loaded] = {}
             try:
                 config = config_rules.load_model_config(model_dir)
                 available = config_rules.version_folders(model_dir)
@@ -108,9 +111,9 @@ class ModelRepository:
                         f"{model_dir}: no version folder matches the version policy (found {available})"
                     )
                 samples = sample_requests(config, model_dir)   # checked before any version loads
-                for version in versions:
-                    loaded[str(version)] = await ServedModel.load(model_dir, config, str(version))
-                    await warm_up(loaded[str(version)], samples)   # ready only once warm (runtime/warmup.py)
+                for number in versions:
+                    loaded[str(number)] = await ServedModel.load(model_dir, config, str(number))
+                    await warm_up(loaded[str(number)], samples)   # ready only once warm (runtime/warmup.py)
             except Exception as err:
                 for model in loaded.values():
                     await model.close()
@@ -161,7 +164,7 @@ class ModelRepository:
                 await model.close()
             entry.state, entry.reason = UNAVAILABLE, "unloaded"
 
-    def get(self, name: str, version: str = "") -> ServedModel:
+    def get(self, name: str, version: str = "") -> Loaded:
         """The ready model version (the latest when ``version`` is empty)."""
         entry = self._entries.get(name)
         if entry is None:
@@ -183,7 +186,7 @@ class ModelRepository:
 
     def index(self) -> list[tuple[str, str, str, str]]:
         """(name, version, state, reason) for every model on disk or tried."""
-        rows = []
+        rows: list[tuple[str, str, str, str]] = []
         for name in sorted(set(self.available()) | set(self._entries)):
             entry = self._entries.get(name, ModelEntry(name))
             if entry.versions:
@@ -192,7 +195,7 @@ class ModelRepository:
                 rows.append((name, "", entry.state, entry.reason))
         return rows
 
-    def ready_models(self) -> list[ServedModel]:
+    def ready_models(self) -> list[Loaded]:
         return [model for entry in self._entries.values() for model in entry.versions.values()]
 
     async def close(self) -> None:

@@ -298,6 +298,7 @@ def write_to_region(name: str, array: np.ndarray, datatype: str, location: Tenso
                     region: SharedMemoryRegion) -> int:
     """Write one output into its shared memory window; returns the bytes written."""
     dtype = tensors.NUMPY_DTYPES[datatype]
+    data: bytes | np.ndarray
     if datatype == "BYTES":
         data = tensors.to_raw(array, datatype)
         size = len(data)

@@ -41,6 +41,7 @@ from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .heap_trim import HeapTrimmer
 from .load_service import LoadServicer
+from .model import ServedModel
 from .metrics import runtime_registry
 from .model_control import NONE, ModelControl
 from .repository import ModelRepository
@@ -114,7 +115,8 @@ class RuntimeServer:
 
     def _load(self) -> tuple[int, int]:
         """(inference calls in progress, of which queued in a batcher) for ReplicaService/WatchLoad."""
-        return self.servicer.in_flight.count, sum(model.queued for model in self.repository.ready_models())
+        queued = sum(model.queued for model in self.repository.ready_models() if isinstance(model, ServedModel))
+        return self.servicer.in_flight.count, queued   # an ensemble queues nothing itself: its steps do
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
@@ -177,11 +179,12 @@ class RuntimeServer:
 async def run(options: ServerOptions) -> None:
     server = RuntimeServer(options)
     await server.start()
-    print_ready_line("runtime", server.address, metrics_detail(server.metrics_address))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # Only now: a supervisor may send SIGTERM the moment it reads this line, and it must drain.
+    print_ready_line("runtime", server.address, metrics_detail(server.metrics_address))
     await stop.wait()
     await server.drain()
     log.info("stopped")

@@ -13,7 +13,7 @@ one ``response`` event per response. Otherwise no span work is done at all.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
 
 import grpc
@@ -59,11 +59,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Every model name from a client is checked (``plain_model_name``) before it is looked up;
     load and unload go through ``model_control``, and ``on_models_changed`` runs after either."""
 
-    def __init__(self, repository: ModelRepository, model_control: ModelControl = ModelControl(),
+    def __init__(self, repository: ModelRepository, model_control: ModelControl | None = None,
                  on_models_changed: Callable[[], Awaitable[None]] | None = None,
                  shared_memory: SharedMemoryRegistry | None = None):
         self.repository = repository
-        self.model_control = model_control
+        self.model_control = model_control if model_control is not None else ModelControl()
         self._on_models_changed = on_models_changed
         self.ready = False  # false while loading and while draining
         self._version = _server_version()
@@ -136,7 +136,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                infer_request.requested_outputs, model.labels,
                                output_regions=infer_request.output_regions)
 
-    async def ModelStreamInfer(self, request_iterator, context):
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> None:
         """Requests on one stream run concurrently; each one's responses keep their order.
 
         Every response carries ``triton_final_response``. With
@@ -158,12 +159,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         responses: asyncio.Queue = asyncio.Queue(maxsize=STREAM_RESPONSES_QUEUED)
         slots = asyncio.Semaphore(STREAM_REQUESTS_IN_FLIGHT)
         running: set[asyncio.Task] = set()
-        parent = None if self._tracer is None else extract_context(context.invocation_metadata())
+        tracer = self._tracer
+        parent = None if tracer is None else extract_context(context.invocation_metadata())
 
         async def answer(request: pb.ModelInferRequest) -> None:
-            trace = None if parent is None else RequestTrace(
-                self._tracer, "ModelStreamInfer", request.model_name, request.id, parent)
-            error = None
+            trace = None if tracer is None or parent is None else RequestTrace(
+                tracer, "ModelStreamInfer", request.model_name, request.id, parent)
+            error: BaseException | None = None
             try:
                 await self._stream_one(request, responses, trace, context)
             except MeshError as err:
@@ -192,7 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 except StopAsyncIteration:
                     break
                 task = asyncio.create_task(answer(request))
-                request = None  # the task holds it, for as long as it needs it
+                del request  # the task holds it, for as long as it needs it
                 running.add(task)
                 task.add_done_callback(running.discard)
             while running:

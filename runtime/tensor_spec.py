@@ -46,7 +46,7 @@ class TensorSpec:
                     f"(max_batch_size of model '{model}')"
                 )
         if len(item_shape) != len(self.dims) or any(
-            want != -1 and want != got for want, got in zip(self.dims, item_shape)
+            want != -1 and want != got for want, got in zip(self.dims, item_shape, strict=True)
         ):
             raise InvalidArgument(
                 f"input '{self.name}' has shape {list(shape)} but model '{model}' expects "

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
-from .autoscaling import config_of
 from .core import SchedulerCore
 from .placing import replica_needs
-from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord
+from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord, RevisionEntry
 from .rollouts import PROGRESSING, ROLLED_BACK, rollback_changes
-from .spec import parse_deployments, parse_spec
-from .spec_fields import model_of
+from .spec import DeploymentSpec, parse_deployments
 
 KINDS = ("nodes", "deployments", "replicas")
 _SINGULAR = {"node": "nodes", "deployment": "deployments", "replica": "replicas"}
@@ -68,12 +67,11 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                 continue
             if record is not None and record.revision_fingerprint == spec.revision_fingerprint():
                 replicas = _replicas_after_apply(record, spec)
-                await self._commit(record, replicas=replicas, fingerprint=fingerprint,  # a scale: no new revision
-                                   spec=spec.to_dict(), spec_yaml=spec.to_yaml())
+                await self._commit(record, replicas=replicas, spec=spec)  # a scale: no new revision
                 self.cluster.record_event(f"deployment/{spec.name}", f"configured: {replicas} replica(s)")
                 applied.append(f"deployment/{spec.name} configured")
                 continue
-            new = self._next_record(record, spec, fingerprint)
+            new = self._next_record(record, spec)
             await self.core.writer.put(new)
             self.cluster.deployments[spec.name] = new
             self.cluster.record_event(f"deployment/{spec.name}", f"{verb}: revision {new.revision}, "
@@ -83,23 +81,19 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         return mesh.ApplyResponse(applied=applied)
 
     @staticmethod
-    def _next_record(record: DeploymentRecord | None, spec, fingerprint: str) -> DeploymentRecord:
+    def _next_record(record: DeploymentRecord | None, spec: DeploymentSpec) -> DeploymentRecord:
         """The record after applying a spec that needs a new revision."""
         now = time.time_ns() // 1_000_000
-        spec_dict, spec_yaml = spec.to_dict(), spec.to_yaml()
         revision = record.revision + 1 if record else 1
-        entry = {"revision": revision, "spec": spec_dict, "spec_yaml": spec_yaml, "applied_unix_ms": now}
         keep = max(1, spec.revision_history)
-        history = ((record.history if record else []) + [entry])[-keep:]
+        history = ((record.history if record else ()) + (RevisionEntry(revision, spec, now),))[-keep:]
         if record is not None and spec.rollout.strategy == "canary":
             # The revision that served before stays stable (through a chain of canaries, the first).
             stable = record.stable_revision if record.canary_active else record.revision
         else:
             stable = revision
         return DeploymentRecord(
-            name=spec.name, spec=spec_dict, spec_yaml=spec_yaml, fingerprint=fingerprint,
-            revision_fingerprint=spec.revision_fingerprint(), revision=revision,
-            replicas=_replicas_after_apply(record, spec),
+            name=spec.name, spec=spec, revision=revision, replicas=_replicas_after_apply(record, spec),
             created_unix_ms=record.created_unix_ms if record else now, history=history, stable_revision=stable,
             autoscaler=record.autoscaler if record else {}, last_scaling=record.last_scaling if record else "",
             rollout_state=PROGRESSING, rollout_started_unix_ms=now)
@@ -126,7 +120,7 @@ class AdminService(mesh_grpc.AdminServiceServicer):
     async def Rollback(self, request, context):
         self.core.require_leader()
         record = self._deployment_record(request.name)
-        changes, target = rollback_changes(record, parse_spec)
+        changes, target = rollback_changes(record)
         previous = record.revision
         await self._commit(record, **changes, rollout_state=f"{ROLLED_BACK}: by request",
                            rollout_started_unix_ms=int(time.time() * 1000))
@@ -188,8 +182,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         return mesh.Deployment(
             name=name, spec_yaml=record.spec_yaml, replicas=record.replicas,
             ready_replicas=self.cluster.ready_count(name),
-            revision=record.revision, model=model_of(record.spec)[1], created_unix_ms=record.created_unix_ms,
-            revision_history=[entry["revision"] for entry in record.history],
+            revision=record.revision, model=record.spec.model.name, created_unix_ms=record.created_unix_ms,
+            revision_history=[entry.revision for entry in record.history],
             stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight,
             rollout_state=record.rollout_state, rollout_started_unix_ms=record.rollout_started_unix_ms,
             revisions=_revisions(record), **_autoscaling_fields(record))
@@ -328,8 +322,8 @@ def _replicas_after_apply(record: DeploymentRecord | None, spec) -> int:
     return min(max(record.replicas, spec.autoscaling.min_replicas), spec.autoscaling.max_replicas)
 
 
-def _autoscaling_fields(record: DeploymentRecord) -> dict:
-    config = config_of(record)
+def _autoscaling_fields(record: DeploymentRecord) -> dict[str, Any]:
+    config = record.spec.autoscaling
     if config is None:
         return {}
     return {"autoscaling": True, "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
@@ -338,9 +332,10 @@ def _autoscaling_fields(record: DeploymentRecord) -> dict:
 
 def _revisions(record: DeploymentRecord) -> list[mesh.RevisionInfo]:
     """The kept revisions, each with what changed from the one before (top-level spec sections)."""
-    infos, previous = [], None
+    infos: list[mesh.RevisionInfo] = []
+    previous: dict[str, Any] | None = None
     for entry in record.history:
-        spec = entry.get("spec", {})
+        spec = entry.spec.to_dict()
         if previous is None:
             change = "first revision kept"
         else:
@@ -348,7 +343,6 @@ def _revisions(record: DeploymentRecord) -> list[mesh.RevisionInfo]:
                        if key not in ("replicas", "revision_history", "rollout", "autoscaling")
                        and spec.get(key) != previous.get(key)]
             change = ", ".join(changed) or "no change to what replicas run"
-        infos.append(mesh.RevisionInfo(revision=entry["revision"], applied_unix_ms=entry.get("applied_unix_ms", 0),
-                                       change=change))
+        infos.append(mesh.RevisionInfo(revision=entry.revision, applied_unix_ms=entry.applied_unix_ms, change=change))
         previous = spec
     return infos

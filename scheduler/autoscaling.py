@@ -121,5 +121,4 @@ class Autoscaling:
 
 def config_of(record: DeploymentRecord) -> AutoscalingConfig | None:
     """The deployment's autoscaling config, or None when its count is fixed."""
-    section = record.spec.get("autoscaling")
-    return AutoscalingConfig.from_spec(section) if section else None
+    return record.spec.autoscaling

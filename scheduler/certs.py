@@ -138,6 +138,8 @@ def issue_certificate(directory: str | os.PathLike, name: str, role: str, sans: 
     directory = pathlib.Path(directory)
     ca_cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
     ca_key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):   # what `init` writes
+        raise ValueError(f"{directory / CA_KEY} holds a {type(ca_key).__name__}, not the CA's EC private key")
     key = _new_key()
     now = _now()
     start = not_before or now - datetime.timedelta(minutes=5)

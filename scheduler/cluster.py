@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshserve.protos.mesh import control_pb2 as mesh
@@ -31,7 +32,7 @@ class LiveNode:
 
 
 class Cluster:
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.deployments: dict[str, DeploymentRecord] = {}
         self.replicas: dict[str, ReplicaRecord] = {}
@@ -43,14 +44,12 @@ class Cluster:
 
     async def load(self, store: Store) -> None:
         """Read desired and observed state back from the store (after a start or a takeover)."""
-        for prefix, kind, target in ((DEPLOYMENTS, DeploymentRecord, self.deployments),
-                                     (REPLICAS, ReplicaRecord, self.replicas),
-                                     (NODES, NodeRecord, self.nodes)):
-            target.clear()
-            items, _ = await store.range(prefix)
-            for item in items:
-                record = kind.from_json(item.value)
-                target[record.name if hasattr(record, "name") else record.id] = record
+        deployments, _ = await store.range(DEPLOYMENTS)
+        replicas, _ = await store.range(REPLICAS)
+        nodes, _ = await store.range(NODES)
+        self.deployments = {d.name: d for d in (DeploymentRecord.from_json(item.value) for item in deployments)}
+        self.replicas = {r.id: r for r in (ReplicaRecord.from_json(item.value) for item in replicas)}
+        self.nodes = {n.name: n for n in (NodeRecord.from_json(item.value) for item in nodes)}
         # Nobody has reported yet: give every known node a full heartbeat period from now.
         now = self.clock()
         self.live = {name: LiveNode(last_report=now) for name in self.nodes}

@@ -64,8 +64,8 @@ from .records import (
     STARTING,
     DeploymentRecord,
     NodeRecord,
+    ReplicaRecord,
 )
-from .spec_fields import model_of
 from .store import StoreError
 from .verify import RETRY_AFTER_S, GrpcReplicaVerifier, ReplicaVerifier
 from .writer import FencedWriter, NotLeader
@@ -329,7 +329,7 @@ class SchedulerCore:
         A draining replica stays draining until the agent reports it stopped or stops
         reporting it; then its record goes. A lost replica whose node reports again is
         adopted back with the state the agent reports, or goes if the agent no longer runs it."""
-        changed = []
+        changed: list[ReplicaRecord | None] = []
         reported = {status.replica_id: status for status in statuses}
         for replica in self.cluster.replicas_on(node):
             status = reported.get(replica.id)
@@ -338,9 +338,10 @@ class SchedulerCore:
                 self.cluster.record_event(f"replica/{replica.id}", "stopped and removed")
                 changed.append(None)
         for status in statuses:
-            replica = self.cluster.replicas.get(status.replica_id)
-            if replica is None or replica.node != node or replica.state == DRAINING:
+            claimed = self.cluster.replicas.get(status.replica_id)
+            if claimed is None or claimed.node != node or claimed.state == DRAINING:
                 continue  # not ours to run: the agent stops it, since it is not assigned
+            replica = claimed
             state = _AGENT_STATES.get(status.state, replica.state)
             reason = status.message if state == FAILED else ""
             if state == READY and (replica.state != READY or replica.address != status.address):
@@ -381,9 +382,9 @@ class SchedulerCore:
             self._refused_claims.pop(replica.id, None)
         return problem
 
-    def _model_of(self, replica) -> str:
+    def _model_of(self, replica: ReplicaRecord) -> str:
         deployment = self.cluster.deployments.get(replica.deployment)
-        return model_of(deployment.spec_of(replica.revision))[1] if deployment is not None else ""
+        return deployment.spec_of(replica.revision).model.name if deployment is not None else ""
 
     def assignments_for(self, node: str) -> mesh.Assignments:
         assignments = mesh.Assignments()
@@ -392,20 +393,19 @@ class SchedulerCore:
             if deployment is None or replica.state == DRAINING:
                 continue
             spec = deployment.spec_of(replica.revision)  # its own revision's, not the newest
-            repository, model = model_of(spec)
             pipeline_args = self._pipeline_args(replica)
             if pipeline_args is None:
                 continue  # a split pipeline's leader waits until its remote steps are ready
-            models = replica.models or [model]
-            env = {} if node in self._no_secrets else spec.get("env") or {}
+            models = replica.models or [spec.model.name]
+            env = {} if node in self._no_secrets else dict(spec.env)
             assignments.replicas.add(
                 replica_id=replica.id, deployment=replica.deployment, revision=replica.revision,
-                model_repository=repository, model_name=models[0], gpu_indices=replica.gpu_indices,
-                env={**{str(k): str(v) for k, v in env.items()},
+                model_repository=spec.model.repository, model_name=models[0], gpu_indices=replica.gpu_indices,
+                env={**env,
                      # what the replica may use on each of its GPUs (the fake GPU probe counts it)
                      GPU_MEMORY_ENV: str(replica.gpu_memory_bytes),
                      CPU_ENV: f"{replica_needs(self.cluster, replica).cpu:g}"},  # checked by the host policy
-                runtime_args=[str(a) for a in spec.get("runtime_args") or []] + pipeline_args,
+                runtime_args=[*spec.runtime_args, *pipeline_args],
             )
         return assignments
 
@@ -451,7 +451,7 @@ class SchedulerCore:
             ready = [r for r in self.cluster.replicas_of(name)
                      if r.state in (READY, LOST) and r.address and r.leads]
             if not ready:
-                table.routes.add(model=model_of(deployment.spec_of(deployment.revision))[1], deployment=name,
+                table.routes.add(model=deployment.spec_of(deployment.revision).model.name, deployment=name,
                                  revision=deployment.revision, weight=0, **_idle_route_fields(deployment))
             for revision in sorted({r.revision for r in ready}):
                 endpoints = [r for r in ready if r.revision == revision]
@@ -460,7 +460,7 @@ class SchedulerCore:
                     weight = canary if revision == deployment.revision else 100 - canary
                 else:
                     weight = len(endpoints)
-                route = table.routes.add(model=model_of(deployment.spec_of(revision))[1], deployment=name,
+                route = table.routes.add(model=deployment.spec_of(revision).model.name, deployment=name,
                                          revision=revision, weight=weight)
                 for replica in endpoints:
                     route.endpoints.add(replica_id=replica.id, address=replica.address, node=replica.node)
@@ -495,8 +495,8 @@ class SchedulerCore:
 
 def _idle_route_fields(deployment: DeploymentRecord) -> dict:
     """For a deployment with nothing routable: whether a proxy may wake it, and why it has no replica."""
-    autoscaled = deployment.spec.get("autoscaling") or {}
-    if autoscaled.get("min_replicas", 1) == 0:   # held at the proxies while a replica starts
+    autoscaling = deployment.spec.autoscaling
+    if autoscaling is not None and autoscaling.min_replicas == 0:   # held at the proxies while a replica starts
         return {"wakes_on_call": True, "no_endpoint_reason": "scaled to zero while idle" if deployment.replicas == 0
                 else "starting from zero"}
     if deployment.replicas > 0:

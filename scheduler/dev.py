@@ -82,7 +82,7 @@ def _forward_output(process: subprocess.Popen, name: str) -> None:
 
 
 def _wait_for_ready(process: subprocess.Popen, name: str) -> str:
-    for line in process.stdout:
+    for line in process.stdout or ():   # a pipe (started with stdout=PIPE)
         print(f"  {name} | {line.rstrip()}", flush=True)
         _note_metrics(name, line)
         address = parse_ready_line(line, name)

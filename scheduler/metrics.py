@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram
@@ -28,6 +28,7 @@ from .records import PENDING
 
 if TYPE_CHECKING:
     from .core import SchedulerCore
+    from .store.base import WatchEvent
 
 REASON_CHARS = 120
 # Reconcile passes: a quiet pass takes ~100 µs, a big placement pass with store writes up to seconds.
@@ -123,5 +124,5 @@ class TimedStore:
 
         return timed
 
-    def watch(self, prefix: str, start_revision: int) -> AsyncIterator:
+    def watch(self, prefix: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
         return self._store.watch(prefix, start_revision)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import yaml
@@ -47,7 +47,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
-        padded = [value.ljust(width) for value, width in zip(row[:-1], widths)] + [row[-1]]
+        # strict=False: the last column is never padded, so its width goes unused
+        padded = [value.ljust(width) for value, width in zip(row[:-1], widths, strict=False)] + [row[-1]]
         lines.append(COLUMN_GAP.join(padded).rstrip())
     return "\n".join(lines) + "\n"
 
@@ -333,11 +334,12 @@ def describe_text(response: pb.DescribeResponse, kind: str, now_unix_ms: int) ->
         lines += _describe_deployment(obj.deployments[0], now_unix_ms)
     elif kind == "replica" and obj.replicas:
         lines += _describe_replica(obj.replicas[0])
-    owner = {"deployment": obj.deployments[:1], "node": obj.nodes[:1]}.get(kind)
+    owner = (obj.deployments[0].name if kind == "deployment" and obj.deployments
+             else obj.nodes[0].name if kind == "node" and obj.nodes else "")
     replicas_title = {"deployment": "Replicas of", "node": "Replicas on"}.get(kind, "Replicas")
     if owner:
-        replicas_title += f" {owner[0].name}"
-    related = [
+        replicas_title += f" {owner}"
+    related: list[tuple[str, Sequence[Any], Callable[[Sequence[Any]], str]]] = [
         ("Nodes", obj.nodes[1:] if kind == "node" else obj.nodes, nodes_table),
         ("Deployments", obj.deployments[1:] if kind == "deployment" else obj.deployments,
          lambda items: deployments_table(items, now_unix_ms)),

@@ -19,26 +19,28 @@ created already placed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from . import placement
 from .cluster import Cluster
+from .needs import Needs
 from .records import PLACED, ReplicaRecord
-from .spec_fields import Needs, resources_of
+from .spec import DeploymentSpec
 
 EXPLAIN_LINES_KEPT = 20
 
 
-def step_needs(spec: dict) -> list[tuple[str, Needs]]:
+def step_needs(spec: DeploymentSpec) -> list[tuple[str, Needs]]:
     """(model, needs) per step; the pipeline's own resources ride with the first step."""
-    placement_block = spec.get("placement") or {}
-    own = resources_of(spec)
+    own = spec.resources
     steps = []
-    for index, step in enumerate(spec.get("steps") or []):
-        needs = resources_of({"resources": step.get("resources") or {}, "placement": placement_block})
+    for index, step in enumerate(spec.steps):
+        needs = Needs.of(step.resources, spec.placement)
         if index == 0:
             needs = Needs(gpus=max(needs.gpus, own.gpus), gpu_memory=max(needs.gpu_memory, own.gpu_memory),
                           cpu=needs.cpu + own.cpu, memory=needs.memory + own.memory,
                           node_selector=needs.node_selector, strategy=needs.strategy)
-        steps.append((step["model"], needs))
+        steps.append((step.model, needs))
     return steps
 
 
@@ -48,13 +50,13 @@ def _request(replica_id: str, deployment: str, needs: Needs) -> placement.Replic
                                     node_selector=needs.node_selector, strategy=needs.strategy)
 
 
-def place_pipeline(cluster: Cluster, snapshot, leader: ReplicaRecord, spec: dict,
-                   new_id) -> list[ReplicaRecord]:
+def place_pipeline(cluster: Cluster, snapshot: placement.Snapshot, leader: ReplicaRecord, spec: DeploymentSpec,
+                   new_id: Callable[[str], str]) -> list[ReplicaRecord]:
     """Place one pending pipeline leader; returns every record created or changed."""
-    ensemble = (spec.get("model") or {}).get("name", "")
+    ensemble = spec.model.name
     steps = step_needs(spec)
     requests = [_request(f"{leader.id}/{model}", leader.deployment, needs) for model, needs in steps]
-    mode = spec.get("colocate", "required")
+    mode = spec.colocate
     gang_result = placement.place_gang(snapshot, requests) if mode != "none" else None
     if isinstance(gang_result, list):
         node = gang_result[0].node
@@ -67,7 +69,7 @@ def place_pipeline(cluster: Cluster, snapshot, leader: ReplicaRecord, spec: dict
         leader.decision += placement.explain_lines(gang_result[0], limit=EXPLAIN_LINES_KEPT)
         cluster.record_event(f"replica/{leader.id}", f"placed co-located on {node}")
         return [leader]
-    if mode == "required":
+    if mode == "required" and gang_result is not None:   # (never None when required)
         reason = f"waiting: colocate is required and {placement.summary(gang_result)}"
         if reason == leader.reason:
             return []
@@ -78,7 +80,8 @@ def place_pipeline(cluster: Cluster, snapshot, leader: ReplicaRecord, spec: dict
         return [leader]
 
     results = placement.place(snapshot, requests)
-    missing = [model for (model, _), result in zip(steps, results) if not isinstance(result, placement.Placement)]
+    missing = [model for (model, _), result in zip(steps, results, strict=True)
+               if not isinstance(result, placement.Placement)]
     if missing:
         reason = f"cannot place step {', '.join(missing)} anywhere: " + "; ".join(
             placement.summary(r) for r in results if not isinstance(r, placement.Placement))
@@ -89,14 +92,16 @@ def place_pipeline(cluster: Cluster, snapshot, leader: ReplicaRecord, spec: dict
         leader.reason = reason
         leader.decision = [reason]
         return [leader]
-    why = "colocate: none" if mode == "none" else f"no single node fits every step ({placement.summary(gang_result)})"
+    placed = [result for result in results if isinstance(result, placement.Placement)]   # all of them
+    why = "colocate: none" if gang_result is None else \
+        f"no single node fits every step ({placement.summary(gang_result)})"
     changed = []
-    (first_model, first_needs), first = steps[0], results[0]
+    (first_model, first_needs), first = steps[0], placed[0]
     _place(leader, first.node, list(first.gpu_indices), first_needs.gpu_memory)
     leader.models, leader.group, leader.remote = [ensemble, first_model], leader.id, {}
-    lines = [f"split across {len({r.node for r in results})} node(s) because {why}:",
+    lines = [f"split across {len({r.node for r in placed})} node(s) because {why}:",
              f"  pipeline + step {first_model} on {first.node}"]
-    for (model, needs), result in zip(steps[1:], results[1:]):
+    for (model, needs), result in zip(steps[1:], placed[1:], strict=True):
         step = ReplicaRecord(id=new_id(leader.deployment), deployment=leader.deployment,
                              revision=leader.revision, models=[model], group=leader.id)
         _place(step, result.node, list(result.gpu_indices), needs.gpu_memory)

@@ -13,9 +13,10 @@ import collections
 
 from . import placement
 from .cluster import Cluster
+from .needs import Needs
 from .pipelines import place_pipeline, step_needs
 from .records import NODE_READY, PENDING, PLACED, READY, ReplicaRecord, new_replica_id
-from .spec_fields import Needs, resources_of
+from .spec import KIND_PIPELINE
 from .writer import FencedWriter
 
 # Per-node detail kept on a replica for `explain`: enough to read, bounded on a big cluster.
@@ -28,9 +29,9 @@ def build_snapshot(cluster: Cluster) -> list[placement.NodeView]:
         record = cluster.nodes[name]
         live = cluster.live.get(name)
         replicas = cluster.replicas_on(name)
-        reserved = collections.Counter()
+        reserved: collections.Counter[int] = collections.Counter()
         cpu_used, memory_loading = 0.0, 0
-        per_deployment = collections.Counter()
+        per_deployment: collections.Counter[str] = collections.Counter()
         for replica in replicas:
             per_deployment[replica.deployment] += 1
             needs = replica_needs(cluster, replica)
@@ -56,9 +57,11 @@ def build_snapshot(cluster: Cluster) -> list[placement.NodeView]:
 def replica_needs(cluster: Cluster, replica: ReplicaRecord) -> Needs:
     """What one replica asks of a node: its revision's resources, or those of the pipeline steps it serves."""
     deployment = cluster.deployments.get(replica.deployment)
-    spec = deployment.spec_of(replica.revision) if deployment else {}
-    if spec.get("kind") != "Pipeline":
-        return resources_of(spec)
+    if deployment is None:
+        return Needs()
+    spec = deployment.spec_of(replica.revision)
+    if spec.kind != KIND_PIPELINE:
+        return Needs.of(spec.resources, spec.placement)
     # A pipeline's replica needs what its steps need (a pending leader: nothing booked yet).
     served = [needs for model, needs in step_needs(spec) if model in replica.models]
     return Needs(gpus=max((n.gpus for n in served), default=0),
@@ -84,14 +87,14 @@ async def place_pending(cluster: Cluster, writer: FencedWriter) -> bool:
     plain = []
     for replica in pending:
         deployment = cluster.deployments.get(replica.deployment)
-        spec = deployment.spec_of(replica.revision) if deployment else {}
-        if spec.get("kind") == "Pipeline":
+        spec = deployment.spec_of(replica.revision) if deployment else None
+        if spec is not None and spec.kind == KIND_PIPELINE:
             changed += place_pipeline(cluster, snapshot, replica, spec, new_replica_id)
         else:
             plain.append(replica)
     pending = plain
     decisions = placement.place(snapshot, [_request(cluster, r) for r in pending])
-    for replica, decision in zip(pending, decisions):
+    for replica, decision in zip(pending, decisions, strict=True):
         if isinstance(decision, placement.Placement):
             replica.state, replica.node = PLACED, decision.node
             replica.gpu_indices = list(decision.gpu_indices)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Any
 
 from .cluster import Cluster
 from .placing import place_pending
@@ -40,6 +41,7 @@ from .records import (
     PLACED,
     READY,
     STARTING,
+    DeploymentRecord,
     ReplicaRecord,
     new_replica_id,
 )
@@ -52,14 +54,13 @@ from .rollouts import (
     rollback_changes,
     rolling_bounds,
 )
-from .spec import parse_spec
 from .writer import FencedWriter
 
 log = logging.getLogger(__name__)
 
 WAITING_FOR_PLACEMENT = "waiting for placement"   # a new replica's reason until placement says more
 # Which replicas go first when there are too many: those doing nothing useful.
-_REMOVAL_ORDER = {PENDING: 0, FAILED: 1, PLACED: 2, STARTING: 3, DRAINING: 4, READY: 5}
+_REMOVAL_ORDER: dict[str, int] = {PENDING: 0, FAILED: 1, PLACED: 2, STARTING: 3, DRAINING: 4, READY: 5}
 
 
 class Reconciler:
@@ -148,7 +149,7 @@ class Reconciler:
         current = [r for r in replicas if r.revision == deployment.revision]
         old = [r for r in replicas if r.revision != deployment.revision]
         desired = deployment.replicas
-        rollout = deployment.spec.get("rollout") or {}
+        rollout = deployment.spec.rollout
         bounds = rolling_bounds(rollout, desired)
         # While old revisions still run, at most max_surge replicas beyond the desired count.
         room = None if not old else max(0, desired + bounds.surge - len(current) - len(old))
@@ -166,7 +167,7 @@ class Reconciler:
                     changed = True
             unavailable = bounds.unavailable
             no_room = [r for r in current if r.state == PENDING and r.reason and r.reason != WAITING_FOR_PLACEMENT]
-            if no_room and rollout.get("resource_aware"):
+            if no_room and rollout.resource_aware:
                 unavailable = max(unavailable, 1)   # replace in place: the old replica's room is the new one's
             elif no_room:
                 self._report_stuck(deployment, no_room[0].reason)
@@ -177,7 +178,7 @@ class Reconciler:
         changed |= await self._track_rollout(deployment, current, old)
         return changed
 
-    def _report_stuck(self, deployment, why: str) -> None:
+    def _report_stuck(self, deployment: DeploymentRecord, why: str) -> None:
         """Once per revision: the rollout waits for room a surge replica cannot get."""
         key = (deployment.name, deployment.revision)
         if key in self._stuck_reported:
@@ -187,7 +188,8 @@ class Reconciler:
                                   f"rollout to revision {deployment.revision} stuck: {why} (set rollout.resource_"
                                   f"aware: true to replace replicas in place, or free room)")
 
-    async def _track_rollout(self, deployment, current: list[ReplicaRecord], old: list[ReplicaRecord]) -> bool:
+    async def _track_rollout(self, deployment: DeploymentRecord, current: list[ReplicaRecord],
+                             old: list[ReplicaRecord]) -> bool:
         """Mark the rollout complete, or failed (and roll it back when the spec says so)."""
         if deployment.rollout_state != PROGRESSING:
             return False
@@ -197,14 +199,13 @@ class Reconciler:
             await self._commit(deployment, rollout_state=COMPLETE)
             self.cluster.record_event(f"deployment/{name}", f"rollout to revision {deployment.revision} complete")
             return True
-        rollout = deployment.spec.get("rollout") or {}
+        rollout = deployment.spec.rollout
         why = failure_of(rollout, current, deployment.rollout_started_unix_ms, now_ms())
         if why is None:
             return False
-        if rollout.get("auto_rollback", True) and any(e["revision"] < deployment.revision
-                                                      for e in deployment.history):
+        if rollout.auto_rollback and any(e.revision < deployment.revision for e in deployment.history):
             failed = deployment.revision
-            changes, target = rollback_changes(deployment, parse_spec)
+            changes, target = rollback_changes(deployment)
             await self._commit(deployment, **changes, rollout_state=f"{ROLLED_BACK}: revision {failed}: {why}",
                                rollout_started_unix_ms=now_ms())
             self.cluster.record_event(f"deployment/{name}", f"rollout to revision {failed} failed ({why}); "
@@ -215,16 +216,15 @@ class Reconciler:
                                                             f"failed: {why}")
         return True
 
-    async def _commit(self, deployment, **changes) -> None:
+    async def _commit(self, deployment: DeploymentRecord, **changes: Any) -> None:
         updated = dataclasses.replace(deployment, **changes)
         await self.writer.put(updated)
         self.cluster.deployments[updated.name] = updated
 
-    async def _converge_canary(self, deployment, replicas: list[ReplicaRecord]) -> bool:
+    async def _converge_canary(self, deployment: DeploymentRecord, replicas: list[ReplicaRecord]) -> bool:
         """The stable revision at full strength beside the canary's few replicas; nothing else."""
-        rollout = deployment.spec.get("rollout") or {}
         targets = {deployment.stable_revision: deployment.replicas,
-                   deployment.revision: int(rollout.get("canary_replicas", 1))}
+                   deployment.revision: deployment.spec.rollout.canary_replicas}
         changed = False
         for revision, count in targets.items():
             of_revision = [r for r in replicas if r.revision == revision]
@@ -236,7 +236,7 @@ class Reconciler:
                 changed = True
         return changed
 
-    async def _scale_revision(self, deployment, revision: int, replicas: list[ReplicaRecord], count: int,
+    async def _scale_revision(self, deployment: DeploymentRecord, revision: int, replicas: list[ReplicaRecord], count: int,
                               room: int | None) -> bool:
         """Make ``replicas`` (all of ``revision``) number ``count``: remove the least useful
         surplus, or create up to ``room`` new ones (None: as many as missing)."""

@@ -20,9 +20,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from meshserve.common.errors import FailedPrecondition
+
+if TYPE_CHECKING:
+    from .records import DeploymentRecord, ReplicaRecord
+    from .spec import Rollout
 
 CRASH_LOOP_RESTARTS = 3
 
@@ -42,16 +47,17 @@ def _resolve(value: Any, desired: int, round_up: bool) -> int:
     return int(value)
 
 
-def rolling_bounds(rollout: Mapping[str, Any], desired: int) -> RollingBounds:
+def rolling_bounds(rollout: Rollout, desired: int) -> RollingBounds:
     """The surge and unavailability a rolling update of ``desired`` replicas may use (never both 0)."""
-    surge = _resolve(rollout.get("max_surge", 1), desired, round_up=True)
-    unavailable = _resolve(rollout.get("max_unavailable", 0), desired, round_up=False)
+    surge = _resolve(rollout.max_surge, desired, round_up=True)
+    unavailable = _resolve(rollout.max_unavailable, desired, round_up=False)
     if surge == 0 and unavailable == 0:   # percentages of a small count can both round to 0
         surge = 1
     return RollingBounds(surge, unavailable)
 
 
-def failure_of(rollout: Mapping[str, Any], new_replicas: list, started_unix_ms: int, now_unix_ms: int) -> str | None:
+def failure_of(rollout: Rollout, new_replicas: list[ReplicaRecord], started_unix_ms: int,
+               now_unix_ms: int) -> str | None:
     """Why the rollout to the current revision has failed, or None while it may still succeed."""
     for replica in new_replicas:
         if replica.state == "failed":
@@ -59,27 +65,23 @@ def failure_of(rollout: Mapping[str, Any], new_replicas: list, started_unix_ms: 
         if replica.restarts >= CRASH_LOOP_RESTARTS:
             return (f"replica {replica.id} of the new revision restarted {replica.restarts} times: "
                     f"{replica.reason or 'crash loop'}")
-    deadline_s = int(rollout.get("progress_deadline_s", 600))
+    deadline_s = rollout.progress_deadline_s
     if started_unix_ms and now_unix_ms - started_unix_ms > deadline_s * 1000:
         return f"not done within progress_deadline_s ({deadline_s}s)"
     return None
 
 
-def rollback_changes(record, parse) -> tuple[dict[str, Any], int]:
+def rollback_changes(record: DeploymentRecord) -> tuple[dict[str, Any], int]:
     """The record changes that take ``record`` back: to its stable revision during a canary, else to the
-    newest earlier revision in its history; and that revision. ``parse(spec_yaml)`` parses a stored spec.
-    Raises FailedPrecondition when there is nothing to go back to."""
-    from meshserve.common.errors import FailedPrecondition
-
+    newest earlier revision in its history; and that revision. Raises FailedPrecondition when there is
+    nothing to go back to. The spec comes from the history as it was applied (no YAML is parsed)."""
     if record.canary_active:
         target = record.stable_revision
     else:
-        earlier = [entry["revision"] for entry in record.history if entry["revision"] < record.revision]
+        earlier = [entry.revision for entry in record.history if entry.revision < record.revision]
         if not earlier:
             raise FailedPrecondition(f"deployment {record.name!r} has no earlier revision in its history "
                                      f"(revision_history keeps {len(record.history)})")
         target = max(earlier)
-    entry = next(e for e in record.history if e["revision"] == target)
-    spec = parse(entry["spec_yaml"]).replace(replicas=record.replicas)
-    return {"revision": target, "stable_revision": target, "spec": spec.to_dict(), "spec_yaml": spec.to_yaml(),
-            "fingerprint": spec.fingerprint(), "revision_fingerprint": spec.revision_fingerprint()}, target
+    spec = record.spec_of(target).replace(replicas=record.replicas)
+    return {"revision": target, "stable_revision": target, "spec": spec}, target

@@ -49,7 +49,7 @@ from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S, Schedu
 from .election import Election
 from .metrics import SchedulerMetrics, TimedStore
 from .route_service import RouteService
-from .store import CorruptStore, StoreError, open_store
+from .store import CorruptStore, Store, StoreError, open_store
 from .store.etcd_security import EtcdSecurity
 from .store.identity import ensure_cluster_id
 from .verify import GrpcReplicaVerifier
@@ -106,7 +106,7 @@ class SchedulerServer:
         self.address = add_port(self.server, options.listen, options.tls)  # ListenError: the port is taken
         self.port = int(self.address.rsplit(":", 1)[1])
         self.scheduler_id = options.scheduler_id or f"{socket.gethostname()}:{self.port}"
-        self.store = None
+        self.store: Store | None = None
         self.election: Election | None = None
         self.core: SchedulerCore | None = None
         self._leadership: asyncio.Task | None = None
@@ -121,28 +121,29 @@ class SchedulerServer:
     async def start(self) -> None:
         if self.metrics_server:
             await self.metrics_server.start()   # first: a scheduler waiting for its store says leader 0
-        self.store = TimedStore(await open_store(self.options.store_url, self.options.etcd_security), self.metrics)
-        cluster_id = await self._cluster_id()
-        self.election = Election(self.store, ELECTION_NAME, self.scheduler_id, self.address,
-                                 self.options.election_ttl_s)
-        writer = FencedWriter(self.store, self.election.fence)
-        self.core = SchedulerCore(writer, scheduler_id=self.scheduler_id,
-                                  report_interval_s=self.options.report_interval_s,
-                                  heartbeat_timeout_s=self.options.heartbeat_timeout_s,
-                                  verifier=GrpcReplicaVerifier(self.options.tls))
+        self.store = store = TimedStore(await open_store(self.options.store_url, self.options.etcd_security),
+                                        self.metrics)
+        cluster_id = await self._cluster_id(store)
+        self.election = election = Election(store, ELECTION_NAME, self.scheduler_id, self.address,
+                                            self.options.election_ttl_s)
+        writer = FencedWriter(store, election.fence)
+        self.core = core = SchedulerCore(writer, scheduler_id=self.scheduler_id,
+                                         report_interval_s=self.options.report_interval_s,
+                                         heartbeat_timeout_s=self.options.heartbeat_timeout_s,
+                                         verifier=GrpcReplicaVerifier(self.options.tls))
         self.core.cluster_id = cluster_id
         self.core.observe_reconcile = self.metrics.reconcile_seconds.observe
         mesh_grpc.add_AgentServiceServicer_to_server(AgentService(self.core, self.auth), self.server)
         mesh_grpc.add_AdminServiceServicer_to_server(AdminService(self.core, self._leader_info), self.server)
         mesh_grpc.add_RouteServiceServicer_to_server(RouteService(self.core), self.server)
         await self.server.start()
-        self._leadership = asyncio.create_task(self._lead_when_elected(), name="leadership")
+        self._leadership = asyncio.create_task(self._lead_when_elected(store, election, core), name="leadership")
 
-    async def _cluster_id(self) -> str:
+    async def _cluster_id(self, store: Store) -> str:
         """The store's cluster id; an unreachable store (etcd starting) is waited for, a corrupt one is not."""
         while True:
             try:
-                cluster_id = await ensure_cluster_id(self.store)
+                cluster_id = await ensure_cluster_id(store)
             except CorruptStore:
                 raise
             except StoreError as exc:
@@ -158,18 +159,18 @@ class SchedulerServer:
         leader = await self.election.leader() if self.election else None
         return False, leader[0] if leader else "", leader[1] if leader else ""
 
-    async def _lead_when_elected(self) -> None:
+    async def _lead_when_elected(self, store: Store, election: Election, core: SchedulerCore) -> None:
         while True:
-            await self._refresh_hint()
-            await self.election.campaign()
+            core.leader_hint = await self._leader_hint_now()
+            await election.campaign()
             log.info("scheduler %s leads", self.scheduler_id)
-            await self.core.start_leading(self.store)
-            await _first_of(self.election.lost.wait(), self.core.deposed.wait())
+            await core.start_leading(store)
+            await _first_of(election.lost.wait(), core.deposed.wait())
             log.warning("scheduler %s lost leadership; ending its agent streams and route watches",
                         self.scheduler_id)
-            await self.core.stop_leading(self._leader_hint_now)
-            if self.election.is_leader:
-                await self.election.resign()   # fenced out before the election noticed: drop the lease too
+            await core.stop_leading(self._leader_hint_now)
+            if election.is_leader:
+                await election.resign()   # fenced out before the election noticed: drop the lease too
 
     async def role_known(self) -> str:
         """Once the store answers and this scheduler knows its role: "leader", or "standby (leader ...)"
@@ -185,11 +186,10 @@ class SchedulerServer:
                 return f"standby; leader {leader_id} at {address}"
             await asyncio.sleep(ROLE_POLL_S)
 
-    async def _refresh_hint(self) -> None:
-        self.core.leader_hint = await self._leader_hint_now()
-
     async def _leader_hint_now(self) -> str:
         """"ID at ADDRESS" of another leader, or "" when there is none or the store does not answer in time."""
+        if self.election is None:   # not started
+            return ""
         try:
             async with asyncio.timeout(LEADER_LOOKUP_TIMEOUT_S):
                 leader = await self.election.leader()

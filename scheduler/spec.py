@@ -35,6 +35,12 @@ A spec file is YAML with one object per document (separate documents with
       target_in_flight: 2         # calls in flight (queued included) per replica to aim for
       downscale_delay_s: 60       # a lower want must hold this long; more in the README
 
+Adding a section (autoscaling, artifacts, ...): a frozen dataclass with its
+defaults, a field of ``DeploymentSpec`` defaulting to it, its name in
+``_TOP_FIELDS``, a ``_section(value, path, check)`` reader called from
+``_deployment``, and its block in ``to_dict``. Everything downstream (the
+store, history, rollback) carries the typed spec as it is.
+
 Sizes are a whole number of bytes (``1073741824``) or a number and a unit:
 binary ``B KiB MiB GiB TiB`` (also Kubernetes' ``Ki Mi Gi Ti``) or decimal
 ``KB MB GB TB``; ``1.5GiB`` is fine. A bare ``40G`` is refused as ambiguous.
@@ -55,6 +61,8 @@ Guarantees:
   but ``SpecError``.
 - ``to_dict()``/``to_yaml()`` give the complete spec (defaults filled, sizes
   in their exact canonical unit) and parse back to an equal spec.
+- ``DeploymentSpec.from_dict(spec.to_dict()) == spec``: the store keeps that
+  dict, and reading it back is checked as strictly as a spec file.
 - ``fingerprint()`` is a SHA-256 of that canonical form: equal for specs that
   mean the same thing however they were written (``40GiB`` or
   ``42949672960``, keys in any order), across processes and versions of
@@ -243,6 +251,17 @@ class DeploymentSpec:
 
     def replace(self, **changes: Any) -> DeploymentSpec:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, value: Any, where: str = "spec") -> DeploymentSpec:
+        """The spec ``to_dict`` gave (as the store keeps it), checked like a spec file.
+
+        Raises ``SpecError`` naming every problem (paths start at ``where``); never anything else."""
+        check = _Checker()
+        spec = _deployment(value, where, None, check)
+        if check.problems or spec is None:
+            raise SpecError(check.problems or [f"{where}: not a deployment spec"])
+        return spec
 
 
 def _resources_dict(resources: Resources) -> dict[str, Any]:
@@ -463,7 +482,8 @@ def _deployment(doc: Any, path: str, base_dir: str | None, check: _Checker) -> D
             elif not autoscaling.min_replicas <= replicas <= autoscaling.max_replicas:
                 check.add(f"{path}.replicas", f"{replicas} is outside autoscaling's [min_replicas, max_replicas] "
                                           f"= [{autoscaling.min_replicas}, {autoscaling.max_replicas}]")
-    steps, colocate = (), "required"
+    steps: tuple[PipelineStep, ...] = ()
+    colocate = "required"
     if kind == KIND_PIPELINE:
         steps = _steps(top.get("steps"), f"{path}.steps", check)
         colocate = top.get("colocate", "required")
@@ -474,7 +494,7 @@ def _deployment(doc: Any, path: str, base_dir: str | None, check: _Checker) -> D
         return None
     return DeploymentSpec(name=name, model=model, replicas=replicas, resources=resources,
                           placement=placement, revision_history=history, runtime_args=runtime_args,
-                          env=FrozenMap(env), rollout=rollout, kind=kind, steps=steps, colocate=colocate,
+                          env=FrozenMap(env), rollout=rollout, kind=str(kind), steps=steps, colocate=colocate,
                           autoscaling=autoscaling)
 
 

@@ -8,11 +8,21 @@ cannot overwrite its successor's decisions: its write fails with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from meshserve.common.errors import FailedPrecondition
 
 from .store import Compare, Delete, Put, Store
+
+
+class StoredRecord(Protocol):
+    """What the writer stores: a record that knows its key and its JSON (scheduler/records.py)."""
+
+    @property
+    def key(self) -> str: ...
+
+    def to_json(self) -> bytes: ...
 
 
 class NotLeader(FailedPrecondition):
@@ -20,7 +30,7 @@ class NotLeader(FailedPrecondition):
 
 
 class FencedWriter:
-    def __init__(self, store: Store, fence: Callable[[], Compare | None]):
+    def __init__(self, store: Store, fence: Callable[[], Compare | None]) -> None:
         self._store = store
         self._fence = fence
 
@@ -31,12 +41,12 @@ class FencedWriter:
         if not result.succeeded:
             raise NotLeader("leadership was lost: a newer leader holds the election key")
 
-    async def put(self, record) -> None:
+    async def put(self, record: StoredRecord) -> None:
         await self._commit([Put(record.key, record.to_json())])
 
-    async def put_many(self, records) -> None:
+    async def put_many(self, records: Sequence[StoredRecord]) -> None:
         if records:
             await self._commit([Put(record.key, record.to_json()) for record in records])
 
-    async def delete(self, record) -> None:
+    async def delete(self, record: StoredRecord) -> None:
         await self._commit([Delete(record.key)])

@@ -16,15 +16,20 @@ START_TIMEOUT_S = 60.0
 
 
 class Daemon:
-    """``python -m ARGS`` in its own process group, its stdout and stderr collected as they come."""
+    """``python -m ARGS`` in its own process group, its stdout and stderr collected as they come.
 
-    def __init__(self, args: list[str]):
+    ``python`` and ``cwd`` default to this interpreter in the repository root; another virtualenv's
+    interpreter with a ``cwd`` outside the repository runs what that virtualenv installed, nothing of
+    the checkout. ``env`` replaces the environment (PYTHONUNBUFFERED is always set)."""
+
+    def __init__(self, args: list[str], *, python: str = sys.executable, cwd: os.PathLike | str = REPO_ROOT,
+                 env: dict[str, str] | None = None):
         self.output: list[str] = []
         self._lines = threading.Condition()
         self._closed = False
-        self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([python, "-m", *args], cwd=cwd, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

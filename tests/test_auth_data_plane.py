@@ -99,7 +99,7 @@ def test_runtime_endpoint_groups_by_role_over_mutual_tls(runtime, pki, role):
     with sync_channel(runtime.address, pki.tls(f"{role}-1", role)) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for group, call in CALLS.items():
-            code, details = _code(lambda: call(stub))
+            code, details = _code(lambda call=call: call(stub))
             if group in ALLOWED[role]:
                 assert code != DENIED and code != grpc.StatusCode.UNAUTHENTICATED, (group, code, details)
             else:

@@ -36,8 +36,8 @@ async def _start(options: SchedulerOptions) -> SchedulerServer:
     server = SchedulerServer(options)
     await server.start()
     async with asyncio.timeout(LEADING_TIMEOUT_S):
-        while not server.core.leading:
-            await asyncio.sleep(0.05)       # the election's first win has no event to await
+        while not server.core.leading:  # noqa: ASYNC110 -- the election's first win has no event to await
+            await asyncio.sleep(0.05)
     return server
 
 
@@ -125,7 +125,8 @@ def test_admin_service_role_matrix_over_mutual_tls(mtls_scheduler, pki, role):
     with sync_channel(mtls_scheduler.address, pki.tls(f"{role}-1", role)) as channel:
         admin = mesh_grpc.AdminServiceStub(channel)
         for method, (request, allowed) in ADMIN_CALLS.items():
-            code, details = _status(lambda: getattr(admin, method)(request, timeout=RPC_TIMEOUT_S))
+            code, details = _status(lambda method=method, request=request: getattr(admin, method)(request,
+                                                                                     timeout=RPC_TIMEOUT_S))
             if role in allowed:
                 assert code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND), (method, code, details)
             else:
@@ -139,7 +140,8 @@ def test_admin_service_role_matrix_with_tokens(token_scheduler, tokens, role):
     with with_token(grpc.insecure_channel(token_scheduler.address), issued[role]) as channel:
         admin = mesh_grpc.AdminServiceStub(channel)
         for method, (request, allowed) in ADMIN_CALLS.items():
-            code, details = _status(lambda: getattr(admin, method)(request, timeout=RPC_TIMEOUT_S))
+            code, details = _status(lambda method=method, request=request: getattr(admin, method)(request,
+                                                                                     timeout=RPC_TIMEOUT_S))
             expected_allowed = role in allowed
             assert (code != DENIED) == expected_allowed, (method, code, details)
 
@@ -266,8 +268,8 @@ def test_a_second_connection_for_a_connected_node_is_refused_and_the_first_keeps
         first_call.cancel()
         await first_channel.close()
         async with asyncio.timeout(RPC_TIMEOUT_S):
-            while "node-twice" in mtls_scheduler.server.core._node_channels:
-                await asyncio.sleep(0.02)     # the server sees the cancelled stream end
+            while "node-twice" in mtls_scheduler.server.core._node_channels:  # noqa: ASYNC110 -- no event
+                await asyncio.sleep(0.02)
         third_channel, third_call, third = await _connect(mtls_scheduler.address, tls, "node-twice")
         third_call.cancel()
         await third_channel.close()

@@ -74,7 +74,7 @@ def test_requests_queued_while_busy_form_one_batch_with_their_own_results():
         instance.gate.set()
         results = await asyncio.gather(first, *queued)
         assert instance.batches == [1, 3]
-        for value, result in zip((-1, 1, 2, 3), results):
+        for value, result in zip((-1, 1, 2, 3), results, strict=True):
             np.testing.assert_array_equal(result["Y"], np.full((1, 2), value * 2, np.float32))
         proto = stats.to_proto()
         assert (proto.inference_count, proto.execution_count) == (4, 2)
@@ -189,7 +189,7 @@ def test_a_request_of_another_length_waits_for_its_own_batch_and_fails_nobody():
         instance.gate.set()
         await first
         results = await asyncio.gather(*futures)
-        for array, result in zip(arrays, results):
+        for array, result in zip(arrays, results, strict=True):
             np.testing.assert_array_equal(result["Y"], array * 2)
         assert instance.batches == [1, 4, 1]  # the four of length 4 together, then the odd one
         await batcher.close()

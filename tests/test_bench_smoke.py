@@ -34,3 +34,25 @@ def test_tls_benchmark_quick_run_prints_mtls_over_plaintext_as_json():
     for cells in figures["cells"].values():
         for cell in cells.values():
             assert cell["plaintext"]["errors"] == 0 and cell["mtls"]["errors"] == 0
+
+
+def test_peers_benchmark_requires_the_peers_folder_instead_of_a_default_outside_the_repository():
+    run = subprocess.run([sys.executable, "-m", "bench.peers", "--quick"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "--peers-dir" in run.stderr
+
+
+def test_peers_benchmark_skips_peers_missing_from_the_given_folder_and_measures_meshserve(tmp_path):
+    peers, install = tmp_path / "peers", tmp_path / "install"
+    peers.mkdir()
+    run = subprocess.run([sys.executable, "-m", "bench.peers", "--quick", "--peers-dir", str(peers),
+                          "--install-dir", str(install)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == "peers"
+    assert set(figures["skipped"]) == {"triton", "mlserver"}
+    assert all(str(peers) in why for why in figures["skipped"].values()), figures["skipped"]
+    for cell in ("c1", "c16"):
+        assert figures["cells"][cell]["meshserve"]["errors"] == 0

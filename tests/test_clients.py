@@ -42,6 +42,7 @@ from meshserve.clients.encoding import (
     parameter_value,
 )
 from meshserve.clients.retry import async_call_with_retries, call_with_retries
+from meshserve.clients.shared_memory import OFFSET_PARAMETER, REGION_PARAMETER, SharedMemoryRegion, decode_response
 from meshserve.clients.status import from_rpc_error, from_stream_error
 from meshserve.clients.tracing import trace_metadata
 from meshserve.common import errors
@@ -181,6 +182,21 @@ def test_decode_rejects_malformed_responses():
     response.raw_output_contents.append(b"\x00" * 3)
     with pytest.raises(Internal, match="'B'"):
         decode_infer_response(response)
+
+
+def test_shared_memory_output_parameters_are_read_as_integers_only():
+    """The server's placement of an output is untrusted: an unset offset used to raise TypeError
+    (it now means 0, as a missing one does) and a string offset was converted with int()."""
+    with SharedMemoryRegion(4096) as region:
+        region.write(np.arange(4, dtype=np.float32), 0)
+        response = pb.ModelInferResponse(model_name="m")
+        output = response.outputs.add(name="Y", datatype="FP32", shape=[4])
+        output.parameters[REGION_PARAMETER].string_param = region.name
+        output.parameters[OFFSET_PARAMETER].SetInParent()   # present, no value set
+        np.testing.assert_array_equal(decode_response(response, region)["Y"], np.arange(4, dtype=np.float32))
+        output.parameters[OFFSET_PARAMETER].string_param = "16"
+        with pytest.raises(Internal, match="output 'Y' of model 'm': parameter 'shared_memory_offset' is '16'"):
+            decode_response(response, region)
 
 
 def test_decode_typed_contents_when_server_uses_them():
@@ -636,7 +652,7 @@ def test_runtime_async_infer_add_sub_concurrently(address, use_raw):
     async def body(client):
         return await asyncio.gather(*(client.infer("add_sub", b, use_raw=use_raw) for b in batches))
 
-    for inputs, outputs in zip(batches, run_async(address, body)):
+    for inputs, outputs in zip(batches, run_async(address, body), strict=True):
         check_add_sub(inputs, outputs)
 
 

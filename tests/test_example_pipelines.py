@@ -257,7 +257,7 @@ def test_image_pipeline_by_hand_names_each_sample(preprocess, classifier, postpr
     assert logits.dtype == np.float32 and logits.shape == (3, 10)
     labels = postprocess.predict({"LOGITS": logits})["LABELS"]
     assert labels.shape == (3, 5)
-    for name, row in zip(SAMPLE_FILES, labels):
+    for name, row in zip(SAMPLE_FILES, labels, strict=True):
         parts = [item.decode().split(":") for item in row]
         scores = [float(score) for score, _, _ in parts]
         assert scores == sorted(scores, reverse=True) and 0.5 < scores[0] < 1.0, (name, row)

@@ -194,7 +194,7 @@ def test_scheduler_kill_and_restart_on_sqlite_with_agents_in_long_backoff_fails_
     restarted = cluster.scheduler(store, "s1", listen=address)
     admin = Admin(restarted.address)
 
-    admin.wait_for(lambda: all(registered(a) > n for a, n in zip(agents, registrations)), "both agents back",
+    admin.wait_for(lambda: all(registered(a) > n for a, n in zip(agents, registrations, strict=True)), "both agents back",
                    mesh_=cluster)
     finish_load(load)
     assert all(n.state == "ready" for n in admin.nodes()), admin.nodes()

@@ -95,8 +95,8 @@ def test_the_scheduler_accepts_keepalive_pings_on_an_idle_agent_stream(tmp_path)
         await server.start()
         try:
             async with asyncio.timeout(STREAM_END_TIMEOUT_S):
-                while not server.core.leading:
-                    await asyncio.sleep(0.05)       # no event to await for the election's first win
+                while not server.core.leading:  # noqa: ASYNC110 -- no event to await for the election's first win
+                    await asyncio.sleep(0.05)
             options = dict(AGENT_CHANNEL_OPTIONS, **{"grpc.keepalive_time_ms": FAST_KEEPALIVE_MS})
             async with grpc.aio.insecure_channel(server.address, options=list(options.items())) as channel:
                 call = mesh_grpc.AgentServiceStub(channel).Connect()
@@ -228,7 +228,7 @@ def test_an_etcd_outage_ends_the_leaders_watches_and_the_mesh_recovers_without_l
         mark = len(agent.output)
         etcd.start()
         admins = [Admin(first.address), Admin(second.address)]
-        leader = admins[0].wait_for(lambda: next((p for p, a in zip((first, second), admins)
+        leader = admins[0].wait_for(lambda: next((p for p, a in zip((first, second), admins, strict=True)
                                                   if a.leader().is_leader), None),
                                     "a leader after the outage", START_TIMEOUT_S + ELECTION_TTL_S, cluster)
         wait_until(lambda: registered_with(agent, leader.address, mark), "the agent on the leader again",

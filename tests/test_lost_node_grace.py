@@ -122,10 +122,10 @@ def test_a_restarted_scheduler_loses_no_node_while_agents_back_off(tmp_path):
         marks = [len(agent.output) for agent in agents]
         scheduler.kill_host()                                     # kill -9
         deadline = time.monotonic() + CONVERGE_TIMEOUT_S
-        while not all(len(reconnect_delays(a, m)) >= FAILED_ROUNDS for a, m in zip(agents, marks)):
+        while not all(len(reconnect_delays(a, m)) >= FAILED_ROUNDS for a, m in zip(agents, marks, strict=True)):
             assert time.monotonic() < deadline, f"agents did not back off\n{cluster.logs()}"
             time.sleep(0.1)                                      # polling other processes' logs
-        longest = max(max(reconnect_delays(a, m)) for a, m in zip(agents, marks))
+        longest = max(max(reconnect_delays(a, m)) for a, m in zip(agents, marks, strict=True))
 
         restarted = restart_scheduler(cluster, store, scheduler.address.rsplit(":", 1)[1])
         admin = Admin(restarted.address)

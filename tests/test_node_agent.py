@@ -322,8 +322,8 @@ def test_replicas_do_not_outlive_a_killed_agent(tmp_path):
                 await process.wait()
             # The kernel tells the orphan (PR_SET_PDEATHSIG): it drains and exits by itself.
             async with asyncio.timeout(STEP_TIMEOUT_S):
-                while pid_alive(pid):
-                    await asyncio.sleep(0.05)  # no event to await for a process that is not our child
+                while pid_alive(pid):  # noqa: ASYNC110 -- no event for a process that is not our child
+                    await asyncio.sleep(0.05)
 
     asyncio.run(main())
 

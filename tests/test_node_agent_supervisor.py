@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.clients import AsyncInferenceClient
 from meshserve.common.backoff import Backoff
+from meshserve.common.errors import MeshError
 from meshserve.node_agent.policy import HostPolicy
 from meshserve.node_agent.process import pid_alive
 from meshserve.node_agent.replica import ReplicaOptions, ReplicaSpec
@@ -298,7 +299,7 @@ def test_real_replica_crash_is_restarted_with_exit_code_and_output_reported():
             supervisor.apply([spec])
             first = (await supervisor.wait_for(state_of("crashy", state="ready"), READY_TIMEOUT_S))[0]
             async with AsyncInferenceClient(first.address, timeout=10, retries=0) as client:
-                with pytest.raises(Exception):
+                with pytest.raises(MeshError):  # the process dies mid-call: Unavailable or Internal
                     await client.infer("crasher", {"CODE": np.array([3], dtype=np.int32)})
             crashed = (await supervisor.wait_for(state_of("crashy", exit_code=3), 30))[0]
             assert "exited with code 3" in crashed.message

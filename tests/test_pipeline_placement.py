@@ -9,6 +9,7 @@ from meshserve.scheduler import placement
 from meshserve.scheduler.cluster import Cluster
 from meshserve.scheduler.pipelines import place_pipeline
 from meshserve.scheduler.records import PENDING, PLACED, ReplicaRecord
+from meshserve.scheduler.spec import DeploymentSpec
 
 GiB = 1 << 30
 
@@ -20,14 +21,14 @@ def node(name: str, *gpu_free_gib: int, cpu: float = 8.0) -> placement.NodeView:
                               replicas=collections.Counter())
 
 
-def spec(colocate: str, *step_gpu_gib: int) -> dict:
-    return {
+def spec(colocate: str, *step_gpu_gib: int) -> DeploymentSpec:
+    return DeploymentSpec.from_dict({
         "kind": "Pipeline", "name": "pipe", "model": {"repository": "/r", "name": "pipe"},
         "resources": {"cpu": 0.1}, "placement": {"strategy": "spread"}, "colocate": colocate,
         "steps": [{"model": f"step{i}", "resources": {"gpus": 1 if gib else 0, "gpu_memory": gib * GiB,
                                                       "cpu": 0.5}}
                   for i, gib in enumerate(step_gpu_gib)],
-    }
+    })
 
 
 def run(nodes, pipeline_spec):

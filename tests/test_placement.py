@@ -122,10 +122,10 @@ def test_cordoned_and_lost_nodes_are_excluded_with_their_reasons():
     assert result.reasons == "no node: 2 nodes not ready; 1 node cordoned"
     assert dict(result.rejected) == {"a": "cordoned", "b": "not ready (lost, or not reporting yet)",
                                      "c": "not ready (lost, or not reporting yet)"}
-    snap.set_node_state("a", cordoned=False)
-    assert placed_on(place(snap, [req("r")])) == ["a"]
-    snap.set_node_state("a", ready=False)
-    assert place(snap, [req("r")])[0].reasons == "no node: 3 nodes not ready"
+    uncordoned = Snapshot.from_nodes([node("a", [80]), node("b", [80], ready=False)])
+    assert placed_on(place(uncordoned, [req("r")])) == ["a"]
+    lost = Snapshot.from_nodes([node(name, [80], ready=False) for name in "abc"])
+    assert place(lost, [req("r")])[0].reasons == "no node: 3 nodes not ready"
 
 
 # -- unschedulable: reasons as data ------------------------------------------------------------
@@ -161,9 +161,8 @@ def test_unschedulable_charges_each_node_to_the_first_filter_and_agrees_in_numbe
 def test_unschedulable_detail_is_what_the_nodes_were_when_it_was_decided():
     snap = Snapshot.from_nodes([node("a", [30])])
     result = place(snap, [req("r", gib=40)])[0]
-    snap.update_node(node("a", [80]))                       # the node frees memory afterwards
+    snap.reserve(0, (0,), req("later", gib=20))             # a later placement books memory there
     assert result.rejected["a"] == "needs 40 GiB available on one GPU; the most available is 30 GiB on GPU 0"
-    assert placed_on(place(snap, [req("r", gib=40)])) == ["a"]
 
 
 def test_an_empty_cluster_says_so():

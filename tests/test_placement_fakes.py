@@ -18,7 +18,8 @@ def node(name: str, free_gib=(80,), *, reserved_gib=None, cpu: float = 32, memor
     reserved_gib = reserved_gib or [0] * len(free_gib)
     return NodeView(name=name, labels=dict(labels or {}),
                     gpus=[gpu(i, free, reserved_gib=res, node=name)
-                          for i, (free, res) in enumerate(zip(free_gib, reserved_gib))],
+                          # strict=False: random_cluster draws reservations for the most GPUs a node may have
+                          for i, (free, res) in enumerate(zip(free_gib, reserved_gib, strict=False))],
                     cpu_free=cpu, memory_free=memory_gib * GiB, cordoned=cordoned, ready=ready,
                     replicas=Counter(replicas or {}))
 
@@ -62,7 +63,7 @@ def overcommitted(views: list[NodeView], requests, results) -> list[str]:
     cpu_load: Counter = Counter()
     memory_load: Counter = Counter()
     broken = []
-    for request, result in zip(requests, results):
+    for request, result in zip(requests, results, strict=True):
         if not isinstance(result, Placement):
             continue
         view = by_name[result.node]

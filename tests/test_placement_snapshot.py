@@ -1,7 +1,8 @@
-"""The snapshot: built from reports, kept fresh one report at a time, equal to a rebuild."""
+"""The snapshot: declared columns, built whole from reports, kept consistent by ``reserve``."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -41,54 +42,50 @@ def test_duplicate_or_unknown_names_are_errors():
         Snapshot.from_nodes([node("a")]).node("x")
 
 
-def test_a_report_replaces_the_row_labels_and_replica_counts_included():
-    snap = Snapshot.from_nodes([node("a", [80], labels={"zone": "x"}, replicas={"web": 2}), node("b")])
-    assert snap.label_mask("zone", "x").tolist() == [True, False]          # cached from here on
-    snap.update_node(node("a", [40], labels={"zone": "y"}, replicas={"db": 1}))
-    assert snap.label_mask("zone", "x").tolist() == [False, False]
-    assert snap.replica_counts("web").tolist() == [0, 0] and snap.replica_counts("db").tolist() == [1, 0]
-    assert snap.node("a").gpus[0].memory_free == 40 * GiB
-    assert place(snap, [req("r", selector={"zone": "y"})])[0].node == "a"
+def test_every_column_is_declared_and_has_one_entry_per_row():
+    """The columns are dataclass fields (greppable, typed), not attributes made in a loop."""
+    declared = {f.name for f in dataclasses.fields(Snapshot)}
+    assert set(ARRAYS) <= declared
+    snap = Snapshot.from_nodes(random_cluster(2, nodes=7, gpus=3))
+    for column in ARRAYS:
+        array = getattr(snap, column)
+        assert isinstance(array, np.ndarray), column
+        assert array.shape[0 if column != "avail_rank" else 1] == len(snap), column
+    assert not hasattr(snap, "update_node")      # rebuilt each pass: there is no incremental path to drift
 
 
-def test_updates_adds_removes_and_wider_nodes_end_equal_to_a_rebuild():
+def test_a_rebuild_from_the_nodes_as_placed_equals_the_snapshot_after_reserving():
+    """``reserve`` keeps every derived column (ranks, sums, counts) equal to a rebuild from scratch."""
     rng = random.Random(3)
-    views = {view.name: view for view in random_cluster(3, nodes=12, gpus=4)}
-    snap = Snapshot.from_nodes(views.values())
+    snap = Snapshot.from_nodes(random_cluster(3, nodes=12, gpus=4))
     snap.label_mask("zone", "a")
-    for step in range(60):
-        action = rng.random()
-        if action < 0.2 and views:
-            name = rng.choice(sorted(views))
-            snap.remove_node(name)
-            del views[name]
-        else:
-            source = random_cluster(100 + step, nodes=1, gpus=rng.choice([2, 4, 6]))[0]
-            name = rng.choice(sorted(views)) if action < 0.6 and views else f"new-{step:02d}"
-            source.name = name
-            source.replicas.update({f"dep{rng.randint(0, 3)}": rng.randint(0, 2)})
-            views[name] = source
-            snap.update_node(source)
+    for step in range(40):
+        place(snap, [req(f"r{step}", f"dep{rng.randint(0, 3)}", gpus=rng.choice([0, 1, 2]), gib=rng.choice([4, 20]),
+                         cpu=0.5, memory_gib=1)])
         if step % 10 == 9:
-            rebuilt = Snapshot.from_nodes(views.values())
-            if rebuilt.width < snap.width:            # once widened a snapshot stays wide: pad to compare
-                rebuilt._widen(snap.width)
+            rebuilt = Snapshot.from_nodes(snap.nodes())
             assert_same(snap, rebuilt)
             assert snap.label_mask("zone", "a").tolist() == rebuilt.label_mask("zone", "a").tolist()
 
 
-def test_a_node_with_more_gpus_widens_every_row():
-    snap = Snapshot.from_nodes([node("a", [80])])
-    snap.update_node(node("b", [10, 20, 30]))
+def test_a_copy_is_independent():
+    snap = Snapshot.from_nodes([node("a", [80]), node("b", [80])])
+    trial = snap.copy()
+    place(trial, [req("r", "web", gib=60)])
+    assert snap.gpu_avail[:, 0].tolist() == [80 * GiB, 80 * GiB] and snap.replica_counts("web").tolist() == [0, 0]
+    assert sorted(trial.gpu_avail[:, 0].tolist()) == [20 * GiB, 80 * GiB]
+
+
+def test_nodes_with_different_gpu_counts_share_one_padded_width():
+    snap = Snapshot.from_nodes([node("a", [80]), node("b", [10, 20, 30])])
     assert snap.width == 3 and snap.gpu_avail[0].tolist() == [80 * GiB, PAD, PAD]
     assert place(snap, [req("r", gpus=3, gib=10)])[0].node == "b"
 
 
-def test_results_keep_their_node_names_when_nodes_come_and_go():
+def test_results_keep_their_node_names_when_the_next_pass_has_other_nodes():
     snap = Snapshot.from_nodes([node("b", [10])])
     result = place(snap, [req("r", gib=40)])[0]
-    snap.update_node(node("a", [10]))
-    snap.remove_node("b")
+    Snapshot.from_nodes([node("a", [10])])
     assert dict(result.rejected) == {"b": "needs 40 GiB available on one GPU; the most available is 10 GiB on GPU 0"}
 
 

@@ -117,7 +117,7 @@ def _hammer(stub, calls: int, workers: int) -> None:
 def test_calls_spread_across_three_replicas(stub, replicas):
     before = _successes(replicas)
     _hammer(stub, 300, workers=6)
-    served = [after - b for after, b in zip(_successes(replicas), before)]
+    served = [after - b for after, b in zip(_successes(replicas), before, strict=True)]
     assert sum(served) == 300
     assert all(count >= 60 for count in served), served   # each >= 20 % of the calls
 
@@ -131,7 +131,7 @@ def test_weights_90_10_split_traffic_between_two_routes(loop, replicas):
         with channel:
             before = _successes([a, b])
             _hammer(stub, 1000, workers=8)
-            served = [after - x for after, x in zip(_successes([a, b]), before)]
+            served = [after - x for after, x in zip(_successes([a, b]), before, strict=True)]
     finally:
         rig.close()
     assert sum(served) == 1000

@@ -116,8 +116,10 @@ class ProxyRig:
 
     async def _publish(self, routes) -> None:
         await self.routes.publish(*routes)
-        while self.proxy.routes is None or self.proxy.routes.version != self.routes.table.version:
-            await asyncio.sleep(0.005)
+        async with asyncio.timeout(RPC_TIMEOUT_S):
+            version = self.routes.table.version
+            while getattr(self.proxy.routes, "version", None) != version:  # noqa: ASYNC110 -- no event per version
+                await asyncio.sleep(0.005)
 
     def close(self) -> None:
         self.loop.run(self.proxy.stop(0))

@@ -43,8 +43,8 @@ def _report(replica_id: str, address: str) -> mesh.AgentMessage:
 
 async def _until(predicate, what: str) -> None:
     async with asyncio.timeout(WAIT_S):
-        while not predicate():
-            await asyncio.sleep(0.05)   # the scheduler's state has no event to await from outside
+        while not predicate():  # noqa: ASYNC110 -- the scheduler's state has no event to await from outside
+            await asyncio.sleep(0.05)
     assert predicate(), what
 
 

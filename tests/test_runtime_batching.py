@@ -67,7 +67,7 @@ def test_concurrent_requests_are_batched(examples_runtime):
             inputs = [add_sub_inputs(batch=1, seed=1000 * round_index + i) for i in range(CONCURRENT_REQUESTS)]
             results = infer_concurrently(examples_runtime.address,
                                          [infer_request("add_sub", item) for item in inputs])
-            for item, result in zip(inputs, results):
+            for item, result in zip(inputs, results, strict=True):
                 assert not isinstance(result, grpc.RpcError), result
                 outputs = decode_outputs(result)  # each request gets its own slice back
                 np.testing.assert_array_equal(outputs["OUTPUT0"], item["INPUT0"] + item["INPUT1"])
@@ -92,19 +92,20 @@ RAGGED_BLOCK_MS = 300
 def test_a_variable_length_neighbour_fails_no_request(stub, serving):
     """dims [-1]: four requests of length 4 and one of 5 batched together used to fail with INTERNAL."""
     before = model_stats(stub, "ragged")
-    for round_index in range(MAX_ROUNDS):
+    requests = 0
+    for _ in range(MAX_ROUNDS):
         arrays = [np.full((1, length), index + 1, np.float32) for index, length in enumerate([4, 4, 5, 4, 4])]
         blocker = infer_request("ragged", {"X": np.full((1, 1), -RAGGED_BLOCK_MS, np.float32)})
         results = infer_concurrently(serving.address,
                                      [blocker, *[infer_request("ragged", {"X": array}) for array in arrays]])
-        for array, result in zip([None, *arrays], results):
+        requests += len(results)
+        for array, result in zip([None, *arrays], results, strict=True):
             assert not isinstance(result, grpc.RpcError), f"{result.code()}: {result.details()}"
             if array is not None:
                 np.testing.assert_array_equal(decode_outputs(result)["Y"], array * 2)
         after = model_stats(stub, "ragged")
         if any(batch.batch_size > 1 for batch in after.batch_stats):
             break
-    requests = 6 * (round_index + 1)
     assert after.inference_stats.success.count - before.inference_stats.success.count == requests
     assert after.inference_stats.fail.count == before.inference_stats.fail.count
     assert max(batch.batch_size for batch in after.batch_stats) > 1
@@ -115,7 +116,7 @@ def test_without_dynamic_batching_every_batch_is_one_request(serving, stub):
     sizes = [1 + i % 4 for i in range(24)]
     arrays = [np.arange(4 * size, dtype=np.float32).reshape(size, 4) + i for i, size in enumerate(sizes)]
     results = infer_concurrently(serving.address, [infer_request("doubler", {"X": x}) for x in arrays])
-    for x, result in zip(arrays, results):
+    for x, result in zip(arrays, results, strict=True):
         assert not isinstance(result, grpc.RpcError), result
         np.testing.assert_array_equal(decode_outputs(result)["Y"], 2 * x)
     after = model_stats(stub, "doubler")
@@ -170,7 +171,7 @@ def test_two_instances_execute_concurrently(serving, stub):
     # if instance_group count 2 really runs them at the same time.
     requests = [infer_request("pair", {"X": np.array([i], np.int32)}) for i in (7, 8)]
     results = infer_concurrently(serving.address, requests)
-    for value, result in zip((7, 8), results):
+    for value, result in zip((7, 8), results, strict=True):
         assert not isinstance(result, grpc.RpcError), result
         assert decode_outputs(result)["Y"].tolist() == [value]
     stats = model_stats(stub, "pair")
@@ -182,7 +183,7 @@ def test_failing_predictor_fails_only_its_own_batch(serving, stub):
     arrays = [np.full((1, 4), i, np.float32) for i in range(8)]
     arrays[3] = np.array([[1, -2.5, 3, 4]], np.float32)
     results = infer_concurrently(serving.address, [infer_request("fragile", {"X": x}) for x in arrays])
-    for index, (x, result) in enumerate(zip(arrays, results)):
+    for index, (x, result) in enumerate(zip(arrays, results, strict=True)):
         if index == 3:
             assert_status(result, grpc.StatusCode.INTERNAL, "fragile", "ValueError",
                           "fragile refuses negative input -2.5")

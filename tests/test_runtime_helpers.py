@@ -108,7 +108,7 @@ def decode_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     assert len(response.raw_output_contents) == len(response.outputs), response
     return {
         tensor.name: tensors.from_raw(tensor.datatype, list(tensor.shape), raw)
-        for tensor, raw in zip(response.outputs, response.raw_output_contents)
+        for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True)
     }
 
 

@@ -194,7 +194,7 @@ def test_shared_memory_inputs_mix_with_raw_inputs(stub, region):
     region.write(a, offset=128)
     response = stub.ModelInfer(add_sub_request(region.name, offset=128), timeout=RPC_TIMEOUT_S)
     names = [output.name for output in response.outputs]
-    outputs = {name: tensors.from_raw("FP32", [2, 16], raw) for name, raw in zip(names, response.raw_output_contents)}
+    outputs = {name: tensors.from_raw("FP32", [2, 16], raw) for name, raw in zip(names, response.raw_output_contents, strict=True)}
     np.testing.assert_array_equal(outputs["OUTPUT0"], a + 1)
     np.testing.assert_array_equal(outputs["OUTPUT1"], a - 1)
 

@@ -64,7 +64,7 @@ def test_unregister_while_a_request_holds_the_region(registry, region):
 
 def test_a_shrunk_object_is_refused_on_every_use_and_works_again_when_restored(registry):
     """The server never maps the client's object: a shrink is an error naming the region, not a SIGBUS."""
-    path = "/dev/shm/meshserve_units_shrink_%d" % os.getpid()
+    path = f"/dev/shm/meshserve_units_shrink_{os.getpid()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, 8192)
@@ -88,8 +88,8 @@ def test_a_shrunk_object_is_refused_on_every_use_and_works_again_when_restored(r
 
 
 def test_keys_that_are_not_shared_memory_objects_are_refused(registry, tmp_path):
-    fifo = "/dev/shm/meshserve_units_fifo_%d" % os.getpid()
-    link = "/dev/shm/meshserve_units_link_%d" % os.getpid()
+    fifo = f"/dev/shm/meshserve_units_fifo_{os.getpid()}"
+    link = f"/dev/shm/meshserve_units_link_{os.getpid()}"
     (tmp_path / "target").write_bytes(bytes(64))
     os.mkfifo(fifo)
     os.symlink(tmp_path / "target", link)

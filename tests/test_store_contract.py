@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
-from etcd_server import EtcdCluster, EtcdServer, etcd_endpoint, etcd_server, require_etcd  # noqa: F401
+from etcd_server import EtcdCluster, EtcdServer, etcd_endpoint, etcd_server, require_etcd  # noqa: F401 -- fixtures
 
 from meshserve.scheduler.store import (
     Compacted,
@@ -381,7 +381,7 @@ def test_sqlite_closed_store_raises(tmp_path):
     run(body())
 
 
-def test_open_store_urls(tmp_path, etcd_endpoint):
+def test_open_store_urls(tmp_path, etcd_endpoint):  # noqa: F811 -- the fixture imported above
     async def body():
         for url in (f"sqlite://{tmp_path}/state.db", f"etcd://{etcd_endpoint}"):
             store = await open_store(url)

@@ -128,7 +128,7 @@ def test_each_request_of_a_batch_gets_its_own_execute_span(recorded):
         first = batcher.submit(_request(0))  # occupies the only instance
         await instance.started.wait()
         traces = [RequestTrace(tracer, "ModelInfer", "m", f"r{v}", extract_context(None)) for v in (1, 2, 3)]
-        futures = [batcher.submit(_request(v), t) for v, t in zip((1, 2, 3), traces)]
+        futures = [batcher.submit(_request(v), t) for v, t in zip((1, 2, 3), traces, strict=True)]
         instance.gate.set()
         await asyncio.gather(first, *futures)
         for t in traces:

@@ -187,9 +187,9 @@ class TlsConfig:
         if self.require_client_cert and not self.ca:
             raise TlsError("--tls-require-client-cert needs --tls-ca: the CA bundle that client certificates "
                            "must chain to")
-        if self.cert:
+        if self.cert and self.key:   # both or neither, checked above
             _check_pair(_read(self.cert, "--tls-cert"), _read(self.key, "--tls-key"), self.cert, self.key)
-        if self.client_cert:
+        if self.client_cert and self.client_key:
             _check_pair(_read(self.client_cert, "--tls-client-cert"), _read(self.client_key, "--tls-client-key"),
                         self.client_cert, self.client_key)
         if self.ca:
@@ -214,8 +214,9 @@ class TlsConfig:
             raise TlsError("a TLS server needs its own certificate: give --tls-cert and --tls-key "
                            "(or no TLS setting at all for plaintext on loopback)")
         reloader = CertificateReloader(self.cert, self.key, self.ca)
-        return grpc.dynamic_ssl_server_credentials(reloader.initial, reloader,
-                                                   require_client_authentication=self.require_client_cert)
+        return grpc.dynamic_ssl_server_credentials(
+            reloader.initial, reloader,  # type: ignore[arg-type]  # grpc takes None ("no change"); its stubs do not
+            require_client_authentication=self.require_client_cert)
 
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """Credentials from the files as they are now; None for plaintext."""
@@ -246,7 +247,7 @@ class CertificateReloader:
         self.reloads = 0
 
     def _stat(self) -> tuple:
-        stamps = []
+        stamps: list[tuple[int, int, int] | None] = []
         for path in self.paths:
             try:
                 st = os.stat(path)

@@ -8,6 +8,12 @@ pool guarantees it) and offers:
 - ``stream(inputs)``, an async iterator of outputs for decoupled models,
 - ``async close()``.
 
+An instance with ``executes_requests = True`` (a Triton python model,
+``triton_python.py``) instead takes whole requests:
+``async execute_requests(requests) -> [outputs | MeshError]`` for a batch,
+and ``stream_request(request, release)`` for a decoupled one, calling
+``release`` itself once its execute returns.
+
 Blocking work (a synchronous predictor, onnxruntime) runs in the model's
 executor, never on the event loop.
 """

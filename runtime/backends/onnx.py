@@ -76,7 +76,7 @@ class OnnxInstance:
             for name, array in inputs.items()
         }
         results = self._session.run(self._output_names, feed)
-        return dict(zip(self._output_names, results))
+        return dict(zip(self._output_names, results, strict=True))
 
     async def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, inputs)
@@ -94,7 +94,7 @@ def _open_session(path, device: str):
     options = onnxruntime.SessionOptions()
     # One execution per instance; the instance group, not intra-op threads, sets concurrency.
     options.intra_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
+    providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device.split(":")[1])}))
     return onnxruntime.InferenceSession(str(path), options, providers=providers)

@@ -11,6 +11,9 @@ decoupled model that streams one dict per response. ``config`` carries the
 model's name, version, version folder, max_batch_size, parameters (str ->
 str), declared inputs/outputs, the instance index and the device.
 A model may name another class with the ``predictor_class`` parameter.
+
+A ``model.py`` written for Triton's Python backend (``TritonPythonModel``,
+no ``Predictor``) is served unchanged by ``triton_python``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from meshserve.common.errors import Internal
 
 from ..config import PYTHON_FILE
 from ..tensor_spec import TensorSpec
-from . import LoadContext
+from . import LoadContext, triton_python
 
 PREDICTOR_CLASS = "Predictor"
 PREDICTOR_CLASS_PARAMETER = "predictor_class"
@@ -37,8 +40,11 @@ def _import_model_module(context: LoadContext):
     path = context.version_dir / PYTHON_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    triton_python.bind_backend_utils()  # before the import: a Triton model imports it at the top
     module_name = f"meshserve_model_{context.config.name}_{context.version}"
     spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} cannot be loaded as a Python module")
     module = importlib.util.module_from_spec(spec)
     folder = str(context.version_dir)
     sys.path.insert(0, folder)  # let model.py import its sibling modules
@@ -125,11 +131,13 @@ class PredictorInstance:
             await asyncio.get_running_loop().run_in_executor(self._executor, close)
 
 
-async def load_instances(context: LoadContext, count: int) -> list[PredictorInstance]:
+async def load_instances(context: LoadContext, count: int) -> list:
     loop = asyncio.get_running_loop()
     module = await loop.run_in_executor(context.executor, _import_model_module, context)
-    class_name = context.config.parameters.get(PREDICTOR_CLASS_PARAMETER)
-    class_name = class_name.string_value if class_name else PREDICTOR_CLASS
+    parameter = context.config.parameters.get(PREDICTOR_CLASS_PARAMETER)
+    if parameter is None and not hasattr(module, PREDICTOR_CLASS) and triton_python.defines_triton_model(module):
+        return await triton_python.load_instances(context, count, module)
+    class_name = parameter.string_value if parameter else PREDICTOR_CLASS
     cls = getattr(module, class_name, None)
     if cls is None or not callable(getattr(cls, "predict", None)):
         raise ImportError(

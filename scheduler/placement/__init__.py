@@ -17,7 +17,7 @@ carries the reservations of what it placed.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Union
+from typing import TypeAlias
 
 from . import gang
 from .framework import DEFAULT_WEIGHTS, Filter, Framework, Scorer, count_nodes
@@ -34,7 +34,7 @@ __all__ = ["DEFAULT_WEIGHTS", "Decision", "Filter", "Framework", "GiB", "GpuView
            "Placement", "ReplicaRequest", "Scorer", "Snapshot", "Unschedulable", "count_nodes",
            "default_framework", "explain", "explain_lines", "format_bytes", "place", "place_gang", "summary"]
 
-Nodes = Union[Snapshot, Iterable[NodeView]]
+Nodes: TypeAlias = Snapshot | Iterable[NodeView]
 
 
 def default_framework() -> Framework:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import Protocol, overload
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class Filter:
     def reasons(self, snapshot: Snapshot, request: ReplicaRequest, rows: np.ndarray) -> Sequence[str]:
         """``check``'s answer for each rejected row. Reads the snapshot now; may format later
         (a ``LazyReasons`` over numbers copied now), so an unschedulable result stays cheap."""
-        return [self.check(snapshot, request, row) for row in rows.tolist()]
+        return [self.check(snapshot, request, row) or "rejected" for row in rows.tolist()]
 
 
 class Scorer:
@@ -152,7 +152,8 @@ class Framework:
             total /= weight_sum
         return total, scores
 
-    def decision(self, snapshot, request, rows, total, scores, best, slots, context="",
+    def decision(self, snapshot: Snapshot, request: ReplicaRequest, rows: np.ndarray, total: np.ndarray,
+                 scores: Mapping[str, np.ndarray], best: int, slots: tuple[int, ...], context: str = "",
                  scored_as: ReplicaRequest | None = None) -> Decision:
         """The record of choosing ``rows[best]`` (read before the placement is booked);
         ``scored_as``: the request the scores were computed for, if not this one (gangs)."""
@@ -184,7 +185,9 @@ class Framework:
         groups, details = self.rejections(snapshot, request, masks)
         return unschedulable(request.replica_id, "no node", groups, LazyRejections(snapshot.names, details))
 
-    def rejections(self, snapshot, request, masks, remaining: np.ndarray | None = None, prefix: str = ""):
+    def rejections(self, snapshot: Snapshot, request: ReplicaRequest, masks: Sequence[np.ndarray | None],
+                   remaining: np.ndarray | None = None, prefix: str = "",
+                   ) -> tuple[list[tuple[str, int]], list[tuple[np.ndarray, Sequence[str], str]]]:
         """Charge each node to the first filter that rejected it: ``([(reason, nodes)]`` in
         pipeline order, ``[(rows, reasons, prefix)]``). Only rows still True in ``remaining``
         are charged; it is narrowed in place."""
@@ -192,7 +195,7 @@ class Framework:
         details: list[tuple[np.ndarray, Sequence[str], str]] = []
         if remaining is None:
             remaining = np.ones(len(snapshot), np.bool_)
-        for plugin, mask in zip(self.filters, masks):
+        for plugin, mask in zip(self.filters, masks, strict=True):
             if mask is None:
                 continue
             rejected = remaining & ~mask
@@ -224,14 +227,19 @@ def all_of(masks: Sequence[np.ndarray | None], n: int) -> np.ndarray:
     return feasible if feasible is not None else np.ones(n, np.bool_)
 
 
-class LazyReasons(Sequence):
+class LazyReasons(Sequence[str]):
     """``reason(i)`` for i in range(n), formatted when read. ``reason`` must close over
     numbers copied at decision time, never over live snapshot arrays."""
 
-    def __init__(self, n: int, reason: Callable[[int], str]):
+    def __init__(self, n: int, reason: Callable[[int], str]) -> None:
         self._n, self._reason = n, reason
 
-    def __getitem__(self, i):
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
         if isinstance(i, slice):
             return [self._reason(j) for j in range(*i.indices(self._n))]
         if not -self._n <= i < self._n:
@@ -242,13 +250,13 @@ class LazyReasons(Sequence):
         return self._n
 
 
-class LazyRejections(Mapping):
+class LazyRejections(Mapping[str, str]):
     """node -> why it was rejected, in node order, assembled on first read.
 
     Holds the snapshot's ``names`` list (replaced, never mutated, when nodes
     come and go) and each filter's rejected rows with their reasons."""
 
-    def __init__(self, names: Sequence[str], details: Sequence[tuple[np.ndarray, Sequence[str], str]]):
+    def __init__(self, names: Sequence[str], details: Sequence[tuple[np.ndarray, Sequence[str], str]]) -> None:
         self._names, self._details = names, details
         self._cache: dict[str, str] | None = None
 

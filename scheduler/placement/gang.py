@@ -16,7 +16,7 @@ booked unless every member is placed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -75,27 +75,31 @@ def _gpu_bytes(members: Sequence[ReplicaRequest]) -> int:
 def _sums_fit(snapshot: Snapshot, members: Sequence[ReplicaRequest]) -> np.ndarray:
     cpu = sum(member.cpu for member in members)
     memory = sum(member.memory for member in members)
-    return ((snapshot.cpu_free + CPU_EPSILON >= cpu) & (snapshot.memory_free >= memory)
-            & (snapshot.gpu_avail_sum >= _gpu_bytes(members)))
+    fits: np.ndarray = ((snapshot.cpu_free + CPU_EPSILON >= cpu) & (snapshot.memory_free >= memory)
+                        & (snapshot.gpu_avail_sum >= _gpu_bytes(members)))
+    return fits
 
 
-def _book(framework, snapshot, members, anchor, rows, total, scores, position, assignment) -> list[Placement]:
+def _book(framework: Framework, snapshot: Snapshot, members: Sequence[ReplicaRequest], anchor: ReplicaRequest,
+          rows: np.ndarray, total: np.ndarray, scores: Mapping[str, np.ndarray], position: int,
+          assignment: Sequence[tuple[int, ...]]) -> list[Placement]:
     ids = ", ".join(member.replica_id for member in members)
     context = f"gang of {len(members)} ({ids}) on one node, all or nothing"
     row, placements = int(rows[position]), []
-    for member, slots in zip(members, assignment):    # notes read what earlier members booked
+    for member, slots in zip(members, assignment, strict=True):    # notes read what earlier members booked
         decision = framework.decision(snapshot, member, rows, total, scores, position, slots, context, anchor)
         snapshot.reserve(row, slots, member)
         placements.append(Placement(member.replica_id, decision.node, decision.gpu_indices, decision))
     return placements
 
 
-def _unschedulable(framework, snapshot, members, masks, alone) -> Unschedulable:
+def _unschedulable(framework: Framework, snapshot: Snapshot, members: Sequence[ReplicaRequest],
+                   masks: Sequence[Sequence[np.ndarray | None]], alone: np.ndarray) -> Unschedulable:
     """Each node is charged to the first member and filter that rejected it; nodes every
     member passes alone cannot hold the group together."""
     remaining = np.ones(len(snapshot), np.bool_)
     groups, details = [], []
-    for member, member_masks in zip(members, masks):
+    for member, member_masks in zip(members, masks, strict=True):
         member_groups, member_details = framework.rejections(snapshot, member, member_masks, remaining,
                                                              prefix=f"{member.replica_id}: ")
         groups += member_groups

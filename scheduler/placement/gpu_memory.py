@@ -13,23 +13,27 @@ fraction of the chosen GPUs left available after placing (headroom); with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from .framework import Filter, LazyReasons, Scorer
-from .model import format_bytes
+from .model import ReplicaRequest, format_bytes
+from .snapshot import Snapshot
 
 
 def _unit(score: np.ndarray) -> np.ndarray:
     """Clamp to 0..1 in place (a report with free > total must not score above 1)."""
-    return np.minimum(np.maximum(score, 0.0, out=score), 1.0, out=score)
+    np.minimum(np.maximum(score, 0.0, out=score), 1.0, out=score)
+    return score
 
 
-def _best_gpu_columns(snapshot):
+def _best_gpu_columns(snapshot: Snapshot) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """What a rejection names about a node's most available GPU."""
     return snapshot.gpu_avail, snapshot.gpu_index, snapshot.gpu_free, snapshot.gpu_reserved
 
 
-def _why(request, count: int, enough: int, avail: int, index: int, free: int, reserved: int) -> str:
+def _why(request: ReplicaRequest, count: int, enough: int, avail: int, index: int, free: int, reserved: int) -> str:
     k, need = request.gpus, format_bytes(request.gpu_memory)
     if count < k:
         return f"has {count} GPU{'' if count == 1 else 's'}, needs {k}"
@@ -47,16 +51,17 @@ class GpuMemory(Filter, Scorer):
 
     # -- filter -----------------------------------------------------------------------
 
-    def mask(self, snapshot, request):
+    def mask(self, snapshot: Snapshot, request: ReplicaRequest) -> np.ndarray | None:
         k = request.gpus
         if k == 0:
             return None
         if k > snapshot.width:
             return np.zeros(len(snapshot), np.bool_)
         # the k-th largest available memory of each node decides
-        return snapshot.avail_rank[k - 1] >= request.gpu_memory
+        fits: np.ndarray = snapshot.avail_rank[k - 1] >= request.gpu_memory
+        return fits
 
-    def check(self, snapshot, request, row):
+    def check(self, snapshot: Snapshot, request: ReplicaRequest, row: int) -> str | None:
         if request.gpus == 0:
             return None
         count = int(snapshot.gpu_count[row])
@@ -69,7 +74,7 @@ class GpuMemory(Filter, Scorer):
         best = max(range(count), key=lambda slot: (avail[slot], -slot))
         return _why(request, count, enough, *(int(column[row, best]) for column in _best_gpu_columns(snapshot)))
 
-    def reasons(self, snapshot, request, rows):
+    def reasons(self, snapshot: Snapshot, request: ReplicaRequest, rows: np.ndarray) -> Sequence[str]:
         if snapshot.width == 0:                             # no node has a GPU
             return [_why(request, 0, 0, 0, 0, 0, 0)] * rows.size
         count = snapshot.gpu_count[rows]
@@ -80,14 +85,14 @@ class GpuMemory(Filter, Scorer):
         return LazyReasons(rows.size, lambda i: _why(request, int(count[i]), int(enough[i]),
                                                      *(int(column[i]) for column in best_columns)))
 
-    def summarize(self, snapshot, request, rows):
+    def summarize(self, snapshot: Snapshot, request: ReplicaRequest, rows: np.ndarray) -> list[tuple[str, int]]:
         need = format_bytes(request.gpu_memory)
         where = "one GPU" if request.gpus == 1 else f"each of {request.gpus} GPUs"
         return [(f"lack {need} free on {where}", rows.size)]
 
     # -- score --------------------------------------------------------------------------
 
-    def score(self, snapshot, request, rows):
+    def score(self, snapshot: Snapshot, request: ReplicaRequest, rows: np.ndarray) -> np.ndarray | None:
         k, need = request.gpus, request.gpu_memory
         if k == 0:
             return None
@@ -107,7 +112,7 @@ class GpuMemory(Filter, Scorer):
             chosen = prefix[enough, line] - prefix[enough - k, line]
         return _unit(1.0 - (chosen - k * need) / cap)
 
-    def note(self, snapshot, request, row, slots):
+    def note(self, snapshot: Snapshot, request: ReplicaRequest, row: int, slots: tuple[int, ...]) -> str | None:
         if not slots:
             return None
         index, avail = snapshot.gpu_index[row].tolist(), snapshot.gpu_avail[row].tolist()
@@ -116,7 +121,7 @@ class GpuMemory(Filter, Scorer):
 
     # -- choice ------------------------------------------------------------------------
 
-    def assign(self, snapshot, request, row) -> tuple[int, ...]:
+    def assign(self, snapshot: Snapshot, request: ReplicaRequest, row: int) -> tuple[int, ...]:
         """The GPU slots (columns) of ``row`` the replica gets; the node must pass the filter."""
         k, need = request.gpus, request.gpu_memory
         if k == 0:

@@ -51,7 +51,7 @@ class NodeView:
     memory_free: int = 0
     cordoned: bool = False
     ready: bool = True         # False: lost (missed heartbeats) or not yet ready
-    replicas: Counter = field(default_factory=Counter)   # deployment -> replicas on this node
+    replicas: Counter[str] = field(default_factory=Counter)   # deployment -> replicas on this node
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ReplicaRequest:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     strategy: str = "spread"   # "spread" | "pack"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"replica {self.replica_id}: strategy {self.strategy!r} is not one of {STRATEGIES}")
         if self.gpus < 0 or self.gpu_memory < 0 or self.cpu < 0 or self.memory < 0:

@@ -9,18 +9,21 @@ from __future__ import annotations
 import numpy as np
 
 from .framework import Scorer
+from .model import ReplicaRequest
+from .snapshot import Snapshot
 
 
 class Pack(Scorer):
     name = "pack"
 
-    def score(self, snapshot, request, rows):
+    def score(self, snapshot: Snapshot, request: ReplicaRequest, rows: np.ndarray) -> np.ndarray | None:
         total = snapshot.gpu_total_sum[rows]
         used = total - snapshot.gpu_avail_sum[rows]
-        score = used / np.maximum(total, 1)
-        return np.minimum(np.maximum(score, 0.0, out=score), 1.0, out=score)
+        score: np.ndarray = used / np.maximum(total, 1)
+        np.minimum(np.maximum(score, 0.0, out=score), 1.0, out=score)   # clamped in place
+        return score
 
-    def note(self, snapshot, request, row, slots):
+    def note(self, snapshot: Snapshot, request: ReplicaRequest, row: int, slots: tuple[int, ...]) -> str | None:
         total = int(snapshot.gpu_total_sum[row])
         if not total:
             return "no GPUs"

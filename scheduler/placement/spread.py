@@ -11,18 +11,21 @@ from __future__ import annotations
 import numpy as np
 
 from .framework import Scorer
+from .model import ReplicaRequest
+from .snapshot import Snapshot
 
 
 class Spread(Scorer):
     name = "spread"
 
-    def score(self, snapshot, request, rows):
+    def score(self, snapshot: Snapshot, request: ReplicaRequest, rows: np.ndarray) -> np.ndarray | None:
         counts = snapshot.replica_counts(request.deployment)[rows]
         low, high = counts.min(), counts.max()
         if high == low:
             return np.ones(rows.size)
-        return (high - counts) / (high - low)
+        score: np.ndarray = (high - counts) / (high - low)
+        return score
 
-    def note(self, snapshot, request, row, slots):
+    def note(self, snapshot: Snapshot, request: ReplicaRequest, row: int, slots: tuple[int, ...]) -> str | None:
         n = int(snapshot.replica_counts(request.deployment)[row])
         return f"{n} replica{'' if n == 1 else 's'} of this deployment there"

@@ -26,7 +26,7 @@ scheduler can rely on them everywhere:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -142,7 +142,7 @@ class Store(Protocol):
         """Delete a key (or every key under a prefix); returns how many were deleted."""
 
     async def txn(self, compares: list[Compare], success: list[Put | Delete],
-                  failure: list[Put | Delete] = ()) -> TxnResult: ...
+                  failure: Sequence[Put | Delete] = ()) -> TxnResult: ...
 
     async def grant_lease(self, ttl_s: int) -> int:
         """A new lease id; it expires ttl_s seconds after the last keep-alive."""
@@ -152,7 +152,7 @@ class Store(Protocol):
 
     async def revoke_lease(self, lease: int) -> None: ...
 
-    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]: ...
+    def watch(self, prefix: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]: ...
 
     async def compact(self, revision: int) -> None:
         """Forget history before ``revision`` (watches from earlier raise Compacted)."""

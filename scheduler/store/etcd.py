@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import aetcd
@@ -230,7 +230,7 @@ class EtcdStore:
         return reply.deleted if reply is not None else 0
 
     async def txn(self, compares: list[Compare], success: list[Put | Delete],
-                  failure: list[Put | Delete] = ()) -> TxnResult:
+                  failure: Sequence[Put | Delete] = ()) -> TxnResult:
         reads = [rpc.RequestOp(request_range=rpc.RangeRequest(key=compare.key.encode())) for compare in compares]
         request = rpc.TxnRequest(
             compare=[condition for compare in compares for condition in _conditions(compare)],
@@ -278,11 +278,11 @@ class EtcdStore:
         reply = await self._call("read revision", lambda client: client.get_range(b"\0", b"\0\0"))
         return reply.header.revision
 
-    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+    def watch(self, prefix: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
         """Events under ``prefix`` from ``start_revision`` (<= 0: from now on), resumed across reconnects."""
         return self._watch(prefix, start_revision)
 
-    async def _watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+    async def _watch(self, prefix: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
         start, end = prefix.encode() or b"\0", _etcd_range_end(prefix.encode())
         if start_revision <= 0:
             start_revision = await self._revision() + 1

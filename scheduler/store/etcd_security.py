@@ -74,6 +74,8 @@ class EtcdSecurity:
 class TlsEtcdClient(aetcd.Client):
     """``aetcd.Client`` over a TLS channel (aetcd 1.0.0's ``connect``, with ``secure_channel``)."""
 
+    _is_connecting: bool   # aetcd.Client's (it has no type information)
+
     def __init__(self, *args, credentials: grpc.ChannelCredentials, **kwargs):
         super().__init__(*args, **kwargs)
         self._credentials = credentials

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import secrets
 
-from .base import Compare, Put, Store
+from .base import Compare, Put, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,10 @@ async def ensure_cluster_id(store: Store) -> str:
     candidate = new_cluster_id()
     result = await store.txn([Compare(CLUSTER_ID_KEY, create_revision=0)], [Put(CLUSTER_ID_KEY, candidate.encode())])
     if not result.succeeded:          # another scheduler created it first: take theirs
-        return result.observed[0].value.decode()
+        theirs = result.observed[0]
+        if theirs is None:            # created and deleted again meanwhile: nobody may do that
+            raise StoreError(f"{CLUSTER_ID_KEY} was created and removed while this scheduler read it")
+        return theirs.value.decode()
     if holds_state:
         log.warning("store holds cluster state but no cluster id (written before cluster ids existed): "
                     "adopting it as cluster %s", candidate)

@@ -32,7 +32,7 @@ import itertools
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TypeVar
 
 from .base import (
@@ -161,11 +161,18 @@ class SqliteStore:
             raise
         self._db = db
 
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        """The open connection (worker thread only); a closed store has none."""
+        if self._db is None:
+            raise StoreError(f"store {self.path} is closed")
+        return self._db
+
     def _meta(self, name: str) -> int:
-        return self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()[0]
+        return self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()[0]
 
     def _set_meta(self, name: str, value: int) -> None:
-        self._db.execute("UPDATE meta SET value = ? WHERE name = ?", (value, name))
+        self._conn.execute("UPDATE meta SET value = ? WHERE name = ?", (value, name))
         if name == "revision":
             self._revision_moved = True
 
@@ -175,7 +182,7 @@ class SqliteStore:
         The wake-up is sent from here, right after COMMIT, and not by the coroutine
         that asked for the write: that one may have been cancelled meanwhile.
         """
-        db = self._db
+        db = self._conn
         self._revision_moved = False
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -184,7 +191,7 @@ class SqliteStore:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        if self._revision_moved:
+        if self._revision_moved and self._loop is not None:   # set by open(), before any write
             self._loop.call_soon_threadsafe(self._notify)
         return result
 
@@ -197,7 +204,7 @@ class SqliteStore:
 
     def _apply(self, ops: list[Put | Delete], now: float) -> int:
         """Apply ops as one revision; returns the number of keys deleted. No change: no new revision."""
-        db = self._db
+        db = self._conn
         revision = self._meta("revision") + 1
         seq = itertools.count()
         deleted = 0
@@ -224,17 +231,17 @@ class SqliteStore:
     def _select_keys(self, key: str, prefix: bool) -> list[bytes]:
         start = _key(key)
         if not prefix:
-            rows = self._db.execute("SELECT key FROM kv WHERE key = ?", (start,))
+            rows = self._conn.execute("SELECT key FROM kv WHERE key = ?", (start,))
         elif (end := prefix_end(start)) is None:
-            rows = self._db.execute("SELECT key FROM kv WHERE key >= ? ORDER BY key", (start,))
+            rows = self._conn.execute("SELECT key FROM kv WHERE key >= ? ORDER BY key", (start,))
         else:
-            rows = self._db.execute("SELECT key FROM kv WHERE key >= ? AND key < ? ORDER BY key", (start, end))
+            rows = self._conn.execute("SELECT key FROM kv WHERE key >= ? AND key < ? ORDER BY key", (start, end))
         return [bytes(row[0]) for row in rows]
 
     def _delete_keys(self, keys: list[bytes], revision: int, seq) -> int:
         for key in keys:
-            self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
-            self._db.execute("INSERT INTO history VALUES (?, ?, 'delete', ?, x'', 0, 0, 0)", (revision, next(seq), key))
+            self._conn.execute("DELETE FROM kv WHERE key = ?", (key,))
+            self._conn.execute("INSERT INTO history VALUES (?, ?, 'delete', ?, x'', 0, 0, 0)", (revision, next(seq), key))
         return len(keys)
 
     def _auto_compact(self, revision: int) -> None:
@@ -243,13 +250,13 @@ class SqliteStore:
             self._compact(oldest)
 
     def _compact(self, revision: int) -> None:
-        self._db.execute("DELETE FROM history WHERE revision < ?", (revision,))
+        self._conn.execute("DELETE FROM history WHERE revision < ?", (revision,))
         self._set_meta("compact_revision", revision)
 
     def _revoke(self, lease: int) -> int:
         """Delete a lease and its keys in one revision; returns how many keys went."""
-        self._db.execute("DELETE FROM leases WHERE id = ?", (lease,))
-        keys = [bytes(row[0]) for row in self._db.execute("SELECT key FROM kv WHERE lease = ? ORDER BY key", (lease,))]
+        self._conn.execute("DELETE FROM leases WHERE id = ?", (lease,))
+        keys = [bytes(row[0]) for row in self._conn.execute("SELECT key FROM kv WHERE lease = ? ORDER BY key", (lease,))]
         if keys:
             revision = self._meta("revision") + 1
             self._delete_keys(keys, revision, itertools.count())
@@ -261,7 +268,7 @@ class SqliteStore:
 
     async def get(self, key: str) -> KeyValue | None:
         def read():
-            row = self._db.execute("SELECT key, value, create_revision, mod_revision, version, lease "
+            row = self._conn.execute("SELECT key, value, create_revision, mod_revision, version, lease "
                                    "FROM kv WHERE key = ?", (_key(key),)).fetchone()
             return _kv(row) if row else None
         return await self._run(read)
@@ -271,9 +278,9 @@ class SqliteStore:
             start, columns = _key(prefix), "key, value, create_revision, mod_revision, version, lease"
             end = prefix_end(start)
             if end is None:
-                rows = self._db.execute(f"SELECT {columns} FROM kv WHERE key >= ? ORDER BY key", (start,))
+                rows = self._conn.execute(f"SELECT {columns} FROM kv WHERE key >= ? ORDER BY key", (start,))
             else:
-                rows = self._db.execute(f"SELECT {columns} FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+                rows = self._conn.execute(f"SELECT {columns} FROM kv WHERE key >= ? AND key < ? ORDER BY key",
                                         (start, end))
             return [_kv(row) for row in rows], self._meta("revision")
         return await self._run(read)
@@ -288,7 +295,7 @@ class SqliteStore:
         return await self._run(self._in_txn, lambda: self._apply([Delete(key, prefix)], time.time()))
 
     async def txn(self, compares: list[Compare], success: list[Put | Delete],
-                  failure: list[Put | Delete] = ()) -> TxnResult:
+                  failure: Sequence[Put | Delete] = ()) -> TxnResult:
         success, failure = list(success), list(failure)
         _check_ops(success)
         _check_ops(failure)
@@ -297,7 +304,7 @@ class SqliteStore:
             observed: list[KeyValue | None] = []
             holds = True
             for compare in compares:
-                row = self._db.execute("SELECT key, value, create_revision, mod_revision, version, lease "
+                row = self._conn.execute("SELECT key, value, create_revision, mod_revision, version, lease "
                                        "FROM kv WHERE key = ?", (_key(compare.key),)).fetchone()
                 kv = _kv(row) if row else None
                 observed.append(kv)
@@ -312,7 +319,7 @@ class SqliteStore:
         def grant():
             lease = self._meta("next_lease")
             self._set_meta("next_lease", lease + 1)
-            self._db.execute("INSERT INTO leases VALUES (?, ?, ?)", (lease, ttl, time.time() + ttl))
+            self._conn.execute("INSERT INTO leases VALUES (?, ?, ?)", (lease, ttl, time.time() + ttl))
             return lease
         lease = await self._run(self._in_txn, grant)
         self._lease_granted.set()      # the expiry task may be sleeping past this lease's deadline
@@ -321,13 +328,13 @@ class SqliteStore:
     async def keep_alive(self, lease: int) -> int:
         def refresh():
             now = time.time()
-            row = self._db.execute("SELECT ttl, expires_at FROM leases WHERE id = ?", (lease,)).fetchone()
+            row = self._conn.execute("SELECT ttl, expires_at FROM leases WHERE id = ?", (lease,)).fetchone()
             if row is None:
                 return None
             if row[1] <= now:                       # expired, not reaped yet: reap it now
                 self._revoke(lease)
                 return None
-            self._db.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (now + row[0], lease))
+            self._conn.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (now + row[0], lease))
             return row[0]
         ttl = await self._run(self._in_txn, refresh)
         if ttl is None:
@@ -345,11 +352,11 @@ class SqliteStore:
                 self._compact(revision)
         await self._run(self._in_txn, compact)
 
-    def watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+    def watch(self, prefix: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
         """Events under ``prefix`` from ``start_revision`` (<= 0: from now on), then new ones as written."""
         return self._watch(prefix, start_revision)
 
-    async def _watch(self, prefix: str, start_revision: int) -> AsyncIterator[WatchEvent]:
+    async def _watch(self, prefix: str, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
         start = _key(prefix)
         end = prefix_end(start)
         query = ("SELECT type, key, value, create_revision, revision, version, lease FROM history "
@@ -364,7 +371,7 @@ class SqliteStore:
             revision = self._meta("revision")
             last = min(revision, first + WATCH_PAGE - 1)
             args = (first, last, start) + ((end,) if end is not None else ())
-            return self._db.execute(query, args).fetchall(), last, revision
+            return self._conn.execute(query, args).fetchall(), last, revision
 
         next_revision = start_revision
         if next_revision <= 0:
@@ -403,11 +410,11 @@ class SqliteStore:
     async def _expire_leases(self) -> None:
         """Reap expired leases: delete their keys (delete events, one revision each) as deadlines pass."""
         def reap() -> float | None:
-            expired = [row[0] for row in self._db.execute(
+            expired = [row[0] for row in self._conn.execute(
                 "SELECT id FROM leases WHERE expires_at <= ? ORDER BY expires_at", (time.time(),))]
             for lease in expired:
                 self._in_txn(functools.partial(self._revoke, lease))
-            return self._db.execute("SELECT MIN(expires_at) FROM leases").fetchone()[0]
+            return self._conn.execute("SELECT MIN(expires_at) FROM leases").fetchone()[0]
 
         while True:
             self._lease_granted.clear()
