@@ -41,8 +41,8 @@ from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .heap_trim import HeapTrimmer
 from .load_service import LoadServicer
-from .model import ServedModel
 from .metrics import runtime_registry
+from .model import ServedModel
 from .model_control import NONE, ModelControl
 from .repository import ModelRepository
 from .servicer import InferenceServicer
