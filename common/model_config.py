@@ -34,7 +34,6 @@ _UNSUPPORTED_FIELDS = {
     "batch_input": "batch inputs are not supported",
     "batch_output": "batch outputs are not supported",
     "optimization": "optimization policies are not supported",
-    "model_warmup": "model warm-up is not supported; load the model in the predictor's __init__",
     "model_operations": "custom operation libraries are not supported",
     "model_repository_agents": "repository agents are not supported",
     "cc_model_filenames": "compute-capability model files are not supported",

@@ -49,6 +49,7 @@ def replica_status(status: ReplicaStatus) -> pb.ReplicaStatus:
         replica_id=status.replica_id, deployment=status.deployment, revision=status.revision,
         state=status.state, address=status.address, pid=status.pid, gpu_indices=list(status.gpu_indices),
         exit_code=status.exit_code, message=status.message, restarts=status.restarts,
+        in_flight=status.in_flight, queued=status.queued,
     )
 
 

@@ -67,6 +67,7 @@ from .crash_reason import crash_reason
 from .gpu_probe import GpuLoad
 from .policy import HostPolicy, Refused
 from .process import ChildProcess, Clock, Launcher, signal_name
+from .replica_load import watch_load
 from .replica_logs import ReplicaLogs, ReplicaLogWriter
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ class ReplicaStatus:
     exit_code: int = 0      # of the last exit
     message: str = ""       # why the last exit, or what the replica waits for
     restarts: int = 0
+    in_flight: int = 0      # inference calls in progress, from the runtime (node_agent/replica_load.py)
+    queued: int = 0
     metrics_address: str = ""   # the process's GET /metrics, while it has one (ReplicaOptions.metrics)
 
 
@@ -267,6 +270,7 @@ class Replica:
         self._task: asyncio.Task | None = None
         self._status = ReplicaStatus(spec.replica_id, spec.deployment, spec.revision, STARTING,
                                      gpu_indices=spec.gpu_indices)
+        self._dial_target = ""
         # Decided once per spec: a refused assignment is not retried until the scheduler changes it.
         self._repository, self._refusal = spec.model_repository, None
         if options.policy is not None:
@@ -409,6 +413,7 @@ class Replica:
         exited = asyncio.ensure_future(process.wait())
         stop = asyncio.ensure_future(self._stop.wait())
         ready = asyncio.create_task(self._become_ready(listening))
+        load: asyncio.Task | None = None
         ready_at = None
         try:
             pending = {exited, stop, ready}
@@ -424,6 +429,7 @@ class Replica:
                     if error is None:
                         ready_at = self._clock.monotonic()
                         self._set(state=READY, address=ready.result())
+                        load = asyncio.create_task(self._watch_load(self._dial_target))
                         log.info("replica %s: ready at %s", self.spec.replica_id, ready.result())
                         continue
                     # Output closed or health failed: usually the process is on its way out.
@@ -438,17 +444,27 @@ class Replica:
             reason = f"exited with code {code}{signal_name(code)}{self._reason(tail)}"
             raise _Crash(code, reason + self._tail_text(tail), ready_at)
         finally:
-            for task in (reader, stop, ready):
-                task.cancel()
-                _retrieve(task)
+            for task in (reader, stop, ready, load):
+                if task is not None:
+                    task.cancel()
+                    _retrieve(task)
+            self._on_load(0, 0)
             if not exited.done():  # only when this task itself is cancelled: never leave an orphan
                 process.send_signal(signal.SIGKILL)
+
+    def _on_load(self, in_flight: int, queued: int) -> None:
+        if (self._status.in_flight, self._status.queued) != (in_flight, queued):
+            self._status = dataclasses.replace(self._status, in_flight=in_flight, queued=queued)
+
+    async def _watch_load(self, target: str) -> None:
+        await watch_load(target, self.options.tls, self._on_load)
 
     async def _become_ready(self, listening: asyncio.Future[str]) -> str:
         try:
             async with asyncio.timeout(self.options.startup_timeout_s):
                 address = await listening
                 await self._wait_ready(address)
+                self._dial_target = _dial_address(address)
         except TimeoutError:
             raise TimeoutError(f"no SERVING health within {self.options.startup_timeout_s:g}s") from None
         host = self.options.advertise_host

@@ -44,6 +44,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
                         help="retries per call of one that never reached a model")
     parser.add_argument("--channels-per-replica", type=int, default=ProxyOptions.channels_per_replica,
                         help="HTTP/2 connections to each replica (measured: 1 is as fast as 4 for small calls)")
+    parser.add_argument("--cold-start-timeout", type=float, default=ProxyOptions.cold_start_timeout_s, metavar="S",
+                        help="how long a call for a model scaled to zero waits for a replica (default %(default)s)")
+    parser.add_argument("--max-held-calls", type=int, default=ProxyOptions.max_held_calls,
+                        help="calls held at once for models scaled to zero; more fail UNAVAILABLE "
+                             "(default %(default)s)")
     parser.add_argument("--grace-period", type=float, default=5.0,
                         help="seconds calls in flight get to finish on SIGTERM")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop")
@@ -67,11 +72,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
         with open(args.routes_file, encoding="utf-8") as f:
             routes = RouteTable.from_proto(text_format.Parse(f.read(), mesh.RouteTable()))
     schedulers = [a.strip() for a in (args.scheduler or "").split(",") if a.strip()]
+    if args.cold_start_timeout <= 0 or args.max_held_calls < 0:
+        parser.error("--cold-start-timeout must be > 0 and --max-held-calls >= 0")
     return args, ProxyOptions(
         schedulers=schedulers, listen=args.listen, metrics_listen=metrics_listen,
         max_message_bytes=args.max_message_bytes, routes=routes, max_retries=args.max_retries, tls=tls,
         auth=auth, roles=roles, client_token=token,
         channels_per_replica=args.channels_per_replica,
+        cold_start_timeout_s=args.cold_start_timeout, max_held_calls=args.max_held_calls,
     )
 
 

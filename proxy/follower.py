@@ -37,6 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshserve.common.backoff import Backoff
+from meshserve.common.errors import Unavailable
 from meshserve.common.leader import leader_named
 from meshserve.common.security.tls import TlsConfig, aio_channel
 from meshserve.common.security.tokens import aio_token_interceptors
@@ -62,6 +63,7 @@ LIVENESS_INTERVAL_S = 1.0
 # short enough that a paused leader is left before its standby takes over
 # (election TTL 5 s), so the proxy is at the new leader when it starts.
 LIVENESS_TIMEOUT_S = 3.0
+WAKE_TIMEOUT_S = 5.0
 
 
 class RouteFollower:
@@ -77,6 +79,19 @@ class RouteFollower:
         self.connected_to: str | None = None
         self.cluster_id = ""             # the first cluster id a scheduler sent; others are refused
         self._task: asyncio.Task | None = None
+        self._channel: grpc.aio.Channel | None = None   # to the scheduler whose routes are followed
+
+    async def wake(self, deployment: str) -> str:
+        """Ask the scheduler whose routes this follows for a replica of ``deployment`` (scaled to zero)."""
+        channel = self._channel
+        if channel is None:
+            raise Unavailable("no scheduler is connected")
+        try:
+            response = await mesh_grpc.RouteServiceStub(channel).Wake(mesh.WakeRequest(deployment=deployment),
+                                                                      timeout=WAKE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            raise Unavailable(f"{err.code().name}: {err.details()}") from None
+        return response.message
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="route follower")
@@ -110,6 +125,7 @@ class RouteFollower:
         (whether it sent a table, the leader it named)."""
         async with aio_channel(address, self.tls, interceptors=aio_token_interceptors(self.token)) as channel:
             call = mesh_grpc.RouteServiceStub(channel).WatchRoutes(mesh.WatchRoutesRequest())
+            self._channel = channel
             state = _WatchState()
             reader = asyncio.create_task(self._read(address, call, state), name=f"routes from {address}")
             liveness = asyncio.create_task(_until_silent(channel), name=f"liveness of {address}")
@@ -118,6 +134,7 @@ class RouteFollower:
             finally:
                 liveness.cancel()
                 call.cancel()
+                self._channel = None
             self.connected_to = None
             if not reader.done():
                 reader.cancel()

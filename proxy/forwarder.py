@@ -41,6 +41,7 @@ from meshserve.common.errors import (
 from meshserve.protos.inference import grpc_service_pb2 as pb
 
 from .balancer import Balancer
+from .cold_start import ColdStarts
 from .endpoints import Endpoint, EndpointPool
 from .host_local import refuse_shared_memory
 from .metrics import ProxyMetrics
@@ -71,6 +72,7 @@ class Upstreams:
     metrics: ProxyMetrics
     tracing: ProxyTracing
     max_retries: int = 2
+    cold_starts: ColdStarts | None = None   # holds calls for models scaled to zero; None: they fail at once
 
     def routes(self, model: str, version: str) -> list[Route]:
         """The routes of ``model`` (at ``version``), kept even with no endpoint (a deployed model
@@ -84,6 +86,14 @@ class Upstreams:
             if version and table.routes_for(model):
                 raise NotFound(f"unknown version '{version}' of model '{model}'")
             raise NotFound(f"unknown model '{model}'")
+        return routes
+
+    async def ready_routes(self, model: str, version: str, wait_s: float | None) -> list[Route]:
+        """``routes``, after waiting (bounded) for a replica when the model is scaled to zero."""
+        routes = self.routes(model, version)
+        if self.cold_starts is not None and not any(r.endpoints for r in routes) \
+                and any(r.wakes_on_call for r in routes):
+            routes = await self.cold_starts.hold(model, version, routes, wait_s)
         return routes
 
 
@@ -123,7 +133,8 @@ def no_replica(model: str, routes: list[Route], last: UpstreamFailure | None) ->
     """Unavailable (clients retry it) for a model the table lists: none of its replicas is ready
     (the route lists no endpoint, e.g. while replacements start), or none is reachable."""
     if not any(route.endpoints for route in routes):
-        return Unavailable(f"no ready replica of model '{model}'")
+        reasons = sorted({route.no_endpoint_reason for route in routes if route.no_endpoint_reason})
+        return Unavailable(f"no ready replica of model '{model}'" + (f": {'; '.join(reasons)}" if reasons else ""))
     why = f": last answer {last.code.name}: {last.details}" if last else ""
     return Unavailable(f"no replica of model '{model}' is reachable{why}")
 
@@ -147,7 +158,7 @@ class UnaryForwarder:
                     raise InvalidArgument(f"{method}: the request names no model")
                 if method == INFER and may_name_shared_memory(request):
                     refuse_shared_memory(_parse_infer_request(request))
-                routes = self.up.routes(head.model, head.version)
+                routes = await self.up.ready_routes(head.model, head.version, remaining_timeout(context))
             except MeshError as err:
                 raise self.reject(err) from None
             span.set_attribute("meshserve.model", head.model)

@@ -29,6 +29,8 @@ class Route:
     revision: int
     weight: int
     endpoints: tuple[EndpointInfo, ...]
+    wakes_on_call: bool = False      # scaled to zero: hold calls and ask for a replica (proxy/cold_start.py)
+    no_endpoint_reason: str = ""     # why there is no endpoint, when that is by design
 
 
 class RouteTable:
@@ -44,7 +46,8 @@ class RouteTable:
         return cls([
             Route(model=r.model, version=r.version, deployment=r.deployment, revision=r.revision,
                   weight=r.weight,
-                  endpoints=tuple(EndpointInfo(e.replica_id, e.address, e.node) for e in r.endpoints))
+                  endpoints=tuple(EndpointInfo(e.replica_id, e.address, e.node) for e in r.endpoints),
+                  wakes_on_call=r.wakes_on_call, no_endpoint_reason=r.no_endpoint_reason)
             for r in table.routes
         ], version=table.version)
 

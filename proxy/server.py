@@ -32,6 +32,7 @@ from meshserve.common.security.tls import TlsConfig, add_port
 from meshserve.common.status_interceptor import StatusInterceptor
 
 from .balancer import Balancer
+from .cold_start import DEFAULT_MAX_HELD, DEFAULT_MAX_WAIT_S, ColdStarts
 from .endpoints import SERVICE_NAME, EndpointPool
 from .follower import RouteFollower
 from .forwarder import UnaryForwarder, Upstreams
@@ -76,6 +77,9 @@ class ProxyOptions:
     roles: RoleTable | None = None
     # The bearer token this proxy presents to the schedulers it follows (--client-token-file); None: none.
     client_token: str | None = None
+    # Calls for a model scaled to zero (proxy/cold_start.py): how long each may wait, how many at once.
+    cold_start_timeout_s: float = DEFAULT_MAX_WAIT_S
+    max_held_calls: int = DEFAULT_MAX_HELD
 
 
 class ProxyServer:
@@ -109,6 +113,10 @@ class ProxyServer:
         self.follower = RouteFollower(options.schedulers, self.set_routes, tls=options.tls,
                                       token=options.client_token) \
             if options.schedulers else None
+        if self.follower is not None:
+            self.upstreams.cold_starts = ColdStarts(self.follower.wake, lambda: self._table,
+                                                    max_held=options.max_held_calls,
+                                                    max_wait_s=options.cold_start_timeout_s)
         self._has_table = asyncio.Event()
         self._background: set[asyncio.Task] = set()
 
@@ -124,6 +132,8 @@ class ProxyServer:
         """Serve from ``table`` from now on (the follower calls this; tests may too)."""
         self._table = table
         self.pool.update(table)
+        if self.upstreams.cold_starts is not None:
+            self.upstreams.cold_starts.table_changed()
         if not self._has_table.is_set():
             self._has_table.set()
             task = asyncio.create_task(self._set_health(health_pb2.HealthCheckResponse.SERVING))

@@ -105,7 +105,7 @@ class _Session:
                             raise InvalidArgument(f"{METHOD}: the request names no model")
                         if shared_memory:
                             refuse_shared_memory(parsed)
-                        upstream = upstream or self._open(head.model, head.version)
+                        upstream = upstream or await self._open(head.model, head.version)
                     except MeshError as err:
                         self.up.metrics.rejected.labels(err.code.name).inc()
                         await self.out.put(_error_response(err, head.model, head.id))
@@ -127,8 +127,8 @@ class _Session:
         await asyncio.gather(*(u.relay for u in self.streams.values() if u.relay is not None), return_exceptions=True)
         await self.out.put(None)
 
-    def _open(self, model: str, version: str) -> _Upstream:
-        routes = self.up.routes(model, version)
+    async def _open(self, model: str, version: str) -> _Upstream:
+        routes = await self.up.ready_routes(model, version, remaining_timeout(self.context))
         endpoint = self.up.balancer.pick(routes, self.up.pool)
         if endpoint is None:
             raise no_replica(model, routes, None)

@@ -134,6 +134,11 @@ class ServedModel:
     def in_flight(self) -> int:
         return self._pool.busy + (self._batcher.queued if self._batcher else 0)
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting in the dynamic batcher's queue (0 without one)."""
+        return self._batcher.queued if self._batcher else 0
+
     async def infer(self, request: InferRequest, trace: RequestTrace | None = None) -> dict[str, np.ndarray]:
         """Run one request through the batcher; raises MeshError on failure.
 

@@ -29,6 +29,7 @@ from meshserve.common.security.tls import TlsConfig
 from .ensemble import EnsembleModel
 from .ensemble_remote import RemoteModels
 from .model import ServedModel
+from .warmup import sample_requests, warm_up
 
 # What a model name serves: a model of its own, or an ensemble (which duck-types ServedModel).
 Loaded = ServedModel | EnsembleModel
@@ -109,8 +110,10 @@ class ModelRepository:
                     raise config_rules.ConfigError(
                         f"{model_dir}: no version folder matches the version policy (found {available})"
                     )
+                samples = sample_requests(config, model_dir)   # checked before any version loads
                 for number in versions:
                     loaded[str(number)] = await ServedModel.load(model_dir, config, str(number))
+                    await warm_up(loaded[str(number)], samples)   # ready only once warm (runtime/warmup.py)
             except Exception as err:
                 for model in loaded.values():
                     await model.close()

@@ -37,9 +37,12 @@ from meshserve.common.security.tls import TlsConfig, add_port
 from meshserve.common.status_interceptor import StatusInterceptor
 from meshserve.protos.inference import grpc_service_pb2 as pb
 from meshserve.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .heap_trim import HeapTrimmer
+from .load_service import LoadServicer
 from .metrics import runtime_registry
+from .model import ServedModel
 from .model_control import NONE, ModelControl
 from .repository import ModelRepository
 from .servicer import InferenceServicer
@@ -98,6 +101,7 @@ class RuntimeServer:
         self.server = grpc_server(interceptors=[StatusInterceptor(), auth], options=server_limits.server_options())
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        mesh_grpc.add_ReplicaServiceServicer_to_server(LoadServicer(self._load), self.server)
         self.address = add_port(self.server, options.listen, options.tls)  # ListenError: the port is taken
         self.port = int(self.address.rsplit(":", 1)[1])
         self.shared_memory_janitor = SharedMemoryJanitor(self.servicer.shared_memory, self.port)
@@ -108,6 +112,11 @@ class RuntimeServer:
     @property
     def metrics_address(self) -> str | None:
         return self.metrics_server.address if self.metrics_server else None
+
+    def _load(self) -> tuple[int, int]:
+        """(inference calls in progress, of which queued in a batcher) for ReplicaService/WatchLoad."""
+        queued = sum(model.queued for model in self.repository.ready_models() if isinstance(model, ServedModel))
+        return self.servicer.in_flight.count, queued   # an ensemble queues nothing itself: its steps do
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):

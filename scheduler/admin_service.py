@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from typing import Any
 
 from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from meshserve.protos.mesh import control_pb2 as mesh
@@ -12,7 +13,9 @@ from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .core import SchedulerCore
 from .model_files import check_visible_models
+from .placing import replica_needs
 from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord, RevisionEntry
+from .rollouts import PROGRESSING, ROLLED_BACK, rollback_changes
 from .spec import DeploymentSpec, parse_deployments
 
 KINDS = ("nodes", "deployments", "replicas")
@@ -72,8 +75,9 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                 applied.append(f"deployment/{spec.name} {verb} (dry run)")
                 continue
             if record is not None and record.revision_fingerprint == spec.revision_fingerprint():
-                await self._commit(record, replicas=spec.replicas, spec=spec)  # a scale: no new revision
-                self.cluster.record_event(f"deployment/{spec.name}", f"configured: {spec.replicas} replica(s)")
+                replicas = _replicas_after_apply(record, spec)
+                await self._commit(record, replicas=replicas, spec=spec)  # a scale: no new revision
+                self.cluster.record_event(f"deployment/{spec.name}", f"configured: {replicas} replica(s)")
                 applied.append(f"deployment/{spec.name} configured")
                 continue
             new = self._next_record(record, spec)
@@ -91,15 +95,17 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         now = time.time_ns() // 1_000_000
         revision = record.revision + 1 if record else 1
         keep = max(1, spec.revision_history)
-        history = ((record.history if record else ()) + (RevisionEntry(revision, spec),))[-keep:]
+        history = ((record.history if record else ()) + (RevisionEntry(revision, spec, now),))[-keep:]
         if record is not None and spec.rollout.strategy == "canary":
             # The revision that served before stays stable (through a chain of canaries, the first).
             stable = record.stable_revision if record.canary_active else record.revision
         else:
             stable = revision
         return DeploymentRecord(
-            name=spec.name, spec=spec, revision=revision, replicas=spec.replicas,
-            created_unix_ms=record.created_unix_ms if record else now, history=history, stable_revision=stable)
+            name=spec.name, spec=spec, revision=revision, replicas=_replicas_after_apply(record, spec),
+            created_unix_ms=record.created_unix_ms if record else now, history=history, stable_revision=stable,
+            autoscaler=record.autoscaler if record else {}, last_scaling=record.last_scaling if record else "",
+            rollout_state=PROGRESSING, rollout_started_unix_ms=now)
 
     def _deployment_record(self, name: str) -> DeploymentRecord:
         record = self.cluster.deployments.get(name)
@@ -167,17 +173,10 @@ class AdminService(mesh_grpc.AdminServiceServicer):
     async def Rollback(self, request, context):
         self.core.require_leader()
         record = self._deployment_record(request.name)
-        if record.canary_active:
-            target = record.stable_revision
-        else:
-            earlier = [entry.revision for entry in record.history if entry.revision < record.revision]
-            if not earlier:
-                raise FailedPrecondition(f"deployment {request.name!r} has no earlier revision in its history "
-                                         f"(revision_history keeps {len(record.history)})")
-            target = max(earlier)
-        spec = record.spec_of(target).replace(replicas=record.replicas)
+        changes, target = rollback_changes(record)
         previous = record.revision
-        await self._commit(record, revision=target, stable_revision=target, spec=spec)
+        await self._commit(record, **changes, rollout_state=f"{ROLLED_BACK}: by request",
+                           rollout_started_unix_ms=int(time.time() * 1000))
         message = f"rolled back from revision {previous} to revision {target}"
         self.cluster.record_event(f"deployment/{request.name}", message)
         self.core.poke()
@@ -220,6 +219,10 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                          draining=record.draining, labels=record.labels, gpu_source=record.gpu_source,
                          last_seen_unix_ms=record.last_seen_unix_ms,
                          replicas=len(self.cluster.replicas_on(name)))
+        booked = [replica_needs(self.cluster, r) for r in self.cluster.replicas_on(name) if r.state != PENDING]
+        node.cpu_allocated = sum(needs.cpu for needs in booked)
+        node.memory_allocated_bytes = sum(needs.memory for needs in booked)
+        node.gpu_memory_allocated_bytes = sum(needs.gpu_memory * max(needs.gpus, 0) for needs in booked)
         if live:
             node.gpus.extend(live.gpus)
             node.resources.CopyFrom(live.resources)
@@ -229,14 +232,14 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         record = self.cluster.deployments.get(name)
         if record is None:
             raise NotFound(f"no deployment named {name!r}")
-        replicas = self.cluster.replicas_of(name)
         return mesh.Deployment(
             name=name, spec_yaml=record.spec_yaml, replicas=record.replicas,
-            ready_replicas=sum(1 for r in replicas if r.state == READY and r.revision == (
-                record.stable_revision if record.canary_active else record.revision)),
+            ready_replicas=self.cluster.ready_count(name),
             revision=record.revision, model=record.spec.model.name, created_unix_ms=record.created_unix_ms,
             revision_history=[entry.revision for entry in record.history],
-            stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight)
+            stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight,
+            rollout_state=record.rollout_state, rollout_started_unix_ms=record.rollout_started_unix_ms,
+            revisions=_revisions(record), **_autoscaling_fields(record))
 
     async def Describe(self, request, context):
         kind = _kind(request.kind)
@@ -286,8 +289,26 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         return mesh.NodeResponse()
 
     async def Drain(self, request, context):
+        self.core.require_leader()
+        stranded = self._stranded_by_drain(request.name)
+        if stranded and not request.force:
+            raise FailedPrecondition(
+                f"draining {request.name} would leave {', '.join(stranded)} with no ready replica elsewhere "
+                f"(an outage until replacements are ready); drain with --force to do it anyway")
         await self._set_node_flags(request.name, cordoned=True, draining=True)
+        if stranded:
+            self.cluster.record_event(f"node/{request.name}", f"drained with --force: {', '.join(stranded)} "
+                                                              f"had no ready replica elsewhere")
         return mesh.NodeResponse()
+
+    def _stranded_by_drain(self, node: str) -> list[str]:
+        """Deployments whose every ready replica is on ``node``."""
+        stranded = []
+        for name in sorted(self.cluster.deployments):
+            ready = [r for r in self.cluster.replicas_of(name) if r.state == READY]
+            if ready and all(r.node == node for r in ready):
+                stranded.append(f"deployment/{name}")
+        return stranded
 
     async def DeleteNode(self, request, context):
         """Forget a node that is gone for good. Without ``force`` only a node that holds no
@@ -334,8 +355,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         if record is None:
             raise NotFound(f"no deployment named {name!r}")
         replicas = self.cluster.replicas_of(name)
-        ready = sum(1 for r in replicas if r.state == READY)
-        lines = [f"deployment {name}: {ready}/{record.replicas} ready, revision {record.revision}"]
+        lines = [f"deployment {name}: {self.cluster.ready_count(name)}/{record.replicas} ready, "
+                 f"revision {record.revision}"]
         if record.canary_active:
             lines.append(f"  canary: revision {record.revision} takes {record.canary_weight}% of requests, "
                          f"revision {record.stable_revision} the rest; `scheduler ctl promote|rollback {name}`")
@@ -344,3 +365,37 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                 f"{replica.node} GPU {','.join(map(str, replica.gpu_indices)) or '-'}"
             lines.append(f"  {replica.id}: {replica.state} ({detail})")
         return lines
+
+
+def _replicas_after_apply(record: DeploymentRecord | None, spec) -> int:
+    """The spec's count; for an autoscaled deployment already running, the autoscaler's count kept within the
+    new bounds (applying the same spec again must not undo its decisions)."""
+    if spec.autoscaling is None or record is None:
+        return spec.replicas
+    return min(max(record.replicas, spec.autoscaling.min_replicas), spec.autoscaling.max_replicas)
+
+
+def _autoscaling_fields(record: DeploymentRecord) -> dict[str, Any]:
+    config = record.spec.autoscaling
+    if config is None:
+        return {}
+    return {"autoscaling": True, "min_replicas": config.min_replicas, "max_replicas": config.max_replicas,
+            "last_scaling": record.last_scaling}
+
+
+def _revisions(record: DeploymentRecord) -> list[mesh.RevisionInfo]:
+    """The kept revisions, each with what changed from the one before (top-level spec sections)."""
+    infos: list[mesh.RevisionInfo] = []
+    previous: dict[str, Any] | None = None
+    for entry in record.history:
+        spec = entry.spec.to_dict()
+        if previous is None:
+            change = "first revision kept"
+        else:
+            changed = [key for key in sorted(set(spec) | set(previous))
+                       if key not in ("replicas", "revision_history", "rollout", "autoscaling")
+                       and spec.get(key) != previous.get(key)]
+            change = ", ".join(changed) or "no change to what replicas run"
+        infos.append(mesh.RevisionInfo(revision=entry.revision, applied_unix_ms=entry.applied_unix_ms, change=change))
+        previous = spec
+    return infos

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from meshserve.protos.mesh import control_pb2 as mesh
 
-from .records import DEPLOYMENTS, NODE_LOST, NODES, REPLICAS, DeploymentRecord, NodeRecord, ReplicaRecord
+from .records import DEPLOYMENTS, NODE_LOST, NODES, READY, REPLICAS, DeploymentRecord, NodeRecord, ReplicaRecord
 from .store import Store
 
 EVENTS_KEPT = 50  # per object, for `describe`
@@ -60,6 +60,11 @@ class Cluster:
 
     def replicas_of(self, deployment: str) -> list[ReplicaRecord]:
         return sorted((r for r in self.replicas.values() if r.deployment == deployment), key=lambda r: r.id)
+
+    def ready_count(self, deployment: str) -> int:
+        """Ready replicas of ``deployment``, of any revision: what `get`, `describe` and `explain` all show
+        as ready (the one definition), and what a rollout keeps serving."""
+        return sum(1 for r in self.replicas.values() if r.deployment == deployment and r.state == READY)
 
     def replicas_on(self, node: str) -> list[ReplicaRecord]:
         return sorted((r for r in self.replicas.values() if r.node == node), key=lambda r: r.id)

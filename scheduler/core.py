@@ -39,6 +39,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -48,11 +49,24 @@ from meshserve.common.errors import FailedPrecondition, InvalidArgument
 from meshserve.common.leader import not_leader_message
 from meshserve.protos.mesh import control_pb2 as mesh
 
+from .autoscaling import Autoscaling
 from .cluster import Cluster, LiveNode
 from .log_relay import LogRelay
 from .placing import replica_needs
 from .reconciler import Reconciler
-from .records import DRAINING, FAILED, LEAVING, LOST, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord, ReplicaRecord
+from .records import (
+    DRAINING,
+    FAILED,
+    LEAVING,
+    LOST,
+    NODE_LOST,
+    NODE_READY,
+    READY,
+    STARTING,
+    DeploymentRecord,
+    NodeRecord,
+    ReplicaRecord,
+)
 from .store import StoreError
 from .verify import RETRY_AFTER_S, GrpcReplicaVerifier, ReplicaVerifier
 from .writer import FencedWriter, NotLeader
@@ -102,6 +116,7 @@ class SchedulerCore:
         self._route_watchers: set[asyncio.Queue] = set()
         self._route_table = mesh.RouteTable()
         self._loop_task: asyncio.Task | None = None
+        self.autoscaling = Autoscaling(self.cluster, self._commit_deployment)
         # Told each reconcile pass's duration in seconds (scheduler/metrics.py); nothing by default.
         self.observe_reconcile: Callable[[float], None] = lambda seconds: None
 
@@ -116,6 +131,7 @@ class SchedulerCore:
         self.leader_hint = ""            # this one leads now; a refusal at the end of the term names whom it learns
         self.deposed.clear()
         self.reconciler.begin_grace()
+        self.autoscaling.reset()
         self.leading = True
         self._loop_task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
         self.poke()
@@ -140,6 +156,20 @@ class SchedulerCore:
         for queue in list(self._route_watchers):
             queue.put_nowait(None)
         self._route_watchers.clear()
+
+    async def _commit_deployment(self, record: DeploymentRecord, **changes) -> DeploymentRecord:
+        """``record`` with ``changes``, written; memory takes it only once the store has."""
+        updated = dataclasses.replace(record, **changes)
+        await self.writer.put(updated)
+        self.cluster.deployments[updated.name] = updated
+        return updated
+
+    def wake(self, deployment: str) -> str:
+        """A proxy holds a call for ``deployment`` and it has no replica: ask the autoscaler for one."""
+        self.require_leader()
+        message = self.autoscaling.wake(deployment)
+        self.poke()
+        return message
 
     def poke(self) -> None:
         """Ask for a reconcile pass soon (coalesced)."""
@@ -169,6 +199,8 @@ class SchedulerCore:
             last_tick = now
             started = time.perf_counter()
             try:
+                if self.autoscaling.due(now):
+                    await self.autoscaling.tick(now)
                 await self.reconciler.reconcile_once()
             except NotLeader:
                 self._fenced_out("reconcile")
@@ -427,7 +459,7 @@ class SchedulerCore:
                      if r.state in (READY, LOST) and r.address and r.leads]
             if not ready:
                 table.routes.add(model=deployment.spec_of(deployment.revision).model.name, deployment=name,
-                                 revision=deployment.revision, weight=0)
+                                 revision=deployment.revision, weight=0, **_idle_route_fields(deployment))
             for revision in sorted({r.revision for r in ready}):
                 endpoints = [r for r in ready if r.revision == revision]
                 if deployment.canary_active and revision in (deployment.revision, deployment.stable_revision):
@@ -471,3 +503,15 @@ class SchedulerCore:
     def node_is_lost(self, name: str) -> bool:
         node = self.cluster.nodes.get(name)
         return node is not None and node.state == NODE_LOST
+
+
+def _idle_route_fields(deployment: DeploymentRecord) -> dict:
+    """For a deployment with nothing routable: whether a proxy may wake it, and why it has no replica."""
+    autoscaling = deployment.spec.autoscaling
+    if autoscaling is not None and autoscaling.min_replicas == 0:   # held at the proxies while a replica starts
+        return {"wakes_on_call": True, "no_endpoint_reason": "scaled to zero while idle" if deployment.replicas == 0
+                else "starting from zero"}
+    if deployment.replicas > 0:
+        return {}
+    return {"no_endpoint_reason": f"deployment '{deployment.name}' is scaled to 0 replicas and has no "
+                                  f"autoscaling (scheduler ctl scale {deployment.name} N)"}

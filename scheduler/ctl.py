@@ -8,7 +8,8 @@
       delete deployment NAME | delete node NAME [--force]
       scale NAME --replicas N
       promote NAME | rollback NAME
-      cordon NODE | uncordon NODE | drain NODE
+      rollout status NAME [--wait S] | rollout history NAME
+      cordon NODE | uncordon NODE | drain NODE [--force]
       explain replica|deployment NAME
 
 The global options may also follow the verb (``get nodes -o yaml``); a kind
@@ -41,8 +42,9 @@ says; ``Describe``, ``Delete`` and ``Explain`` take the singular kind.
 
 Exit codes: 0 done; 1 the request failed (invalid spec, not found, refused by
 the scheduler); 2 usage error; 3 no scheduler reachable, no leader, its store
-unavailable, or no answer in time. Every failure is one ``error: ...`` on stderr, never a
-traceback.
+unavailable, or no answer in time; 4 ``rollout status`` still in progress when
+its wait ended (1: the rollout failed or was rolled back). Every failure is one
+``error: ...`` on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ LEADER_PROBE_TIMEOUT_S = 3.0
 PROBE_SLACK_S = 2.0
 
 FILES_ON_NODES_FLAG = "--files-on-nodes"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+ROLLOUT_POLL_S = 0.5
 
 _KINDS = {
     "node": "node", "nodes": "node", "no": "node",
@@ -468,10 +471,37 @@ def _rollout_verb(method: str) -> Callable[[argparse.Namespace, Session], int]:
     return verb
 
 
+def _rollout(args: argparse.Namespace, session: Session) -> int:
+    """``rollout status NAME``: wait for the current rollout; ``rollout history NAME``: its kept revisions."""
+    name = args.name.partition("/")[2] if args.name.startswith(("deployment/", "deployments/")) else args.name
+    if args.action == "history":
+        deployment = session.call("Get", pb.GetRequest(kind="deployments", name=name)).deployments[0]
+        if args.output != "table":
+            _write(output.dump({"revisions": [output.to_data(r) for r in deployment.revisions]}, args.output))
+        else:
+            _write(output.revisions_table(deployment, int(time.time() * 1000)))
+        return EXIT_OK
+    deadline = time.monotonic() + args.wait
+    last = ""
+    while True:
+        deployment = session.call("Get", pb.GetRequest(kind="deployments", name=name)).deployments[0]
+        replicas = session.call("Get", pb.GetRequest(kind="replicas", name=name)).replicas
+        state, line = output.rollout_progress(deployment, replicas)
+        if line != last:
+            _write(line + "\n")
+            last = line
+        if state != "progressing":
+            return EXIT_OK if state == "complete" else EXIT_FAILED
+        if time.monotonic() >= deadline:
+            sys.stderr.write(f"error: deployment/{name}: the rollout is still in progress after {args.wait:g}s\n")
+            return EXIT_TIMEOUT
+        time.sleep(ROLLOUT_POLL_S)
+
+
 def _node_verb(method: str, result: str) -> Callable[[argparse.Namespace, Session], int]:
     def verb(args: argparse.Namespace, session: Session) -> int:
         name = args.node.partition("/")[2] if args.node.startswith(("node/", "nodes/")) else args.node
-        session.call(method, pb.NodeRequest(name=name))
+        session.call(method, pb.NodeRequest(name=name, force=getattr(args, "force", False)))
         return _done(args, "node", name, result)
     return verb
 
@@ -519,6 +549,7 @@ _VERBS: dict[str, Callable[[argparse.Namespace, Session], int]] = {
     "cordon": _node_verb("Cordon", "cordoned"), "uncordon": _node_verb("Uncordon", "uncordoned"),
     "drain": _node_verb("Drain", "draining"), "explain": _explain,
     "promote": _rollout_verb("Promote"), "rollback": _rollout_verb("Rollback"), "logs": _logs,
+    "rollout": _rollout,
 }
 
 
@@ -609,11 +640,21 @@ def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
         rollout = verbs.add_parser(verb, parents=[common], help=text)
         rollout.add_argument("target", nargs="+", metavar="NAME")
 
+    rollout = verbs.add_parser("rollout", parents=[common], help="a deployment's rollout: status (waits) or history")
+    rollout.add_argument("action", choices=("status", "history"))
+    rollout.add_argument("name", metavar="NAME")
+    rollout.add_argument("--wait", type=_positive_seconds, default=600.0, metavar="S",
+                         help="status: how long to wait for the rollout to end (default 600); exit 0 complete, "
+                              "1 failed or rolled back, 4 still in progress")
+
     for verb, text in (("cordon", "stop placing new replicas on a node"),
                        ("uncordon", "allow placing replicas on a node again"),
                        ("drain", "cordon a node and move its replicas elsewhere")):
         node = verbs.add_parser(verb, parents=[common], help=text)
         node.add_argument("node", metavar="NODE")
+        if verb == "drain":
+            node.add_argument("--force", action="store_true",
+                              help="even if a deployment would be left with no ready replica elsewhere")
 
     explain = verbs.add_parser("explain", parents=[common], help="why a replica or deployment is where it is")
     explain.add_argument("target", nargs="+", metavar="KIND NAME", help="replica | deployment, and a name")

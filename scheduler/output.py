@@ -119,6 +119,14 @@ def _gpu_memory(node: pb.Node) -> str:
     return f"{free / GIB:.1f}/{total / GIB:.1f}GiB"
 
 
+def _allocated(node: pb.Node) -> str:
+    """Booked by the node's replicas / what the node has: ``1.5/8 cores, 2.0/31.2GiB, 10.0/80.0GiB``."""
+    gpu_total = sum(gpu.memory_total_bytes for gpu in node.gpus)
+    return (f"{node.cpu_allocated:g}/{node.resources.cpu_cores}, "
+            f"{node.memory_allocated_bytes / GIB:.1f}/{node.resources.memory_total_bytes / GIB:.1f}GiB, "
+            f"{node.gpu_memory_allocated_bytes / GIB:.1f}/{gpu_total / GIB:.1f}GiB")
+
+
 def _indices(indices: Sequence[int]) -> str:
     return ",".join(str(i) for i in indices) or NONE
 
@@ -128,25 +136,54 @@ def _indices(indices: Sequence[int]) -> str:
 
 def nodes_table(nodes: Sequence[pb.Node]) -> str:
     return table(
-        ("NAME", "STATE", "GPUS", "GPU-MEMORY(FREE/TOTAL)", "SOURCE", "REPLICAS", "LABELS"),
-        ((n.name, _node_state(n), _gpu_count(n), _gpu_memory(n), n.gpu_source, n.replicas, _labels(n.labels))
-         for n in nodes),
+        ("NAME", "STATE", "GPUS", "GPU-MEMORY(FREE/TOTAL)", "ALLOCATED(CPU/MEMORY/GPU-MEMORY)", "SOURCE",
+         "REPLICAS", "LABELS"),
+        ((n.name, _node_state(n), _gpu_count(n), _gpu_memory(n), _allocated(n), n.gpu_source, n.replicas,
+          _labels(n.labels)) for n in nodes),
     )
 
 
 def deployments_table(deployments: Sequence[pb.Deployment], now_unix_ms: int) -> str:
+    """With an autoscaled deployment among them, two more columns: its bounds and its last scaling decision."""
+    autoscaled = any(d.autoscaling for d in deployments)
     return table(
-        ("NAME", "MODEL", "READY/DESIRED", "REVISION", "AGE"),
+        ("NAME", "MODEL", "READY/DESIRED", "REVISION", "AGE")
+        + (("AUTOSCALE(MIN-MAX)", "LAST-SCALING") if autoscaled else ()),
         ((d.name, d.model, f"{d.ready_replicas}/{d.replicas}", d.revision, age(d.created_unix_ms, now_unix_ms))
+         + ((f"{d.min_replicas}-{d.max_replicas}" if d.autoscaling else NONE,
+             _shorten(d.last_scaling) if d.last_scaling else NONE) if autoscaled else ())
          for d in deployments),
     )
 
 
 def replicas_table(replicas: Sequence[pb.Replica]) -> str:
     return table(
-        ("NAME", "DEPLOYMENT", "NODE", "GPU", "ADDRESS", "PID", "STATE", "REASON"),
-        ((r.id, r.deployment, r.node, _indices(r.gpu_indices), r.address, r.pid or NONE, r.state,
-          _shorten(r.reason)) for r in replicas),
+        ("NAME", "DEPLOYMENT", "REVISION", "NODE", "GPU", "ADDRESS", "PID", "STATE", "RESTARTS", "REASON"),
+        ((r.id, r.deployment, r.revision or NONE, r.node, _indices(r.gpu_indices), r.address, r.pid or NONE, r.state,
+          r.restarts, _shorten(r.reason)) for r in replicas),
+    )
+
+
+def rollout_progress(deployment: pb.Deployment, replicas: Sequence[pb.Replica]) -> tuple[str, str]:
+    """(progressing | complete | failed, one line saying where the rollout is), as `rollout status` prints."""
+    name, revision = deployment.name, deployment.revision
+    state = deployment.rollout_state
+    if state.startswith(("failed", "rolled back")):
+        return "failed", f"deployment/{name}: rollout {state}"
+    current = [r for r in replicas if r.revision == revision and r.state != "draining"]
+    ready = sum(1 for r in current if r.state == "ready")
+    old = [r for r in replicas if r.revision != revision and r.state != "draining"]
+    if ready >= deployment.replicas and not old:
+        return "complete", f"deployment/{name}: revision {revision} rolled out ({ready} of {deployment.replicas} ready)"
+    return "progressing", (f"deployment/{name}: waiting for revision {revision}: {ready} of {deployment.replicas} "
+                           f"updated replicas ready, {len(old)} old replica(s) left")
+
+
+def revisions_table(deployment: pb.Deployment, now_unix_ms: int) -> str:
+    return table(
+        ("REVISION", "APPLIED", "CHANGE", ""),
+        ((r.revision, age(r.applied_unix_ms, now_unix_ms) + " ago" if r.applied_unix_ms else NONE, r.change,
+          "(current)" if r.revision == deployment.revision else "") for r in deployment.revisions),
     )
 
 

@@ -23,8 +23,10 @@ placement engine's business.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from typing import Any
 
 from .cluster import Cluster
 from .placing import place_pending
@@ -43,11 +45,20 @@ from .records import (
     ReplicaRecord,
     new_replica_id,
 )
+from .rollouts import (
+    COMPLETE,
+    PROGRESSING,
+    ROLLED_BACK,
+    ROLLOUT_FAILED,
+    failure_of,
+    rollback_changes,
+    rolling_bounds,
+)
 from .writer import FencedWriter
 
 log = logging.getLogger(__name__)
 
-ROLLING_SURGE = 1
+WAITING_FOR_PLACEMENT = "waiting for placement"   # a new replica's reason until placement says more
 # Which replicas go first when there are too many: those doing nothing useful.
 _REMOVAL_ORDER: dict[str, int] = {PENDING: 0, FAILED: 1, PLACED: 2, STARTING: 3, DRAINING: 4, READY: 5}
 
@@ -60,6 +71,7 @@ class Reconciler:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.lost_grace_s = lost_grace_s
         self._grace_until = float("-inf")
+        self._stuck_reported: set[tuple[str, int]] = set()
 
     def begin_grace(self) -> None:
         """No node is declared lost for ``lost_grace_s`` from now (on the cluster's clock)."""
@@ -137,13 +149,15 @@ class Reconciler:
         current = [r for r in replicas if r.revision == deployment.revision]
         old = [r for r in replicas if r.revision != deployment.revision]
         desired = deployment.replicas
-        # While old revisions still run, at most ROLLING_SURGE replicas beyond the desired count.
-        room = None if not old else max(0, desired + ROLLING_SURGE - len(current) - len(old))
+        rollout = deployment.spec.rollout
+        bounds = rolling_bounds(rollout, desired)
+        # While old revisions still run, at most max_surge replicas beyond the desired count.
+        room = None if not old else max(0, desired + bounds.surge - len(current) - len(old))
         changed = await self._scale_revision(deployment, deployment.revision, current, desired, room)
         current = [r for r in cluster.replicas_of(name)
                    if r.revision == deployment.revision and r.state not in LEAVING and r.leads]
 
-        # Old revisions: drop the ones not serving at once, the serving ones as new ones become ready.
+        # Old revisions: drop the ones not serving at once, the serving ones as long as enough stay ready.
         if old:
             ready_new = sum(1 for r in current if r.state == READY)
             serving_old = [r for r in old if r.state == READY]
@@ -151,11 +165,61 @@ class Reconciler:
                 if replica.state != READY and (current or desired == 0):
                     await self._remove(replica, f"replaced by revision {deployment.revision}")
                     changed = True
-            excess = len(serving_old) + ready_new - desired
+            unavailable = bounds.unavailable
+            no_room = [r for r in current if r.state == PENDING and r.reason and r.reason != WAITING_FOR_PLACEMENT]
+            if no_room and rollout.resource_aware:
+                unavailable = max(unavailable, 1)   # replace in place: the old replica's room is the new one's
+            elif no_room:
+                self._report_stuck(deployment, no_room[0].reason)
+            excess = len(serving_old) + ready_new - (desired - unavailable)
             for replica in sorted(serving_old, key=lambda r: r.id)[: max(0, excess)]:
                 await self._remove(replica, f"replaced by revision {deployment.revision}")
                 changed = True
+        changed |= await self._track_rollout(deployment, current, old)
         return changed
+
+    def _report_stuck(self, deployment: DeploymentRecord, why: str) -> None:
+        """Once per revision: the rollout waits for room a surge replica cannot get."""
+        key = (deployment.name, deployment.revision)
+        if key in self._stuck_reported:
+            return
+        self._stuck_reported.add(key)
+        self.cluster.record_event(f"deployment/{deployment.name}",
+                                  f"rollout to revision {deployment.revision} stuck: {why} (set rollout.resource_"
+                                  f"aware: true to replace replicas in place, or free room)")
+
+    async def _track_rollout(self, deployment: DeploymentRecord, current: list[ReplicaRecord],
+                             old: list[ReplicaRecord]) -> bool:
+        """Mark the rollout complete, or failed (and roll it back when the spec says so)."""
+        if deployment.rollout_state != PROGRESSING:
+            return False
+        name = deployment.name
+        ready_new = sum(1 for r in current if r.state == READY)
+        if not old and ready_new >= deployment.replicas:
+            await self._commit(deployment, rollout_state=COMPLETE)
+            self.cluster.record_event(f"deployment/{name}", f"rollout to revision {deployment.revision} complete")
+            return True
+        rollout = deployment.spec.rollout
+        why = failure_of(rollout, current, deployment.rollout_started_unix_ms, now_ms())
+        if why is None:
+            return False
+        if rollout.auto_rollback and any(e.revision < deployment.revision for e in deployment.history):
+            failed = deployment.revision
+            changes, target = rollback_changes(deployment)
+            await self._commit(deployment, **changes, rollout_state=f"{ROLLED_BACK}: revision {failed}: {why}",
+                               rollout_started_unix_ms=now_ms())
+            self.cluster.record_event(f"deployment/{name}", f"rollout to revision {failed} failed ({why}); "
+                                                            f"rolled back to revision {target}")
+        else:
+            await self._commit(deployment, rollout_state=f"{ROLLOUT_FAILED}: {why}")
+            self.cluster.record_event(f"deployment/{name}", f"rollout to revision {deployment.revision} "
+                                                            f"failed: {why}")
+        return True
+
+    async def _commit(self, deployment: DeploymentRecord, **changes: Any) -> None:
+        updated = dataclasses.replace(deployment, **changes)
+        await self.writer.put(updated)
+        self.cluster.deployments[updated.name] = updated
 
     async def _converge_canary(self, deployment: DeploymentRecord, replicas: list[ReplicaRecord]) -> bool:
         """The stable revision at full strength beside the canary's few replicas; nothing else."""
@@ -185,7 +249,7 @@ class Reconciler:
         missing = count - len(replicas)
         for _ in range(max(0, min(missing, missing if room is None else room))):
             replica = ReplicaRecord(id=new_replica_id(deployment.name), deployment=deployment.name,
-                                    revision=revision, reason="waiting for placement")
+                                    revision=revision, reason=WAITING_FOR_PLACEMENT)
             self.cluster.replicas[replica.id] = replica
             await self.writer.put(replica)
             self.cluster.record_event(f"deployment/{deployment.name}",

@@ -63,9 +63,14 @@ class RevisionEntry:
 
     revision: int
     spec: DeploymentSpec
+    applied_unix_ms: int = 0          # when it was applied; 0: before this was recorded
 
     def to_dict(self) -> dict[str, Any]:
-        return {"revision": self.revision, "spec": self.spec.to_dict(), "spec_yaml": self.spec.to_yaml()}
+        entry: dict[str, Any] = {"revision": self.revision, "spec": self.spec.to_dict(),
+                                 "spec_yaml": self.spec.to_yaml()}
+        if self.applied_unix_ms:   # absent when unknown: an entry written before it was recorded stays as it was
+            entry["applied_unix_ms"] = self.applied_unix_ms
+        return entry
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> RevisionEntry:
@@ -73,12 +78,13 @@ class RevisionEntry:
         if not isinstance(raw, dict) or isinstance(raw.get("revision"), bool) \
                 or not isinstance(raw.get("revision"), int):
             raise SpecError(f"{where}: not a revision entry (revision: N, spec: {{...}})")
+        applied = _whole(raw, "applied_unix_ms", 0, where)
         if "spec" in raw:
-            return cls(raw["revision"], DeploymentSpec.from_dict(raw["spec"], f"{where}.spec"))
+            return cls(raw["revision"], DeploymentSpec.from_dict(raw["spec"], f"{where}.spec"), applied)
         specs = parse_deployments(str(raw.get("spec_yaml") or ""))
         if len(specs) != 1:
             raise SpecError(f"{where}.spec_yaml: holds {len(specs)} deployments, not one")
-        return cls(raw["revision"], specs[0])
+        return cls(raw["revision"], specs[0], applied)
 
 
 @dataclass
@@ -99,6 +105,14 @@ class DeploymentRecord:
     # The revision that takes the traffic the canary does not; equal to `revision` unless a
     # canary rollout is under way.
     stable_revision: int = 0
+    # Autoscaled deployments (scheduler/autoscaling.py): the policy's state at its last change of
+    # `replicas`, and that decision with its reason.
+    autoscaler: dict[str, Any] = field(default_factory=dict)
+    last_scaling: str = ""
+    # The latest rollout (scheduler/rollouts.py): progressing | complete | failed: why | rolled back: why,
+    # and when it began (unix ms).
+    rollout_state: str = ""
+    rollout_started_unix_ms: int = 0
 
     @property
     def spec_yaml(self) -> str:
@@ -143,6 +157,11 @@ class DeploymentRecord:
             "fingerprint": self.fingerprint, "revision_fingerprint": self.revision_fingerprint,
             "revision": self.revision, "replicas": self.replicas, "created_unix_ms": self.created_unix_ms,
             "history": [entry.to_dict() for entry in self.history], "stable_revision": self.stable_revision,
+            # Only when set: a record that never autoscaled or rolled out keeps the older shape byte for byte.
+            **{key: value for key, value in (
+                ("autoscaler", self.autoscaler), ("last_scaling", self.last_scaling),
+                ("rollout_state", self.rollout_state), ("rollout_started_unix_ms", self.rollout_started_unix_ms),
+            ) if value},
         }, sort_keys=True).encode()
 
     @classmethod
@@ -160,7 +179,24 @@ class DeploymentRecord:
                    created_unix_ms=_whole(raw, "created_unix_ms", 0, where),
                    history=tuple(RevisionEntry.from_dict(entry, f"{where}.history[{i}]")
                                  for i, entry in enumerate(history)),
-                   stable_revision=_whole(raw, "stable_revision", 0, where))
+                   stable_revision=_whole(raw, "stable_revision", 0, where),
+                   autoscaler=_mapping(raw, "autoscaler", where), last_scaling=_text(raw, "last_scaling", where),
+                   rollout_state=_text(raw, "rollout_state", where),
+                   rollout_started_unix_ms=_whole(raw, "rollout_started_unix_ms", 0, where))
+
+
+def _text(raw: dict[str, Any], key: str, where: str) -> str:
+    value = raw.get(key, "")
+    if not isinstance(value, str):
+        raise SpecError(f"{where}.{key}: {value!r} is not text")
+    return value
+
+
+def _mapping(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}.{key}: {value!r} is not a mapping")
+    return value
 
 
 def _whole(raw: dict[str, Any], key: str, default: int, where: str) -> int:

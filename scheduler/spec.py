@@ -29,6 +29,11 @@ A spec file is YAML with one object per document (separate documents with
                                   # of requests until `scheduler ctl promote` (or `rollback`)
       canary_weight: 10           # percent of requests to the new revision, 1..99
       canary_replicas: 1          # replicas of the new revision while it is a canary
+    autoscaling:                  # replicas follow the load (scheduler/autoscaler.py); default: fixed
+      min_replicas: 1             # 0: scale to zero when idle, wake on the first call at a proxy
+      max_replicas: 4
+      target_in_flight: 2         # calls in flight (queued included) per replica to aim for
+      downscale_delay_s: 60       # a lower want must hold this long; more in the README
 
 Adding a section (autoscaling, artifacts, ...): a frozen dataclass with its
 defaults, a field of ``DeploymentSpec`` defaulting to it, its name in
@@ -83,6 +88,8 @@ import yaml
 from meshserve.common import sizes
 from meshserve.common.errors import InvalidArgument
 
+from .autoscaler import AutoscalingConfig
+
 KIND_DEPLOYMENT = "Deployment"
 KIND_PIPELINE = "Pipeline"
 KINDS = (KIND_DEPLOYMENT, KIND_PIPELINE)
@@ -104,7 +111,7 @@ _AGENT_ARGS = {"--model-repository": "from model.repository", "--model": "from m
 _AGENT_ENV = {"CUDA_VISIBLE_DEVICES": "to the GPUs placement picks"}
 
 _TOP_FIELDS = ("kind", "name", "model", "replicas", "resources", "placement", "revision_history",
-               "runtime_args", "env", "rollout", "colocate", "steps")
+               "runtime_args", "env", "rollout", "colocate", "steps", "autoscaling")
 _MODEL_FIELDS = ("repository", "name")
 _RESOURCE_FIELDS = ("gpus", "gpu_memory", "cpu", "memory")
 _PLACEMENT_FIELDS = ("strategy", "node_selector")
@@ -175,6 +182,13 @@ class Rollout:
     strategy: str = "rolling"
     canary_weight: int = 10       # percent of requests to the new revision while it is a canary
     canary_replicas: int = 1
+    # Rolling (Kubernetes semantics, a count or "N%" of the desired replicas): at most max_surge replicas
+    # beyond the desired count, at most max_unavailable of them not ready, during the change.
+    max_surge: int | str = 1
+    max_unavailable: int | str = 0
+    resource_aware: bool = False  # a surge replica no node has room for: replace an old one in place
+    progress_deadline_s: int = 600   # a rollout not done by then has failed
+    auto_rollback: bool = True    # a failed rollout (crash loop, deadline) goes back to the previous revision
 
 
 @dataclass(frozen=True)
@@ -192,6 +206,8 @@ class DeploymentSpec:
     # Pipelines only: the step models with their resources, and where they may run.
     steps: tuple[PipelineStep, ...] = ()
     colocate: str = "required"
+    # The replica count follows the load between min and max (scheduler/autoscaler.py); None: fixed.
+    autoscaling: AutoscalingConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The complete spec in the documented shape; plain dicts, lists, str and numbers."""
@@ -207,10 +223,15 @@ class DeploymentSpec:
             "runtime_args": list(self.runtime_args),
             "env": dict(self.env),
             "rollout": {"strategy": self.rollout.strategy, "canary_weight": self.rollout.canary_weight,
-                        "canary_replicas": self.rollout.canary_replicas},
+                        "canary_replicas": self.rollout.canary_replicas, "max_surge": self.rollout.max_surge,
+                        "max_unavailable": self.rollout.max_unavailable,
+                        "resource_aware": self.rollout.resource_aware,
+                        "progress_deadline_s": self.rollout.progress_deadline_s,
+                        "auto_rollback": self.rollout.auto_rollback},
             **({"colocate": self.colocate, "steps": [
                 {"model": step.model, "resources": _resources_dict(step.resources)} for step in self.steps]}
                if self.kind == KIND_PIPELINE else {}),
+            **({"autoscaling": self.autoscaling.to_spec()} if self.autoscaling is not None else {}),
         }
 
     def to_yaml(self) -> str:
@@ -221,9 +242,11 @@ class DeploymentSpec:
         return _digest(self.to_dict())
 
     def revision_fingerprint(self) -> str:
-        """Like ``fingerprint`` without replicas, revision_history and rollout: equal means same revision."""
+        """Like ``fingerprint`` without replicas, revision_history, rollout and autoscaling: equal means same
+        revision (none of them changes what a replica runs)."""
         canonical = self.to_dict()
         del canonical["replicas"], canonical["revision_history"], canonical["rollout"]
+        canonical.pop("autoscaling", None)
         return _digest(canonical)
 
     def replace(self, **changes: Any) -> DeploymentSpec:
@@ -447,6 +470,18 @@ def _deployment(doc: Any, path: str, base_dir: str | None, check: _Checker) -> D
             check.add(f"{path}.env.{key}", f"is set by the node agent ({why}); remove it")
 
     rollout = _rollout(top.get("rollout"), f"{path}.rollout", check)
+    autoscaling = None
+    if top.get("autoscaling") is not None:
+        try:
+            autoscaling = AutoscalingConfig.from_spec(top["autoscaling"])
+        except InvalidArgument as err:
+            check.add(f"{path}.autoscaling", str(err).removeprefix("autoscaling: "))
+        else:
+            if "replicas" not in top:   # start within the bounds; the autoscaler takes it from there
+                replicas = min(max(replicas, autoscaling.min_replicas), autoscaling.max_replicas)
+            elif not autoscaling.min_replicas <= replicas <= autoscaling.max_replicas:
+                check.add(f"{path}.replicas", f"{replicas} is outside autoscaling's [min_replicas, max_replicas] "
+                                          f"= [{autoscaling.min_replicas}, {autoscaling.max_replicas}]")
     steps: tuple[PipelineStep, ...] = ()
     colocate = "required"
     if kind == KIND_PIPELINE:
@@ -459,7 +494,8 @@ def _deployment(doc: Any, path: str, base_dir: str | None, check: _Checker) -> D
         return None
     return DeploymentSpec(name=name, model=model, replicas=replicas, resources=resources,
                           placement=placement, revision_history=history, runtime_args=runtime_args,
-                          env=FrozenMap(env), rollout=rollout, kind=str(kind), steps=steps, colocate=colocate)
+                          env=FrozenMap(env), rollout=rollout, kind=str(kind), steps=steps, colocate=colocate,
+                          autoscaling=autoscaling)
 
 
 _STEP_FIELDS = ("model", "resources")
@@ -485,7 +521,9 @@ def _steps(value: Any, path: str, check: _Checker) -> tuple[PipelineStep, ...]:
 
 
 ROLLOUT_STRATEGIES = ("rolling", "canary")
-_ROLLOUT_FIELDS = ("strategy", "canary_weight", "canary_replicas")
+_ROLLOUT_FIELDS = ("strategy", "canary_weight", "canary_replicas", "max_surge", "max_unavailable", "resource_aware",
+                   "progress_deadline_s", "auto_rollback")
+_PERCENT = re.compile(r"^(100|[1-9]?[0-9])%$")
 
 
 def _rollout(value: Any, path: str, check: _Checker) -> Rollout:
@@ -504,7 +542,34 @@ def _rollout(value: Any, path: str, check: _Checker) -> Rollout:
                              MAX_REPLICAS)
     if replicas < 1:
         check.add(f"{path}.canary_replicas", "a canary needs at least 1 replica")
-    return Rollout(strategy=strategy, canary_weight=weight, canary_replicas=replicas)
+    surge = _count_or_percent(block.get("max_surge", Rollout.max_surge), f"{path}.max_surge", check)
+    unavailable = _count_or_percent(block.get("max_unavailable", Rollout.max_unavailable),
+                                    f"{path}.max_unavailable", check)
+    if surge in (0, "0%") and unavailable in (0, "0%"):
+        check.add(f"{path}.max_unavailable", "max_surge and max_unavailable cannot both be 0 (nothing could move)")
+    flags = {}
+    for flag in ("resource_aware", "auto_rollback"):
+        value = block.get(flag, getattr(Rollout, flag))
+        if not isinstance(value, bool):
+            check.add(f"{path}.{flag}", f"{_show(value)} is not true or false")
+            value = getattr(Rollout, flag)
+        flags[flag] = value
+    deadline = check.integer(block.get("progress_deadline_s"), f"{path}.progress_deadline_s",
+                             Rollout.progress_deadline_s, 86_400)
+    if deadline < 1:
+        check.add(f"{path}.progress_deadline_s", "must be at least 1 second")
+    return Rollout(strategy=strategy, canary_weight=weight, canary_replicas=replicas, max_surge=surge,
+                   max_unavailable=unavailable, progress_deadline_s=deadline, **flags)
+
+
+def _count_or_percent(value: Any, path: str, check: _Checker) -> int | str:
+    """A replica count (``2``) or a percentage of the desired replicas (``"25%"``), as Kubernetes takes them."""
+    if isinstance(value, str) and _PERCENT.match(value):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPLICAS:
+        check.add(path, f"{_show(value)} is not a replica count (0..{MAX_REPLICAS}) or a percentage like \"25%\"")
+        return 0
+    return value
 
 
 def _model(top: dict, path: str, base_dir: str | None, check: _Checker) -> ModelRef | None:
@@ -628,3 +693,9 @@ def parse_deployments(text: str, base_dir: str | os.PathLike | None = None) -> l
 def specs_to_yaml(specs: list[DeploymentSpec]) -> str:
     """Several specs as one multi-document YAML text that ``parse_deployments`` reads back."""
     return "---\n".join(spec.to_yaml() for spec in specs)
+
+
+def parse_spec(text: str) -> DeploymentSpec:
+    """The one deployment of a stored spec's YAML (a revision in a record's history)."""
+    [spec] = parse_deployments(text)
+    return spec

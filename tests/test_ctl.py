@@ -314,11 +314,11 @@ def request_of(admin: FakeAdmin, method: str):
 
 
 NODES_TABLE = """\
-NAME     STATE            GPUS       GPU-MEMORY(FREE/TOTAL)   SOURCE   REPLICAS   LABELS
-gpu-1    ready            2          155.0/160.0GiB           nvml     2          gpu=h100,zone=a
-gpu-2    ready,cordoned   1          79.5/80.0GiB             nvml     0          gpu=h100
-laptop   ready            2 (fake)   31.0/32.0GiB             fake     1          <none>
-cpu-1    lost             0          -                        none     0          <none>
+NAME     STATE            GPUS       GPU-MEMORY(FREE/TOTAL)   ALLOCATED(CPU/MEMORY/GPU-MEMORY)   SOURCE   REPLICAS   LABELS
+gpu-1    ready            2          155.0/160.0GiB           0/64, 0.0/512.0GiB, 0.0/160.0GiB   nvml     2          gpu=h100,zone=a
+gpu-2    ready,cordoned   1          79.5/80.0GiB             0/0, 0.0/0.0GiB, 0.0/80.0GiB       nvml     0          gpu=h100
+laptop   ready            2 (fake)   31.0/32.0GiB             0/8, 0.0/32.0GiB, 0.0/32.0GiB      fake     1          <none>
+cpu-1    lost             0          -                        0/0, 0.0/0.0GiB, 0.0/0.0GiB        none     0          <none>
 """
 
 DEPLOYMENTS_TABLE = """\
@@ -328,11 +328,11 @@ resnet50-torch   resnet50_torch   0/2             1          3d2h
 """
 
 REPLICAS_TABLE = """\
-NAME                     DEPLOYMENT       NODE     GPU   ADDRESS           PID     STATE      REASON
-add-sub-7f9c2-0          add-sub          laptop   -     127.0.0.1:41001   12345   ready      -
-add-sub-7f9c2-1          add-sub          gpu-1    -     10.0.0.11:41002   2231    ready      -
-resnet50-torch-a1b2c-0   resnet50-torch   gpu-1    1     10.0.0.11:41003   2240    starting   loading model
-resnet50-torch-a1b2c-1   resnet50-torch   -        -     -                 -       pending    no node fits: gpu-1: GPU 0 has 79.5GiB free but the deplo...
+NAME                     DEPLOYMENT       REVISION   NODE     GPU   ADDRESS           PID     STATE      RESTARTS   REASON
+add-sub-7f9c2-0          add-sub          3          laptop   -     127.0.0.1:41001   12345   ready      0          -
+add-sub-7f9c2-1          add-sub          3          gpu-1    -     10.0.0.11:41002   2231    ready      0          -
+resnet50-torch-a1b2c-0   resnet50-torch   1          gpu-1    1     10.0.0.11:41003   2240    starting   0          loading model
+resnet50-torch-a1b2c-1   resnet50-torch   1          -        -     -                 -       pending    0          no node fits: gpu-1: GPU 0 has 79.5GiB free but the deplo...
 """
 
 
@@ -430,8 +430,9 @@ def test_describe_deployment(admin, capsys):
     assert lines[5].startswith("Created:  ") and lines[5].endswith(" UTC (45m ago)")
     assert "Spec:" in lines and "  kind: Deployment" in lines and f"    repository: {MODELS}" in lines
     at = lines.index("Replicas of add-sub:")
-    assert lines[at + 1].split() == ["NAME", "DEPLOYMENT", "NODE", "GPU", "ADDRESS", "PID", "STATE", "REASON"]
-    assert lines[at + 2].split()[:3] == ["add-sub-7f9c2-0", "add-sub", "laptop"]
+    assert lines[at + 1].split() == ["NAME", "DEPLOYMENT", "REVISION", "NODE", "GPU", "ADDRESS", "PID", "STATE",
+                                     "RESTARTS", "REASON"]
+    assert lines[at + 2].split()[:4] == ["add-sub-7f9c2-0", "add-sub", "3", "laptop"]
     assert lines[-3:] == ["Events:", "  scaled from 1 to 2 replicas", "  replica add-sub-7f9c2-1 ready on gpu-1"]
 
 

@@ -353,3 +353,23 @@ def test_a_pipeline_that_fits_no_single_host_is_split_and_explained(cluster, tmp
                              "the required pipeline to wait with a reason", mesh_=cluster)
     assert waiting[0].state == "pending"
     admin.close()
+
+
+def test_drain_that_would_leave_a_deployment_without_a_ready_replica_needs_force(cluster, tmp_path):
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    cluster.agent("node-a", scheduler.address)
+    admin = Admin(scheduler.address)
+    admin.wait_for(lambda: len(admin.nodes()) == 1, "the node", mesh_=cluster)
+    admin.apply(deployment_yaml("adder", replicas=1))
+    admin.wait_for(lambda: ready(admin, "adder", 1), "1 ready", mesh_=cluster)
+
+    with pytest.raises(grpc.RpcError) as refused:
+        admin.stub.Drain(mesh.NodeRequest(name="node-a"), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "deployment/adder" in refused.value.details() and "--force" in refused.value.details()
+    assert not any(n.draining for n in admin.nodes())          # refused: nothing changed
+    assert ready(admin, "adder", 1)
+
+    admin.stub.Drain(mesh.NodeRequest(name="node-a", force=True), timeout=10)
+    assert all(n.draining for n in admin.nodes())
+    admin.close()

@@ -304,7 +304,7 @@ def test_a_pipeline_group_is_evicted_and_placed_again_as_a_whole(tmp_path, coloc
             if event == "delete-step-node":
                 await b.admin.DeleteNode(mesh.DeleteNodeRequest(name=node, force=True), None)
             else:
-                await b.admin.Drain(mesh.NodeRequest(name=node), None)
+                await b.admin.Drain(mesh.NodeRequest(name=node, force=True), None)   # the group is all there
             await b.settle()
             # The whole group leaves that node: its steps drain (or go), its leader is placed again.
             assert all(r.state == "draining" or r.node != node for r in b.replicas() if r.id in old_steps)
@@ -341,4 +341,79 @@ def test_a_deleted_deployments_replicas_go_drained_or_at_once(tmp_path, state):
             assert b.replicas() == [] and await b.stored_replica_ids() == set()
             routes = b.core.route_table().routes
             assert [route.deployment for route in routes] == []
+    run(test())
+
+
+# -- rollout settings (scheduler/rollouts.py) ------------------------------------------------------
+
+@pytest.mark.parametrize("replicas, surge, unavailable, most_in_service, fewest_ready", [
+    (4, "1", "0", 5, 4),          # the default: one extra, never below desired
+    (4, "2", "0", 6, 4),
+    (4, "0", "1", 4, 3),          # no surge: one old leaves first
+    (4, '"50%"', '"25%"', 6, 3),  # percentages: surge rounds up (2), unavailable down (1)
+])
+def test_max_surge_and_max_unavailable_bound_every_round(tmp_path, replicas, surge, unavailable, most_in_service,
+                                                         fewest_ready):
+    rollout = f"rollout: {{max_surge: {surge}, max_unavailable: {unavailable}}}"
+
+    async def test():
+        async with brain(tmp_path) as b:
+            await started(b, adder(replicas, rollout=rollout))
+            seen: list[tuple[int, int]] = []     # (in service, ready) after every round
+
+            def watch(b: Brain) -> None:
+                in_service = [r for r in b.replicas() if r.state not in ("draining", "lost")]
+                seen.append((len(in_service), sum(1 for r in in_service if r.state == "ready")))
+
+            await b.apply(adder(replicas, cpu="200m", rollout=rollout))
+            await converge(b, watch=watch)
+            assert states(b) == Counter({"ready@2": replicas})
+            assert max(in_service for in_service, _ in seen) <= most_in_service
+            assert min(ready for _, ready in seen) >= fewest_ready
+            assert b.core.cluster.deployments["adder"].rollout_state == "complete"
+            await assert_stored(b)
+    run(test())
+
+
+@pytest.mark.parametrize("auto_rollback, final_revision, state_prefix", [
+    ("true", 1, "rolled back: revision 2"), ("false", 2, "failed: "),
+])
+def test_a_crash_looping_revision_is_rolled_back_or_marked_failed(tmp_path, auto_rollback, final_revision,
+                                                                  state_prefix):
+    rollout = f"rollout: {{auto_rollback: {auto_rollback}}}"
+
+    async def test():
+        async with brain(tmp_path) as b:
+            await started(b, adder(2, rollout=rollout))
+            await b.apply(adder(2, cpu="200m", rollout=rollout))
+            for _ in range(3):
+                await follow(b, starting=frozenset())   # old ones ready; the new one...
+                new = [r for r in b.replicas() if r.revision == 2 and r.node]
+                for replica in new:                     # ...crashes on every start
+                    await b.report(replica.node, **{replica.id: "failed"})
+                await b.settle()
+            record = b.core.cluster.deployments["adder"]
+            assert record.revision == final_revision
+            assert record.rollout_state.startswith(state_prefix), record.rollout_state
+            if auto_rollback == "true":
+                await converge(b)
+                assert states(b) == Counter({"ready@1": 2})
+                assert any("rolled back to revision 1" in e for e in b.core.cluster.events["deployment/adder"])
+            await assert_stored(b)
+    run(test())
+
+
+def test_a_rollout_past_its_progress_deadline_has_failed(tmp_path):
+    async def test():
+        async with brain(tmp_path) as b:
+            rollout = "rollout: {progress_deadline_s: 30}"
+            await started(b, adder(1, rollout=rollout))
+            await b.apply(adder(1, cpu="200m", rollout=rollout))
+            new = next(r for r in b.replicas() if r.revision == 2)
+            record = b.core.cluster.deployments["adder"]
+            b.core.cluster.deployments["adder"] = record.__class__(**{
+                **record.__dict__, "rollout_started_unix_ms": record.rollout_started_unix_ms - 31_000})
+            await follow(b, starting=frozenset({new.id}))      # never gets ready
+            record = b.core.cluster.deployments["adder"]
+            assert record.revision == 1 and "progress_deadline_s (30s)" in record.rollout_state
     run(test())

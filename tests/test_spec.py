@@ -106,7 +106,9 @@ def test_to_dict_is_complete_and_round_trips():
     data = spec.to_dict()
     assert list(data) == ["kind", "name", "model", "replicas", "resources", "placement", "revision_history",
                           "runtime_args", "env", "rollout"]
-    assert data["rollout"] == {"strategy": "rolling", "canary_weight": 10, "canary_replicas": 1}
+    assert data["rollout"] == {"strategy": "rolling", "canary_weight": 10, "canary_replicas": 1, "max_surge": 1,
+                               "max_unavailable": 0, "resource_aware": False, "progress_deadline_s": 600,
+                               "auto_rollback": True}
     assert data["resources"] == {"gpus": 1, "gpu_memory": "40GiB", "cpu": 1, "memory": "2GiB"}
     assert parse_deployments(spec.to_yaml()) == [spec]
     [minimal] = parse_deployments(MINIMAL)
@@ -180,7 +182,7 @@ def test_the_documented_size_error():
 @pytest.mark.parametrize("extra, expected", [
     ("replica: 2\n", 'deployments[0].replica: unknown field (did you mean "replicas"?)'),
     ("shade: blue\n", "deployments[0].shade: unknown field (fields: kind, name, model, replicas, resources, "
-                      "placement, revision_history, runtime_args, env, rollout, colocate, steps)"),
+                      "placement, revision_history, runtime_args, env, rollout, colocate, steps, autoscaling)"),
     ("rollout: {strategy: blue}\n",
      'deployments[0].rollout.strategy: "blue" is not a rollout strategy (use rolling or canary)'),
     ("rollout: {canary_weight: 100}\n", "deployments[0].rollout.canary_weight: 100 is more than 99"),

@@ -39,6 +39,8 @@ CONTROL_PLANE: dict[str, frozenset[str]] = {
     _ADMIN + "Leader": frozenset({"viewer", "agent", "proxy", "scheduler"}),
     "/mesh.AgentService/Connect": frozenset({"agent"}),
     "/mesh.RouteService/WatchRoutes": frozenset({"proxy"}),
+    # A proxy holding a call for a model scaled to zero asks for a replica.
+    "/mesh.RouteService/Wake": frozenset({"proxy"}),
 }
 
 # Data plane endpoint groups: group -> its methods.
@@ -53,6 +55,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "shared-memory": tuple(_INFERENCE + f"{kind}SharedMemory{verb}" for kind in ("System", "Cuda")
                            for verb in ("Status", "Register", "Unregister")),
     "settings": (_INFERENCE + "TraceSetting", _INFERENCE + "LogSettings"),
+    "load": ("/mesh.ReplicaService/WatchLoad",),
 }
 DEFAULT_GROUP_ROLES: dict[str, frozenset[str]] = {
     "inference": frozenset({"client", "proxy", "agent"}),
@@ -62,6 +65,7 @@ DEFAULT_GROUP_ROLES: dict[str, frozenset[str]] = {
     "model-repository": frozenset(),
     "shared-memory": frozenset(),
     "settings": frozenset(),
+    "load": frozenset({"agent"}),   # the node agent carries it to the autoscaler
 }
 
 

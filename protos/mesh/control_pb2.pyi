@@ -45,7 +45,7 @@ class HostResources(_message.Message):
     def __init__(self, cpu_cores: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica_id", "deployment", "revision", "state", "address", "pid", "gpu_indices", "exit_code", "message", "restarts", "in_flight")
+    __slots__ = ("replica_id", "deployment", "revision", "state", "address", "pid", "gpu_indices", "exit_code", "message", "restarts", "in_flight", "queued")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class ReplicaStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     deployment: str
     revision: int
@@ -68,7 +69,8 @@ class ReplicaStatus(_message.Message):
     message: str
     restarts: int
     in_flight: int
-    def __init__(self, replica_id: _Optional[str] = ..., deployment: _Optional[str] = ..., revision: _Optional[int] = ..., state: _Optional[str] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., restarts: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    queued: int
+    def __init__(self, replica_id: _Optional[str] = ..., deployment: _Optional[str] = ..., revision: _Optional[int] = ..., state: _Optional[str] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., restarts: _Optional[int] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("node_name", "agent_version", "labels", "gpu_source", "host", "gpus", "resources", "replicas")
@@ -231,7 +233,7 @@ class ReplicaLogsChunk(_message.Message):
     def __init__(self, lines: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "host", "state", "cordoned", "draining", "labels", "gpu_source", "gpus", "resources", "last_seen_unix_ms", "replicas")
+    __slots__ = ("name", "host", "state", "cordoned", "draining", "labels", "gpu_source", "gpus", "resources", "last_seen_unix_ms", "replicas", "cpu_allocated", "memory_allocated_bytes", "gpu_memory_allocated_bytes")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +252,9 @@ class Node(_message.Message):
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    CPU_ALLOCATED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     host: str
     state: str
@@ -261,10 +266,13 @@ class Node(_message.Message):
     resources: HostResources
     last_seen_unix_ms: int
     replicas: int
-    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., cordoned: _Optional[bool] = ..., draining: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_source: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., resources: _Optional[_Union[HostResources, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
+    cpu_allocated: float
+    memory_allocated_bytes: int
+    gpu_memory_allocated_bytes: int
+    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., cordoned: _Optional[bool] = ..., draining: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_source: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., resources: _Optional[_Union[HostResources, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., replicas: _Optional[int] = ..., cpu_allocated: _Optional[float] = ..., memory_allocated_bytes: _Optional[int] = ..., gpu_memory_allocated_bytes: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "spec_yaml", "replicas", "ready_replicas", "revision", "model", "created_unix_ms", "revision_history", "stable_revision", "canary_weight")
+    __slots__ = ("name", "spec_yaml", "replicas", "ready_replicas", "revision", "model", "created_unix_ms", "revision_history", "stable_revision", "canary_weight", "autoscaling", "min_replicas", "max_replicas", "last_scaling", "rollout_state", "rollout_started_unix_ms", "revisions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_YAML_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +283,13 @@ class Deployment(_message.Message):
     REVISION_HISTORY_FIELD_NUMBER: _ClassVar[int]
     STABLE_REVISION_FIELD_NUMBER: _ClassVar[int]
     CANARY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SCALING_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_STATE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REVISIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec_yaml: str
     replicas: int
@@ -285,7 +300,24 @@ class Deployment(_message.Message):
     revision_history: _containers.RepeatedScalarFieldContainer[int]
     stable_revision: int
     canary_weight: int
-    def __init__(self, name: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., revision: _Optional[int] = ..., model: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., revision_history: _Optional[_Iterable[int]] = ..., stable_revision: _Optional[int] = ..., canary_weight: _Optional[int] = ...) -> None: ...
+    autoscaling: bool
+    min_replicas: int
+    max_replicas: int
+    last_scaling: str
+    rollout_state: str
+    rollout_started_unix_ms: int
+    revisions: _containers.RepeatedCompositeFieldContainer[RevisionInfo]
+    def __init__(self, name: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., revision: _Optional[int] = ..., model: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., revision_history: _Optional[_Iterable[int]] = ..., stable_revision: _Optional[int] = ..., canary_weight: _Optional[int] = ..., autoscaling: _Optional[bool] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., last_scaling: _Optional[str] = ..., rollout_state: _Optional[str] = ..., rollout_started_unix_ms: _Optional[int] = ..., revisions: _Optional[_Iterable[_Union[RevisionInfo, _Mapping]]] = ...) -> None: ...
+
+class RevisionInfo(_message.Message):
+    __slots__ = ("revision", "applied_unix_ms", "change")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    applied_unix_ms: int
+    change: str
+    def __init__(self, revision: _Optional[int] = ..., applied_unix_ms: _Optional[int] = ..., change: _Optional[str] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("id", "deployment", "node", "gpu_indices", "address", "pid", "state", "reason", "restarts", "revision", "gpu_memory_bytes")
@@ -386,10 +418,12 @@ class ScaleResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "force")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class NodeResponse(_message.Message):
     __slots__ = ()
@@ -451,6 +485,32 @@ class LeaderResponse(_message.Message):
     leader_address: str
     def __init__(self, is_leader: _Optional[bool] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ...) -> None: ...
 
+class WakeRequest(_message.Message):
+    __slots__ = ("deployment",)
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    def __init__(self, deployment: _Optional[str] = ...) -> None: ...
+
+class WakeResponse(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...
+
+class WatchLoadRequest(_message.Message):
+    __slots__ = ("interval_ms",)
+    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    interval_ms: int
+    def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
+
+class ReplicaLoad(_message.Message):
+    __slots__ = ("in_flight", "queued")
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    in_flight: int
+    queued: int
+    def __init__(self, in_flight: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
+
 class WatchRoutesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -466,20 +526,24 @@ class Endpoint(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("model", "version", "deployment", "revision", "weight", "endpoints")
+    __slots__ = ("model", "version", "deployment", "revision", "weight", "endpoints", "wakes_on_call", "no_endpoint_reason")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    WAKES_ON_CALL_FIELD_NUMBER: _ClassVar[int]
+    NO_ENDPOINT_REASON_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     deployment: str
     revision: int
     weight: int
     endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., deployment: _Optional[str] = ..., revision: _Optional[int] = ..., weight: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
+    wakes_on_call: bool
+    no_endpoint_reason: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., deployment: _Optional[str] = ..., revision: _Optional[int] = ..., weight: _Optional[int] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., wakes_on_call: _Optional[bool] = ..., no_endpoint_reason: _Optional[str] = ...) -> None: ...
 
 class RouteTable(_message.Message):
     __slots__ = ("version", "routes", "cluster_id")

@@ -776,6 +776,11 @@ class RouteServiceStub:
                 request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.WatchRoutesRequest.SerializeToString,
                 response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RouteTable.FromString,
                 _registered_method=True)
+        self.Wake = channel.unary_unary(
+                '/mesh.RouteService/Wake',
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.WakeRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.WakeResponse.FromString,
+                _registered_method=True)
 
 
 class RouteServiceServicer:
@@ -790,6 +795,13 @@ class RouteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Wake(self, request, context):
+        """A proxy holds a call for a model scaled to zero: ask for a replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouteServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -797,6 +809,11 @@ def add_RouteServiceServicer_to_server(servicer, server):
                     servicer.WatchRoutes,
                     request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.WatchRoutesRequest.FromString,
                     response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.RouteTable.SerializeToString,
+            ),
+            'Wake': grpc.unary_unary_rpc_method_handler(
+                    servicer.Wake,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.WakeRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.WakeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -828,6 +845,117 @@ class RouteService:
             '/mesh.RouteService/WatchRoutes',
             meshserve_dot_protos_dot_mesh_dot_control__pb2.WatchRoutesRequest.SerializeToString,
             meshserve_dot_protos_dot_mesh_dot_control__pb2.RouteTable.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Wake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.RouteService/Wake',
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.WakeRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.WakeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ReplicaServiceStub:
+    """---------------------------------------------------------------- replica load
+
+    Served by each runtime replica for its node agent: its load, whenever it changes (at most every
+    interval), so the agent's reports carry it to the scheduler's autoscaler.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WatchLoad = channel.unary_stream(
+                '/mesh.ReplicaService/WatchLoad',
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.WatchLoadRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ReplicaLoad.FromString,
+                _registered_method=True)
+
+
+class ReplicaServiceServicer:
+    """---------------------------------------------------------------- replica load
+
+    Served by each runtime replica for its node agent: its load, whenever it changes (at most every
+    interval), so the agent's reports carry it to the scheduler's autoscaler.
+    """
+
+    def WatchLoad(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ReplicaServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WatchLoad': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLoad,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.WatchLoadRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ReplicaLoad.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'mesh.ReplicaService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('mesh.ReplicaService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ReplicaService:
+    """---------------------------------------------------------------- replica load
+
+    Served by each runtime replica for its node agent: its load, whenever it changes (at most every
+    interval), so the agent's reports carry it to the scheduler's autoscaler.
+    """
+
+    @staticmethod
+    def WatchLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mesh.ReplicaService/WatchLoad',
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.WatchLoadRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ReplicaLoad.FromString,
             options,
             channel_credentials,
             insecure,
