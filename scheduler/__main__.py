@@ -10,7 +10,9 @@ import sys
 from meshserve.common.listen import ListenError, exit_on_listen_error
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
+from meshserve.common.sizes import parse_size
 
+from .artifacts import DEFAULT_ARTIFACT_DIR, DEFAULT_MAX_BUNDLE_BYTES
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S
 from .server import SchedulerOptions, serve
 from .store import CorruptStore
@@ -30,6 +32,11 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--election-ttl", type=int, default=SchedulerOptions.election_ttl_s)
     parser.add_argument("--report-interval", type=float, default=DEFAULT_REPORT_INTERVAL_S)
     parser.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S)
+    parser.add_argument("--artifact-dir", default=DEFAULT_ARTIFACT_DIR, metavar="DIR",
+                        help="where uploaded model bundles are kept by content digest (shared by every "
+                             f"scheduler of an election); default {DEFAULT_ARTIFACT_DIR}")
+    parser.add_argument("--max-artifact-size", type=parse_size, default=DEFAULT_MAX_BUNDLE_BYTES, metavar="SIZE",
+                        help="the largest bundle an upload may send (e.g. 64GiB, the default)")
     parser.add_argument("--log-level", default="INFO")
     add_tls_arguments(parser)
     add_auth_arguments(parser, data_plane=False)

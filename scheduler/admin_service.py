@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
@@ -9,10 +10,11 @@ from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFoun
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
+from .artifacts import BlobStore
 from .core import SchedulerCore
 from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord
-from .spec import parse_deployments
-from .spec_fields import model_of
+from .spec import SOURCE_UPLOAD, parse_deployments
+from .spec_fields import digest_of, model_of
 
 KINDS = ("nodes", "deployments", "replicas")
 _SINGULAR = {"node": "nodes", "deployment": "deployments", "replica": "replicas"}
@@ -28,9 +30,23 @@ def _kind(kind: str) -> str:
 
 
 class AdminService(mesh_grpc.AdminServiceServicer):
-    def __init__(self, core: SchedulerCore, leader_info):
+    def __init__(self, core: SchedulerCore, leader_info, blobs: BlobStore | None = None):
         self.core = core
         self._leader_info = leader_info  # async () -> (is_leader, leader_id, leader_address)
+        self.blobs = blobs               # uploaded bundles; None: model.source upload is refused
+
+    async def _check_sources(self, specs) -> None:
+        """Refuse a spec whose model bundle this scheduler cannot hand to agents."""
+        for spec in specs:
+            model = spec.model
+            if model.source != SOURCE_UPLOAD:
+                continue
+            if not model.digest:
+                raise InvalidArgument(f"deployment/{spec.name}: model.source upload needs model.digest "
+                                      f"(`scheduler ctl apply` computes it and uploads the folder)")
+            if self.blobs is None or await asyncio.to_thread(self.blobs.size, model.digest) is None:
+                raise FailedPrecondition(f"deployment/{spec.name}: the scheduler holds no bundle {model.digest}; "
+                                         f"apply with `scheduler ctl apply`, which uploads it")
 
     @property
     def cluster(self):
@@ -52,6 +68,7 @@ class AdminService(mesh_grpc.AdminServiceServicer):
     async def Apply(self, request, context):
         specs = parse_deployments(request.spec_yaml)  # bad input is refused on any scheduler
         self.core.require_leader()
+        await self._check_sources(specs)
         applied = []
         for spec in specs:
             record = self.cluster.deployments.get(spec.name)
@@ -192,7 +209,9 @@ class AdminService(mesh_grpc.AdminServiceServicer):
                 record.stable_revision if record.canary_active else record.revision)),
             revision=record.revision, model=model_of(record.spec)[1], created_unix_ms=record.created_unix_ms,
             revision_history=[entry["revision"] for entry in record.history],
-            stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight)
+            stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight,
+            model_digest=digest_of(record.spec),
+            revision_digests=[digest_of(entry["spec"]) for entry in record.history])
 
     async def Describe(self, request, context):
         kind = _kind(request.kind)

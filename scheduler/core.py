@@ -52,7 +52,7 @@ from .cluster import Cluster, LiveNode
 from .placing import replica_needs
 from .reconciler import Reconciler
 from .records import DRAINING, FAILED, LEAVING, LOST, NODE_LOST, NODE_READY, READY, STARTING, NodeRecord
-from .spec_fields import model_of
+from .spec_fields import artifact_of, model_of
 from .store import StoreError
 from .verify import RETRY_AFTER_S, GrpcReplicaVerifier, ReplicaVerifier
 from .writer import FencedWriter, NotLeader
@@ -358,6 +358,7 @@ class SchedulerCore:
                 continue
             spec = deployment.spec_of(replica.revision)  # its own revision's, not the newest
             repository, model = model_of(spec)
+            artifact_digest, artifact_source = artifact_of(spec)
             pipeline_args = self._pipeline_args(replica)
             if pipeline_args is None:
                 continue  # a split pipeline's leader waits until its remote steps are ready
@@ -371,6 +372,7 @@ class SchedulerCore:
                      GPU_MEMORY_ENV: str(replica.gpu_memory_bytes),
                      CPU_ENV: f"{replica_needs(self.cluster, replica).cpu:g}"},  # checked by the host policy
                 runtime_args=[str(a) for a in spec.get("runtime_args") or []] + pipeline_args,
+                artifact_digest=artifact_digest, artifact_source=artifact_source,
             )
         return assignments
 

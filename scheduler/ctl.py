@@ -41,24 +41,35 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import queue
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
 from meshserve.common import errors
+from meshserve.common.artifacts import ArtifactError, digest_folder, pack
 from meshserve.common.security.tls import TlsConfig, TlsError, add_tls_arguments, sync_channel
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token, with_token
 from meshserve.protos.mesh import control_pb2 as pb
 from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
 
 from . import output
-from .spec import MAX_REPLICAS, SpecError, parse_deployments, specs_to_yaml
+from .spec import (
+    MAX_REPLICAS,
+    SOURCE_PATH,
+    SOURCE_UPLOAD,
+    DeploymentSpec,
+    SpecError,
+    parse_deployments,
+    specs_to_yaml,
+)
 from .store.base import names_an_unavailable_store
 
 SERVER_ENV = "MESHSERVE_SCHEDULER"
@@ -73,6 +84,8 @@ LEADER_PROBE_TIMEOUT_S = 3.0
 PROBE_SLACK_S = 2.0
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+UPLOAD_CHUNK_BYTES = 1 << 20
+UPLOAD_MIN_BYTES_PER_S = 20 << 20
 
 _KINDS = {
     "node": "node", "nodes": "node", "no": "node",
@@ -258,6 +271,22 @@ class Session:
         except grpc.RpcError as err:
             raise self._failure(method, *_rpc_failure(err)) from None
 
+    def upload(self, digest: str, bundle: pathlib.Path) -> bool:
+        """Send a bundle unless the scheduler holds it already; True when it was sent."""
+        if self._stub is None:
+            self._find_leader()
+        artifacts = pb_grpc.ArtifactServiceStub(self._channel)
+        try:
+            if artifacts.Stat(pb.ArtifactRequest(digest=digest), timeout=self.timeout_s).present:
+                return False
+            size = bundle.stat().st_size
+            # A large bundle takes a while: the timeout grows with it (at least 20 MiB/s expected).
+            timeout = self.timeout_s + size / UPLOAD_MIN_BYTES_PER_S
+            artifacts.Upload(_chunks(digest, bundle, size), timeout=timeout)
+        except grpc.RpcError as err:
+            raise self._failure("Upload", *_rpc_failure(err)) from None
+        return True
+
     def _failure(self, method: str, code: grpc.StatusCode, details: str) -> CtlError:
         error = errors.error_for_status(code, details or code.name)
         if isinstance(error, errors.DeadlineExceeded):
@@ -282,6 +311,13 @@ class Session:
         if isinstance(error, (errors.Internal, errors.Cancelled)) or type(error) is errors.MeshError:
             return CtlError(f"the scheduler failed ({code.name}): {error.message}")
         return CtlError(error.message)
+
+
+def _chunks(digest: str, bundle: pathlib.Path, size: int) -> Iterator[pb.ArtifactChunk]:
+    with open(bundle, "rb") as handle:
+        yield pb.ArtifactChunk(digest=digest, size_bytes=size, data=handle.read(UPLOAD_CHUNK_BYTES))
+        while data := handle.read(UPLOAD_CHUNK_BYTES):
+            yield pb.ArtifactChunk(data=data)
 
 
 # ---------------------------------------------------------------- helpers
@@ -327,8 +363,8 @@ def _done(args: argparse.Namespace, kind: str, name: str, result: str, **extra: 
     return EXIT_OK
 
 
-def _read_specs(sources: list[str]) -> str:
-    """Every spec file checked; the canonical YAML of them all, or a CtlError listing every problem."""
+def _read_specs(sources: list[str]) -> list[DeploymentSpec]:
+    """Every spec file checked; the specs of them all, or a CtlError listing every problem."""
     files: list[tuple[str, str, str]] = []          # (label, text, base folder)
     problems: list[str] = []
     for source in sources:
@@ -362,14 +398,44 @@ def _read_specs(sources: list[str]) -> str:
         raise CtlError(problems[0])
     if problems:
         raise CtlError(f"{len(problems)} problems; nothing was applied:\n" + "\n".join(problems))
-    return specs_to_yaml(specs)
+    return specs
+
+
+def _pin_models(specs: list[DeploymentSpec], session: Session | None) -> list[DeploymentSpec]:
+    """Each spec with its model's content digest; uploaded bundles sent (``session`` None: not sent).
+
+    An upload source must be a readable folder here; a path source is digested when this machine
+    has the folder (so a changed model is a new revision), and sent as it is otherwise."""
+    pinned = []
+    for spec in specs:
+        model = spec.model
+        folder = pathlib.Path(model.repository, model.name)
+        if model.source in (SOURCE_UPLOAD, SOURCE_PATH) and not model.digest and (
+                model.source == SOURCE_UPLOAD or folder.is_dir()):
+            try:
+                digest = digest_folder(folder)
+            except ArtifactError as err:
+                raise CtlError(f"deployment/{spec.name}: {err.message}") from None
+            except OSError as err:
+                raise CtlError(f"deployment/{spec.name}: cannot read {folder}: {err.strerror or err}") from None
+            model = dataclasses.replace(model, digest=digest)
+            spec = spec.replace(model=model)
+        if model.source == SOURCE_UPLOAD and session is not None:
+            with tempfile.TemporaryDirectory(prefix="meshserve-bundle-") as scratch:
+                bundle = pathlib.Path(scratch, "bundle.tar")
+                with open(bundle, "wb") as out:
+                    pack(folder, out)
+                session.upload(model.digest, bundle)
+        pinned.append(spec)
+    return pinned
 
 
 # ---------------------------------------------------------------- verbs
 
 
 def _apply(args: argparse.Namespace, session: Session) -> int:
-    spec_yaml = _read_specs(args.filenames)
+    specs = _pin_models(_read_specs(args.filenames), None if args.dry_run else session)
+    spec_yaml = specs_to_yaml(specs)
     reply = session.call("Apply", pb.ApplyRequest(spec_yaml=spec_yaml, dry_run=args.dry_run))
     if args.output != "table":
         _write(output.render(reply, args.output))

@@ -42,6 +42,8 @@ from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .admin_service import AdminService
 from .agent_service import AgentService
+from .artifact_service import ArtifactService
+from .artifacts import DEFAULT_ARTIFACT_DIR, DEFAULT_MAX_BUNDLE_BYTES, BlobStore
 from .audit import AuditLog
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S, SchedulerCore
 from .election import Election
@@ -88,6 +90,9 @@ class SchedulerOptions:
     auth: Authenticator | None = None
     # Audit lines of mutating admin calls go here (JSON lines); None: the log, logger meshserve.audit.
     audit_log: str | None = None
+    # Uploaded model bundles by content digest (scheduler/artifacts.py), and the largest accepted.
+    artifact_dir: str = DEFAULT_ARTIFACT_DIR
+    max_artifact_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
 
 
 class SchedulerServer:
@@ -118,7 +123,9 @@ class SchedulerServer:
                                   verifier=GrpcReplicaVerifier(self.options.tls))
         self.core.cluster_id = cluster_id
         mesh_grpc.add_AgentServiceServicer_to_server(AgentService(self.core, self.auth), self.server)
-        mesh_grpc.add_AdminServiceServicer_to_server(AdminService(self.core, self._leader_info), self.server)
+        blobs = BlobStore(self.options.artifact_dir, self.options.max_artifact_bytes)
+        mesh_grpc.add_AdminServiceServicer_to_server(AdminService(self.core, self._leader_info, blobs), self.server)
+        mesh_grpc.add_ArtifactServiceServicer_to_server(ArtifactService(blobs), self.server)
         mesh_grpc.add_RouteServiceServicer_to_server(RouteService(self.core), self.server)
         await self.server.start()
         self._leadership = asyncio.create_task(self._lead_when_elected(), name="leadership")

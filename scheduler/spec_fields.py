@@ -40,3 +40,19 @@ def model_of(spec: dict) -> tuple[str, str]:
     """(repository path, model name)."""
     model = spec.get("model") or {}
     return model.get("repository", ""), model.get("name", "")
+
+
+def digest_of(spec: dict) -> str:
+    """The model's content digest pinned in this spec ("" when none was taken)."""
+    return (spec.get("model") or {}).get("digest", "")
+
+
+def artifact_of(spec: dict) -> tuple[str, str]:
+    """(digest, source) an agent fetches the model from; ("", "") for a model at a path on every host.
+
+    source is "scheduler" for an uploaded bundle, else the spec's http(s):// or s3:// URL."""
+    model = spec.get("model") or {}
+    source, digest = model.get("source", "path"), model.get("digest", "")
+    if source == "path" or not digest:
+        return "", ""
+    return digest, "scheduler" if source == "upload" else source

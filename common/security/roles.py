@@ -38,6 +38,8 @@ CONTROL_PLANE: dict[str, frozenset[str]] = {
     _ADMIN + "Leader": frozenset({"viewer", "agent", "proxy", "scheduler"}),
     "/mesh.AgentService/Connect": frozenset({"agent"}),
     "/mesh.RouteService/WatchRoutes": frozenset({"proxy"}),
+    # Agents fetch uploaded model bundles; Upload and Stat stay admin-only (default deny).
+    "/mesh.ArtifactService/Download": frozenset({"agent"}),
 }
 
 # Data plane endpoint groups: group -> its methods.
