@@ -9,47 +9,23 @@ bounded in size and files).
 - ``SchedulerFetcher``: a bundle uploaded by ``scheduler ctl apply``, from
   the scheduler's ``ArtifactService.Download`` (the agent's own connection
   settings: TLS, token).
+- ``HttpFetcher``: an http(s):// archive (common/artifact_sources.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import pathlib
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from meshserve.common.artifacts import unpack
+from meshserve.common.artifact_sources import archive_into, fetch_http
 from meshserve.common.security.tls import TlsConfig, aio_channel
 from meshserve.common.security.tokens import aio_token_interceptors
 from meshserve.protos.mesh import control_pb2 as pb
 from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
 
 from .artifact_cache import ArtifactRef, Fetcher, Progress
-
-
-async def archive_into(chunks: AsyncIterator[bytes], total: int | None, into: pathlib.Path,
-                       on_progress: Progress, max_bytes: int) -> None:
-    """Write an archive's bytes beside ``into``, then unpack it there; checks the length when known."""
-    archive = into.parent / ".archive"
-    handle = await asyncio.to_thread(open, archive, "wb")
-    done = 0
-    try:
-        on_progress(0, total)
-        async for data in chunks:
-            done += len(data)
-            if done > max_bytes:
-                raise ValueError(f"the archive is larger than this cache's bound of {max_bytes} bytes")
-            await asyncio.to_thread(handle.write, data)
-            on_progress(done, total)
-    finally:
-        await asyncio.to_thread(handle.close)
-    if total is not None and done != total:
-        raise ValueError(f"truncated download: {done} of {total} bytes")
-    try:
-        await asyncio.to_thread(unpack, archive, into, max_bytes=max_bytes)
-    finally:
-        await asyncio.to_thread(archive.unlink, True)
 
 
 class SchedulerFetcher:
@@ -83,7 +59,16 @@ class SchedulerFetcher:
                 call.cancel()
 
 
+class HttpFetcher:
+    def __init__(self, max_bytes: int):
+        self._max_bytes = max_bytes
+
+    async def fetch(self, ref: ArtifactRef, into: pathlib.Path, on_progress: Progress) -> None:
+        await fetch_http(ref.source, into, on_progress, self._max_bytes)
+
+
 def artifact_fetchers(scheduler: Callable[[], str], tls: TlsConfig | None, token: str | None,
                       max_bytes: int) -> dict[str, Fetcher]:
     """The fetchers of a node agent, by source scheme."""
-    return {"scheduler": SchedulerFetcher(scheduler, tls, token, max_bytes)}
+    http = HttpFetcher(max_bytes)
+    return {"scheduler": SchedulerFetcher(scheduler, tls, token, max_bytes), "http": http, "https": http}

@@ -13,7 +13,7 @@ from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 from .artifacts import BlobStore
 from .core import SchedulerCore
 from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord
-from .spec import SOURCE_UPLOAD, parse_deployments
+from .spec import SOURCE_UPLOAD, URL_SCHEMES, parse_deployments
 from .spec_fields import digest_of, model_of
 
 KINDS = ("nodes", "deployments", "replicas")
@@ -39,6 +39,9 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         """Refuse a spec whose model bundle this scheduler cannot hand to agents."""
         for spec in specs:
             model = spec.model
+            if model.source.startswith(URL_SCHEMES) and not model.digest:
+                raise InvalidArgument(f"deployment/{spec.name}: model.source {model.source} needs model.digest "
+                                      f"(`scheduler ctl apply` fetches the source once and computes it)")
             if model.source != SOURCE_UPLOAD:
                 continue
             if not model.digest:

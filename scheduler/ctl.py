@@ -41,6 +41,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import pathlib
@@ -54,7 +55,8 @@ from typing import Any
 import grpc
 
 from meshserve.common import errors
-from meshserve.common.artifacts import ArtifactError, digest_folder, pack
+from meshserve.common.artifact_sources import SourceError, fetch_source
+from meshserve.common.artifacts import DEFAULT_MAX_BYTES, ArtifactError, digest_folder, pack
 from meshserve.common.security.tls import TlsConfig, TlsError, add_tls_arguments, sync_channel
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token, with_token
 from meshserve.protos.mesh import control_pb2 as pb
@@ -65,6 +67,7 @@ from .spec import (
     MAX_REPLICAS,
     SOURCE_PATH,
     SOURCE_UPLOAD,
+    URL_SCHEMES,
     DeploymentSpec,
     SpecError,
     parse_deployments,
@@ -420,6 +423,9 @@ def _pin_models(specs: list[DeploymentSpec], session: Session | None) -> list[De
                 raise CtlError(f"deployment/{spec.name}: cannot read {folder}: {err.strerror or err}") from None
             model = dataclasses.replace(model, digest=digest)
             spec = spec.replace(model=model)
+        if model.source.startswith(URL_SCHEMES) and not model.digest:
+            spec = spec.replace(model=dataclasses.replace(model, digest=_digest_of_url(spec.name, model.source)))
+            model = spec.model
         if model.source == SOURCE_UPLOAD and session is not None:
             with tempfile.TemporaryDirectory(prefix="meshserve-bundle-") as scratch:
                 bundle = pathlib.Path(scratch, "bundle.tar")
@@ -428,6 +434,19 @@ def _pin_models(specs: list[DeploymentSpec], session: Session | None) -> list[De
                 session.upload(model.digest, bundle)
         pinned.append(spec)
     return pinned
+
+
+def _digest_of_url(name: str, source: str) -> str:
+    """Fetch a URL source once, here, to pin its content digest in the revision."""
+    with tempfile.TemporaryDirectory(prefix="meshserve-source-") as scratch:
+        folder = pathlib.Path(scratch, "model")
+        folder.mkdir()
+        try:
+            asyncio.run(fetch_source(source, folder, lambda done, total: None, DEFAULT_MAX_BYTES))
+            return digest_folder(folder)
+        except (SourceError, ArtifactError) as err:
+            raise CtlError(f"deployment/{name}: cannot take the digest of {source}: "
+                           f"{getattr(err, 'message', None) or err}") from None
 
 
 # ---------------------------------------------------------------- verbs

@@ -106,7 +106,7 @@ _TOP_FIELDS = ("kind", "name", "model", "replicas", "resources", "placement", "r
                "runtime_args", "env", "rollout", "colocate", "steps")
 _MODEL_FIELDS = ("repository", "name", "source", "digest")
 SOURCE_PATH, SOURCE_UPLOAD = "path", "upload"
-_URL_SCHEMES = ("http://", "https://", "s3://")
+URL_SCHEMES = ("http://", "https://", "s3://")
 _RESOURCE_FIELDS = ("gpus", "gpu_memory", "cpu", "memory")
 _PLACEMENT_FIELDS = ("strategy", "node_selector")
 
@@ -512,7 +512,7 @@ def _model(top: dict, path: str, base_dir: str | None, check: _Checker) -> Model
     if model is None:
         return None
     source = _source(model.get("source"), f"{path}.source", check)
-    from_url = source is not None and source.startswith(_URL_SCHEMES)
+    from_url = source is not None and source.startswith(URL_SCHEMES)
     repository = check.string(model.get("repository"), f"{path}.repository",
                               None if from_url else "the model repository folder, e.g. examples/models")
     if from_url and repository is None:
@@ -539,10 +539,10 @@ def _source(value: Any, path: str, check: _Checker) -> str | None:
     if value is None:
         return SOURCE_PATH
     hint = f"use {SOURCE_PATH}, {SOURCE_UPLOAD}, an http(s):// archive URL or s3://bucket/prefix"
-    if not isinstance(value, str) or not (value in (SOURCE_PATH, SOURCE_UPLOAD) or value.startswith(_URL_SCHEMES)):
+    if not isinstance(value, str) or not (value in (SOURCE_PATH, SOURCE_UPLOAD) or value.startswith(URL_SCHEMES)):
         check.add(path, f"{_show(value)} is not a model source ({hint})")
         return None
-    if value.startswith(_URL_SCHEMES) and (len(value) > 2048 or any(c.isspace() or ord(c) < 32 for c in value)
+    if value.startswith(URL_SCHEMES) and (len(value) > 2048 or any(c.isspace() or ord(c) < 32 for c in value)
                                            or value.split("://", 1)[1] in ("", "/")):
         check.add(path, f"{_show(value[:100])} is not a usable URL ({hint})")
         return None

@@ -120,3 +120,41 @@ def test_an_uploaded_model_is_served_on_hosts_that_never_had_it_and_rollback_ser
     answers = factors(proxy.address, CALLS)
     assert answers == [2.0] * CALLS, f"{answers.count(3.0)} of {CALLS} calls got the rolled-back model"
     admin.close()
+
+
+def test_an_http_archive_is_pinned_at_apply_and_a_corrupt_download_is_never_served(cluster, tmp_path):
+    from archive_server import ArchiveServer, bundle_of
+
+    write_model(tmp_path / "v2", 2)
+    write_model(tmp_path / "v3", 3)
+    good, other = bundle_of(tmp_path / "v2" / "doubler"), bundle_of(tmp_path / "v3" / "doubler")
+    scheduler = cluster.scheduler(f"sqlite:///{tmp_path / 'state.db'}", "s1")
+    cluster.agent("node-a", scheduler.address)
+    proxy = cluster.proxy(scheduler.address)
+    admin = Admin(scheduler.address)
+    admin.wait_for(lambda: len(admin.nodes()) == 1, "1 node", mesh_=cluster)
+    with ArchiveServer() as server:
+        server.files["/doubler.tar"] = good
+        spec = tmp_path / "doubler.yaml"
+        spec.write_text(spec_yaml().replace("{repository: ./models, name: doubler, source: upload}",
+                                            f"{{name: doubler, source: '{server.url('/doubler.tar')}'}}")
+                        .replace("replicas: 2", "replicas: 1"))
+        # The first GET (ctl's, pinning the digest) gets the model; the next nine (three rounds of the
+        # agent's attempts) get other bytes under the same URL, which must never run; then the right ones.
+        server.plan["/doubler.tar"] = ["ok"] + [other] * 9
+        assert ctl(scheduler.address, "apply", "-f", str(spec)) == "deployment/doubler created\n"
+
+        def refused():
+            replicas = admin.replicas("doubler")
+            return replicas and replicas[0].state == "failed" and "fetch failed" in replicas[0].reason and replicas
+        [replica] = admin.wait_for(refused, "the replica to report the failed fetch", mesh_=cluster)
+        assert "content digest is sha256:" in replica.reason and replica.address == ""
+        admin.wait_for(lambda: settled_one(admin), "the replica ready on the pinned bytes", mesh_=cluster)
+        assert set(factors(proxy.address, 10)) == {2.0}
+        assert server.gets["/doubler.tar"] == 1 + 9 + 1
+    admin.close()
+
+
+def settled_one(admin: Admin):
+    replicas = admin.replicas("doubler")
+    return len(replicas) == 1 and replicas[0].state == "ready"
