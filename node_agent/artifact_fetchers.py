@@ -10,6 +10,8 @@ bounded in size and files).
   the scheduler's ``ArtifactService.Download`` (the agent's own connection
   settings: TLS, token).
 - ``HttpFetcher``: an http(s):// archive (common/artifact_sources.py).
+- ``S3Fetcher``: the objects under s3://bucket/prefix, with this host's AWS
+  settings (common/artifact_sources.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from meshserve.common.artifact_sources import archive_into, fetch_http
+from meshserve.common.artifact_sources import archive_into, fetch_http, fetch_s3
 from meshserve.common.security.tls import TlsConfig, aio_channel
 from meshserve.common.security.tokens import aio_token_interceptors
 from meshserve.protos.mesh import control_pb2 as pb
@@ -67,8 +69,17 @@ class HttpFetcher:
         await fetch_http(ref.source, into, on_progress, self._max_bytes)
 
 
+class S3Fetcher:
+    def __init__(self, max_bytes: int):
+        self._max_bytes = max_bytes
+
+    async def fetch(self, ref: ArtifactRef, into: pathlib.Path, on_progress: Progress) -> None:
+        await fetch_s3(ref.source, into, on_progress, self._max_bytes)
+
+
 def artifact_fetchers(scheduler: Callable[[], str], tls: TlsConfig | None, token: str | None,
                       max_bytes: int) -> dict[str, Fetcher]:
     """The fetchers of a node agent, by source scheme."""
     http = HttpFetcher(max_bytes)
-    return {"scheduler": SchedulerFetcher(scheduler, tls, token, max_bytes), "http": http, "https": http}
+    return {"scheduler": SchedulerFetcher(scheduler, tls, token, max_bytes), "http": http, "https": http,
+            "s3": S3Fetcher(max_bytes)}
