@@ -52,7 +52,8 @@ def _serve(argv: list[str]) -> int:
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = SchedulerOptions(listen=args.listen, store_url=args.store, scheduler_id=args.id,
+    options = SchedulerOptions(artifact_dir=args.artifact_dir, max_artifact_bytes=args.max_artifact_size,
+                               listen=args.listen, store_url=args.store, scheduler_id=args.id,
                                election_ttl_s=args.election_ttl, report_interval_s=args.report_interval,
                                heartbeat_timeout_s=args.heartbeat_timeout, tls=tls, etcd_security=etcd_security,
                                auth=auth, audit_log=args.audit_log)

@@ -8,6 +8,7 @@ operator runs it.
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
@@ -112,6 +113,10 @@ def test_an_uploaded_model_is_served_on_hosts_that_never_had_it_and_rollback_ser
     assert list(deployment.revision_digests) == [digest_1, digest_2]
     described = ctl(scheduler.address, "describe", "deployment", "doubler")
     assert short(digest_1) in described and short(digest_2) in described
+
+    # Both bundles are in the scheduler's --artifact-dir, one file per digest, and nothing else is.
+    blobs = pathlib.Path(cluster._files.name) / "artifacts" / "sha256"
+    assert sorted(p.name for p in blobs.iterdir()) == sorted(d.split(":")[1] + ".tar" for d in (digest_1, digest_2))
 
     out = ctl(scheduler.address, "rollback", "doubler")
     assert "rolled back from revision 2 to revision 1" in out
