@@ -27,7 +27,12 @@ address is not a scheduler's.
 bad spec fails at once with every problem and its field path, and nothing is
 sent. It then sends the specs in their canonical form (defaults filled, a
 relative ``model.repository`` resolved against the file's folder), so the
-scheduler never sees a path relative to a folder it cannot know.
+scheduler never sees a path relative to a folder it cannot know. Each
+model is pinned by its content digest (common/artifacts.py) before sending:
+``source: upload`` folders are digested, packed and uploaded here (skipped
+when the scheduler holds that digest already), http(s) and s3 sources are
+fetched once here to digest them, and a path source is digested when this
+machine has the folder. A changed model is then a new revision.
 
 Requests: ``Get.kind`` is plural (nodes|deployments|replicas), as the proto
 says; ``Describe``, ``Delete`` and ``Explain`` take the singular kind.

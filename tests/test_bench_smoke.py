@@ -34,3 +34,12 @@ def test_tls_benchmark_quick_run_prints_mtls_over_plaintext_as_json():
     for cells in figures["cells"].values():
         for cell in cells.values():
             assert cell["plaintext"]["errors"] == 0 and cell["mtls"]["errors"] == 0
+
+
+def test_artifacts_benchmark_quick_run_prints_its_figures_as_json():
+    run = subprocess.run([sys.executable, "-m", "bench.artifacts", "--quick"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == "artifacts" and figures["uploads"] == 1
+    assert {"apply_to_first_call_s", "miss_start_s", "hit_start_s", "miss_over_hit"} <= set(figures)
