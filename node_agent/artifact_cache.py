@@ -30,6 +30,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import pathlib
@@ -125,7 +126,7 @@ class ArtifactCache:
             if task is None:
                 task = asyncio.create_task(self._fetch(ref, key), name=f"fetch {key[:12]}")
                 self._inflight[key] = task
-                task.add_done_callback(lambda done, key=key: self._done(key, done))
+                task.add_done_callback(functools.partial(self._done, key))
             listeners = self._listeners.setdefault(key, [])
             if on_progress is not None:
                 listeners.append(on_progress)

@@ -103,7 +103,9 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         """The record after applying a spec that needs a new revision."""
         now = time.time_ns() // 1_000_000
         spec_dict, spec_yaml = spec.to_dict(), spec.to_yaml()
-        revision = record.revision + 1 if record else 1
+        # Never a number used before: after a rollback the current revision is not the newest, and a
+        # reused number would make spec_of() answer with the older revision's spec (and model bytes).
+        revision = max([record.revision, *(entry["revision"] for entry in record.history)]) + 1 if record else 1
         entry = {"revision": revision, "spec": spec_dict, "spec_yaml": spec_yaml}
         keep = max(1, spec.revision_history)
         history = ((record.history if record else []) + [entry])[-keep:]

@@ -124,6 +124,15 @@ def test_an_uploaded_model_is_served_on_hosts_that_never_had_it_and_rollback_ser
     admin.wait_for(lambda: set(factors(proxy.address, 5)) == {2.0}, "the proxy routing revision 1 only")
     answers = factors(proxy.address, CALLS)
     assert answers == [2.0] * CALLS, f"{answers.count(3.0)} of {CALLS} calls got the rolled-back model"
+
+    # A changed model.py, rolling this time: a new revision replaces both replicas.
+    write_model(operator / "models", 5)
+    (operator / "doubler.yaml").write_text(spec_yaml())
+    assert ctl(scheduler.address, "apply", "-f", str(operator / "doubler.yaml")) == \
+        "deployment/doubler configured\n"
+    admin.wait_for(lambda: settled(admin, 3), "2 ready replicas of revision 3", mesh_=cluster)
+    admin.wait_for(lambda: set(factors(proxy.address, 5)) == {5.0}, "the proxy routing revision 3 only")
+    assert factors(proxy.address, 50) == [5.0] * 50
     admin.close()
 
 
