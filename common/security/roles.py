@@ -38,7 +38,9 @@ CONTROL_PLANE: dict[str, frozenset[str]] = {
     _ADMIN + "Leader": frozenset({"viewer", "agent", "proxy", "scheduler"}),
     "/mesh.AgentService/Connect": frozenset({"agent"}),
     "/mesh.RouteService/WatchRoutes": frozenset({"proxy"}),
-    # Agents fetch uploaded model bundles; Upload and Stat stay admin-only (default deny).
+    # Model bundles: ctl (admin) uploads them, agents fetch them.
+    "/mesh.ArtifactService/Upload": frozenset(),
+    "/mesh.ArtifactService/Stat": frozenset(),
     "/mesh.ArtifactService/Download": frozenset({"agent"}),
 }
 
