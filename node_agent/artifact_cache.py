@@ -89,7 +89,7 @@ class ArtifactCache:
         self._entries: dict[str, _Entry] = {}
         self._inflight: dict[str, asyncio.Task[_Entry]] = {}
         self._listeners: dict[str, list[Progress]] = {}   # everyone waiting on a fetch hears its progress
-        self._loaded = False
+        self._loading: asyncio.Future[None] | None = None
 
     @staticmethod
     def _key(ref: ArtifactRef) -> str:
@@ -117,9 +117,9 @@ class ArtifactCache:
         """The repository folder holding ``ref``'s model, fetched and verified if needed; hold it until
         ``release(ref)``. Raises ``FetchFailed`` (or ``MeshError`` for an invalid ref)."""
         key = self._key(ref)
-        if not self._loaded:
-            await asyncio.to_thread(self._load)
-            self._loaded = True
+        if self._loading is None:   # once: a second load would empty tmp/ under a fetch in progress
+            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
+        await asyncio.shield(self._loading)
         entry = self._entries.get(key)
         if entry is None:
             task = self._inflight.get(key)

@@ -97,3 +97,34 @@ def test_entries_survive_a_restart_of_the_agent(server, tmp_path):
     path = asyncio.run(again.acquire(ref))
     assert server.gets["/a.tar"] == 1 and again.fetches == 0
     assert digest_folder(path / "doubler") == ref.digest
+
+
+def test_replicas_of_one_revision_share_one_fetch_report_progress_and_run_on_the_cached_copy(server, tmp_path):
+    from test_node_agent_supervisor import FakeLauncher, fake_supervisor
+
+    from meshserve.node_agent.replica import ReplicaSpec
+
+    ref = publish(server, tmp_path, "a", weights=3_000_000)
+    cache = cache_at(tmp_path)
+    launcher = FakeLauncher("serve")
+    messages: set[str] = set()
+
+    def both_ready(statuses) -> bool:
+        messages.update(status.message for status in statuses)
+        return len(statuses) == 2 and all(status.state == "ready" for status in statuses)
+
+    async def main():
+        supervisor = fake_supervisor(launcher, artifacts=cache)
+        supervisor.apply([ReplicaSpec.create(f"r{i}", deployment="d", revision=1, model_name="doubler",
+                                             artifact_digest=ref.digest, artifact_source=ref.source)
+                          for i in range(2)])
+        try:
+            await supervisor.wait_for(both_ready, timeout=30)
+        finally:
+            await supervisor.drain_all()
+    asyncio.run(main())
+    assert server.gets["/a.tar"] == 1
+    repositories = {argv[argv.index("--model-repository") + 1] for argv, _ in launcher.commands}
+    assert len(repositories) == 1
+    assert digest_folder(f"{repositories.pop()}/doubler") == ref.digest
+    assert any(m.startswith("fetching ") and m.endswith(" MB") and "/" in m for m in messages), messages
