@@ -38,8 +38,11 @@ from meshserve.common.ready_line import metrics_detail
 from meshserve.common.sd_notify import Notifier, announce, draining
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token
+from meshserve.common.sizes import parse_size
 
 from .agent import Agent, AgentConfig
+from .artifact_cache import ArtifactCache
+from .artifact_fetchers import artifact_fetchers
 from .gpu_probe import parse_fake_spec, select_probe
 from .membership import MembershipUnreadable
 from .metrics import AgentMetrics
@@ -54,6 +57,7 @@ log = logging.getLogger("node_agent")
 
 # Beside the scheduler's default store (sqlite:///var/lib/meshserve/state.db).
 DEFAULT_STATE_DIR = "/var/lib/meshserve/node-agent"
+DEFAULT_CACHE_BYTES = 100 << 30
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -101,6 +105,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="node-agent", description="meshserve node agent: one per GPU host.")
     parser.add_argument("--scheduler", required=True, type=_schedulers,
@@ -124,6 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
                         help="where the agent remembers the cluster it joined and keeps each replica's output "
                              "(replicas/REPLICA.log, rotated) (default: %(default)s)")
+    parser.add_argument("--artifact-cache", metavar="DIR",
+                        help="where fetched models are cached by content digest (default: STATE_DIR/artifacts)")
+    parser.add_argument("--artifact-cache-size", type=_size, default=DEFAULT_CACHE_BYTES, metavar="SIZE",
+                        help="the cache's bound: unused models are evicted, least recently used first "
+                             "(default 100GiB)")
     parser.add_argument("--policy", metavar="FILE",
                         help="this host's execution policy (YAML): repository roots, allowed env and runtime "
                              "flags, run_as user, caps; default: nothing is allowed to run")
@@ -166,12 +182,19 @@ def load_policy(path: str | None) -> HostPolicy:
 
 async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
     probe = await asyncio.to_thread(select_probe, args.fake_gpus, seed=args.name)
+    agent_ref: list[Agent] = []
+
+    def scheduler_now() -> str:   # the scheduler this agent is connected to (it holds the uploads)
+        return (agent_ref[0].connected_to if agent_ref else None) or args.scheduler[0]
+
+    cache = ArtifactCache(args.artifact_cache or os.path.join(args.state_dir, "artifacts"), args.artifact_cache_size,
+                          artifact_fetchers(scheduler_now, args.tls, args.token, args.artifact_cache_size))
     options = ReplicaOptions(listen_host=args.bind_host or args.host,
                              advertise_host=args.host if args.bind_host else None,
                              stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, policy=policy,
                              tls=args.tls, metrics=args.metrics_listen is not None,
                              logs=ReplicaLogs(os.path.join(args.state_dir, "replicas")),
-                             max_failed_starts=args.max_failed_starts)
+                             max_failed_starts=args.max_failed_starts, artifacts=cache)
     supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=policy.run_as))
     metrics_server = None
     if args.metrics_listen:   # replicas then serve metrics on loopback, re-exported here (node_agent/metrics.py)
@@ -182,6 +205,7 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
                               labels=args.labels, report_interval_s=args.report_interval, tls=args.tls, token=args.token,
                               membership_file=os.path.join(args.state_dir, f"node-{args.name}.json")),
                   probe, supervisor)
+    agent_ref.append(agent)
     loop = asyncio.get_running_loop()
     shutdown: list[asyncio.Task] = []
     notifier = Notifier()

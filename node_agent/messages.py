@@ -25,6 +25,8 @@ def spec_from_assignment(assignment: pb.ReplicaAssignment) -> ReplicaSpec:
         gpu_indices=list(assignment.gpu_indices),
         env=dict(assignment.env),
         runtime_args=list(assignment.runtime_args),
+        artifact_digest=assignment.artifact_digest,
+        artifact_source=assignment.artifact_source,
     )
 
 

@@ -6,7 +6,10 @@ host decides, from a local file the scheduler cannot change
 (``node-agent --policy FILE``), and refuses anything else:
 
 - the model repository must resolve (symlinks and ``..`` followed) inside one
-  of ``repository_roots``; the model name must be a plain name;
+  of ``repository_roots``; the model name must be a plain name. An
+  assignment with a content digest (an uploaded, http or s3 model) is not
+  read from a repository root: the agent fetches it into its own artifact
+  cache (``--artifact-cache``) and runs it only once the digest matched;
 - environment variables: an ALLOWLIST (a denylist cannot work: PYTHONWARNINGS
   plus BROWSER was enough to run a shell). Built in: the variables the mesh
   itself sets and thread-count knobs (``BUILTIN_ENV``); the file may add
@@ -175,7 +178,8 @@ class HostPolicy:
             plain_model_name(spec.model_name)
         except MeshError as err:
             problems.append(err.message)
-        repository = self._repository(spec.model_repository, problems)
+        # A fetched model lives in the agent's own artifact cache, checked by its content digest.
+        repository = "" if spec.artifact_digest else self._repository(spec.model_repository, problems)
         self._check_env(dict(spec.env), problems)
         problems += runtime_arg_problems(spec.runtime_args, self.runtime_flags, self.allow_model_control,
                                          self.source)

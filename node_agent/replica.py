@@ -63,6 +63,7 @@ from meshserve.common.security.tokens import without_token_environment
 from meshserve.common.sizes import parse_size
 from meshserve.common.states import ReplicaState
 
+from .artifact_cache import ArtifactCache, ArtifactRef, FetchFailed
 from .crash_reason import crash_reason
 from .gpu_probe import GpuLoad
 from .policy import HostPolicy, Refused
@@ -109,6 +110,9 @@ class ReplicaSpec:
     gpu_indices: tuple[int, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     runtime_args: tuple[str, ...] = ()
+    # Set: the model comes from the artifact cache (artifact_cache.py), not model_repository.
+    artifact_digest: str = ""
+    artifact_source: str = ""
 
     @classmethod
     def create(cls, replica_id: str, *, env: Mapping[str, str] | None = None, gpu_indices=(), runtime_args=(),
@@ -199,6 +203,9 @@ class ReplicaOptions:
     # Where each replica's stdout and stderr are kept, a rotated file per replica (replica_logs.py).
     # None: output is only logged at DEBUG.
     logs: ReplicaLogs | None = None
+    # Fetches, verifies and shares the models of assignments that carry a digest (artifact_cache.py).
+    # None: such an assignment fails with "no artifact cache on this agent".
+    artifacts: ArtifactCache | None = None
 
 
 WaitReady = Callable[[str], Awaitable[None]]
@@ -323,12 +330,59 @@ class Replica:
                 self._set(message="waiting for the previous process of this replica to stop")
                 await self._predecessor.finished()
                 self._set(message="")
-            await (self._stay_refused() if self._refusal is not None else self._supervise())
+            if self._refusal is not None:
+                await self._stay_refused()
+            elif not self.spec.artifact_digest:
+                await self._supervise()
+            else:
+                await self._supervise_fetched()
         except Exception as err:  # a bug here must not leave a replica silently unsupervised
             log.exception("replica %s: supervision failed", self.spec.replica_id)
             self._set(state=FAILED, pid=0, address="", message=f"agent error: {err!r}")
             return
         self._set(state=STOPPED, pid=0, address="")
+
+    async def _supervise_fetched(self) -> None:
+        """Fetch the model into the artifact cache (retrying with backoff), hold it while supervising."""
+        cache = self.options.artifacts
+        if cache is None:
+            self._refusal = "no artifact cache on this agent: cannot fetch the model"
+            await self._stay_refused()
+            return
+        spec = self.spec
+        ref = ArtifactRef(spec.artifact_digest, spec.artifact_source, spec.model_name)
+        failures = 0
+        while not self._stop.is_set():
+            fetch = asyncio.ensure_future(cache.acquire(ref, self._fetch_progress))
+            stop = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+                return
+            error = fetch.exception()
+            if error is None:
+                self._repository = str(fetch.result())
+                try:
+                    self._set(message="")
+                    await self._supervise()
+                finally:
+                    cache.release(ref)
+                return
+            failures += 1
+            delay = self.options.backoff.delay(failures)
+            reason = str(error) if isinstance(error, FetchFailed) else repr(error)
+            log.warning("replica %s: fetch failed: %s; retrying in %.1fs", spec.replica_id, reason, delay)
+            self._set(state=FAILED, message=f"fetch failed: {reason}")
+            if await self._stop_requested_within(delay):
+                return
+
+    def _fetch_progress(self, done: int, total: int | None) -> None:
+        of = f"/{total / 1e6:.0f}" if total else ""
+        self._set(state=STARTING, message=f"fetching {done / 1e6:.0f}{of} MB")
 
     async def _stay_refused(self) -> None:
         """No process: report the refusal until a stop (the assignment changed or went away)."""

@@ -12,7 +12,9 @@ from meshserve.common.listen import ListenError, exit_on_listen_error
 from meshserve.common.metrics import add_metrics_arguments, metrics_listen_from_args
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
+from meshserve.common.sizes import parse_size
 
+from .artifacts import DEFAULT_ARTIFACT_DIR, DEFAULT_MAX_BUNDLE_BYTES
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S
 from .server import SchedulerOptions, serve
 from .store import CorruptStore
@@ -33,6 +35,11 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--report-interval", type=float, default=DEFAULT_REPORT_INTERVAL_S)
     parser.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT_S)
     add_logging_arguments(parser)
+    parser.add_argument("--artifact-dir", default=DEFAULT_ARTIFACT_DIR, metavar="DIR",
+                        help="where uploaded model bundles are kept by content digest (shared by every "
+                             f"scheduler of an election); default {DEFAULT_ARTIFACT_DIR}")
+    parser.add_argument("--max-artifact-size", type=parse_size, default=DEFAULT_MAX_BUNDLE_BYTES, metavar="SIZE",
+                        help="the largest bundle an upload may send (e.g. 64GiB, the default)")
     add_tls_arguments(parser)
     add_auth_arguments(parser, data_plane=False)
     parser.add_argument("--audit-log", metavar="FILE",
@@ -49,7 +56,8 @@ def _serve(argv: list[str]) -> int:
     except ValueError as err:
         parser.error(str(err))
     configure_from_args(args)
-    options = SchedulerOptions(listen=args.listen, store_url=args.store, scheduler_id=args.id,
+    options = SchedulerOptions(artifact_dir=args.artifact_dir, max_artifact_bytes=args.max_artifact_size,
+                               listen=args.listen, store_url=args.store, scheduler_id=args.id,
                                election_ttl_s=args.election_ttl, report_interval_s=args.report_interval,
                                heartbeat_timeout_s=args.heartbeat_timeout, tls=tls, etcd_security=etcd_security,
                                auth=auth, audit_log=args.audit_log, metrics_listen=metrics_listen)

@@ -11,12 +11,13 @@ from meshserve.common.errors import FailedPrecondition, InvalidArgument, NotFoun
 from meshserve.protos.mesh import control_pb2 as mesh
 from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
+from .artifacts import BlobStore
 from .core import SchedulerCore
 from .model_files import check_visible_models
 from .placing import replica_needs
 from .records import NODE_LOST, PENDING, READY, DeploymentRecord, NodeRecord, RevisionEntry
 from .rollouts import PROGRESSING, ROLLED_BACK, rollback_changes
-from .spec import DeploymentSpec, parse_deployments
+from .spec import SOURCE_UPLOAD, URL_SCHEMES, DeploymentSpec, parse_deployments
 
 KINDS = ("nodes", "deployments", "replicas")
 _SINGULAR = {"node": "nodes", "deployment": "deployments", "replica": "replicas"}
@@ -38,9 +39,26 @@ def _kind(kind: str) -> str:
 
 
 class AdminService(mesh_grpc.AdminServiceServicer):
-    def __init__(self, core: SchedulerCore, leader_info):
+    def __init__(self, core: SchedulerCore, leader_info, blobs: BlobStore | None = None):
         self.core = core
         self._leader_info = leader_info  # async () -> (is_leader, leader_id, leader_address)
+        self.blobs = blobs               # uploaded bundles; None: model.source upload is refused
+
+    async def _check_sources(self, specs) -> None:
+        """Refuse a spec whose model bundle this scheduler cannot hand to agents."""
+        for spec in specs:
+            model = spec.model
+            if model.source.startswith(URL_SCHEMES) and not model.digest:
+                raise InvalidArgument(f"deployment/{spec.name}: model.source {model.source} needs model.digest "
+                                      f"(`scheduler ctl apply` fetches the source once and computes it)")
+            if model.source != SOURCE_UPLOAD:
+                continue
+            if not model.digest:
+                raise InvalidArgument(f"deployment/{spec.name}: model.source upload needs model.digest "
+                                      f"(`scheduler ctl apply` computes it and uploads the folder)")
+            if self.blobs is None or await asyncio.to_thread(self.blobs.size, model.digest) is None:
+                raise FailedPrecondition(f"deployment/{spec.name}: the scheduler holds no bundle {model.digest}; "
+                                         f"apply with `scheduler ctl apply`, which uploads it")
 
     @property
     def cluster(self):
@@ -63,6 +81,7 @@ class AdminService(mesh_grpc.AdminServiceServicer):
         specs = parse_deployments(request.spec_yaml)  # bad input is refused on any scheduler
         await check_visible_models(specs)              # and so is a model whose files it sees are wrong
         self.core.require_leader()
+        await self._check_sources(specs)
         applied = []
         for spec in specs:
             record = self.cluster.deployments.get(spec.name)
@@ -93,7 +112,9 @@ class AdminService(mesh_grpc.AdminServiceServicer):
     def _next_record(record: DeploymentRecord | None, spec: DeploymentSpec) -> DeploymentRecord:
         """The record after applying a spec that needs a new revision."""
         now = time.time_ns() // 1_000_000
-        revision = record.revision + 1 if record else 1
+        # Never a number used before: after a rollback the current revision is not the newest, and a
+        # reused number would make spec_of() answer with the older revision's spec (and model bytes).
+        revision = max([record.revision, *(entry.revision for entry in record.history)]) + 1 if record else 1
         keep = max(1, spec.revision_history)
         history = ((record.history if record else ()) + (RevisionEntry(revision, spec, now),))[-keep:]
         if record is not None and spec.rollout.strategy == "canary":
@@ -239,7 +260,8 @@ class AdminService(mesh_grpc.AdminServiceServicer):
             revision_history=[entry.revision for entry in record.history],
             stable_revision=record.stable_revision or record.revision, canary_weight=record.canary_weight,
             rollout_state=record.rollout_state, rollout_started_unix_ms=record.rollout_started_unix_ms,
-            revisions=_revisions(record), **_autoscaling_fields(record))
+            revisions=_revisions(record), model_digest=record.spec.model.digest,
+            revision_digests=[entry.spec.model.digest for entry in record.history], **_autoscaling_fields(record))
 
     async def Describe(self, request, context):
         kind = _kind(request.kind)

@@ -400,6 +400,7 @@ class SchedulerCore:
             if deployment is None or replica.state == DRAINING:
                 continue
             spec = deployment.spec_of(replica.revision)  # its own revision's, not the newest
+            artifact_digest, artifact_source = spec.model.artifact()
             pipeline_args = self._pipeline_args(replica)
             if pipeline_args is None:
                 continue  # a split pipeline's leader waits until its remote steps are ready
@@ -413,6 +414,7 @@ class SchedulerCore:
                      GPU_MEMORY_ENV: str(replica.gpu_memory_bytes),
                      CPU_ENV: f"{replica_needs(self.cluster, replica).cpu:g}"},  # checked by the host policy
                 runtime_args=[*spec.runtime_args, *pipeline_args],
+                artifact_digest=artifact_digest, artifact_source=artifact_source,
             )
         return assignments
 

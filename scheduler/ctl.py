@@ -35,7 +35,12 @@ only on the serving hosts (the scheduler checks it where it sees it; each
 host when the replica loads). It then sends the specs in their canonical
 form (defaults filled, a relative ``model.repository`` resolved against the
 file's folder), so the scheduler never sees a path relative to a folder it
-cannot know.
+cannot know. Each model is pinned by its content digest (common/artifacts.py)
+before sending:
+``source: upload`` folders are digested, packed and uploaded here (skipped
+when the scheduler holds that digest already), http(s) and s3 sources are
+fetched once here to digest them, and a path source is digested when this
+machine has the folder. A changed model is then a new revision.
 
 Requests: ``Get.kind`` is plural (nodes|deployments|replicas), as the proto
 says; ``Describe``, ``Delete`` and ``Explain`` take the singular kind.
@@ -50,10 +55,13 @@ its wait ended (1: the rollout failed or was rolled back). Every failure is one
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import os
 import pathlib
 import queue
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -61,6 +69,8 @@ from typing import Any
 import grpc
 
 from meshserve.common import errors
+from meshserve.common.artifact_sources import SourceError, fetch_source
+from meshserve.common.artifacts import DEFAULT_MAX_BYTES, ArtifactError, digest_folder, pack
 from meshserve.common.model_check import check_model
 from meshserve.common.security.tls import TlsConfig, TlsError, add_tls_arguments, sync_channel
 from meshserve.common.security.tokens import ENV_TOKEN, TokenError, client_token, with_token
@@ -68,7 +78,16 @@ from meshserve.protos.mesh import control_pb2 as pb
 from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
 
 from . import output
-from .spec import MAX_REPLICAS, SpecError, parse_deployments, specs_to_yaml
+from .spec import (
+    MAX_REPLICAS,
+    SOURCE_PATH,
+    SOURCE_UPLOAD,
+    URL_SCHEMES,
+    DeploymentSpec,
+    SpecError,
+    parse_deployments,
+    specs_to_yaml,
+)
 from .store.base import names_an_unavailable_store
 
 SERVER_ENV = "MESHSERVE_SCHEDULER"
@@ -85,6 +104,8 @@ PROBE_SLACK_S = 2.0
 FILES_ON_NODES_FLAG = "--files-on-nodes"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 0, 1, 2, 3, 4
 ROLLOUT_POLL_S = 0.5
+UPLOAD_CHUNK_BYTES = 1 << 20
+UPLOAD_MIN_BYTES_PER_S = 20 << 20
 
 _KINDS = {
     "node": "node", "nodes": "node", "no": "node",
@@ -279,6 +300,22 @@ class Session:
         except grpc.RpcError as err:
             raise self._failure(method, *_rpc_failure(err)) from None
 
+    def upload(self, digest: str, bundle: pathlib.Path) -> bool:
+        """Send a bundle unless the scheduler holds it already; True when it was sent."""
+        if self._stub is None:
+            self._find_leader()
+        artifacts = pb_grpc.ArtifactServiceStub(self._channel)
+        try:
+            if artifacts.Stat(pb.ArtifactRequest(digest=digest), timeout=self.timeout_s).present:
+                return False
+            size = bundle.stat().st_size
+            # A large bundle takes a while: the timeout grows with it (at least 20 MiB/s expected).
+            timeout = self.timeout_s + size / UPLOAD_MIN_BYTES_PER_S
+            artifacts.Upload(_chunks(digest, bundle, size), timeout=timeout)
+        except grpc.RpcError as err:
+            raise self._failure("Upload", *_rpc_failure(err)) from None
+        return True
+
     def _failure(self, method: str, code: grpc.StatusCode, details: str) -> CtlError:
         error = errors.error_for_status(code, details or code.name)
         if isinstance(error, errors.DeadlineExceeded):
@@ -303,6 +340,13 @@ class Session:
         if isinstance(error, (errors.Internal, errors.Cancelled)) or type(error) is errors.MeshError:
             return CtlError(f"the scheduler failed ({code.name}): {error.message}")
         return CtlError(error.message)
+
+
+def _chunks(digest: str, bundle: pathlib.Path, size: int) -> Iterator[pb.ArtifactChunk]:
+    with open(bundle, "rb") as handle:
+        yield pb.ArtifactChunk(digest=digest, size_bytes=size, data=handle.read(UPLOAD_CHUNK_BYTES))
+        while data := handle.read(UPLOAD_CHUNK_BYTES):
+            yield pb.ArtifactChunk(data=data)
 
 
 # ---------------------------------------------------------------- helpers
@@ -348,9 +392,10 @@ def _done(args: argparse.Namespace, kind: str, name: str, result: str, **extra: 
     return EXIT_OK
 
 
-def _read_specs(sources: list[str], check_files: bool = True) -> str:
-    """Every spec file checked, and with ``check_files`` every model's files (``common/model_check.py``);
-    the canonical YAML of them all, or a CtlError listing every problem."""
+def _read_specs(sources: list[str], check_files: bool = True) -> list[DeploymentSpec]:
+    """Every spec file checked, and with ``check_files`` every model's files on this machine
+    (``common/model_check.py``; not an http(s) or s3 source: its files are fetched); the specs of them all,
+    or a CtlError listing every problem."""
     files: list[tuple[str, str, str]] = []          # (label, text, base folder)
     problems: list[str] = []
     for source in sources:
@@ -380,7 +425,7 @@ def _read_specs(sources: list[str], check_files: bool = True) -> str:
                 continue
             seen[spec.name] = label
             specs.append(spec)
-            if check_files:
+            if check_files and not spec.model.source.startswith(URL_SCHEMES):
                 problems += check_model(spec.model.repository, spec.model.name, f"{label}: deployments[{index}]",
                                         [step.model for step in spec.steps])
     hint = ""
@@ -391,14 +436,61 @@ def _read_specs(sources: list[str], check_files: bool = True) -> str:
         raise CtlError(problems[0] + hint)
     if problems:
         raise CtlError(f"{len(problems)} problems; nothing was applied:\n" + "\n".join(problems) + hint)
-    return specs_to_yaml(specs)
+    return specs
+
+
+def _pin_models(specs: list[DeploymentSpec], session: Session | None) -> list[DeploymentSpec]:
+    """Each spec with its model's content digest; uploaded bundles sent (``session`` None: not sent).
+
+    An upload source must be a readable folder here; a path source is digested when this machine
+    has the folder (so a changed model is a new revision), and sent as it is otherwise."""
+    pinned = []
+    for spec in specs:
+        model = spec.model
+        folder = pathlib.Path(model.repository, model.name)
+        if model.source in (SOURCE_UPLOAD, SOURCE_PATH) and not model.digest and (
+                model.source == SOURCE_UPLOAD or folder.is_dir()):
+            try:
+                digest = digest_folder(folder)
+            except ArtifactError as err:
+                raise CtlError(f"deployment/{spec.name}: {err.message}") from None
+            except OSError as err:
+                raise CtlError(f"deployment/{spec.name}: cannot read {folder}: {err.strerror or err}") from None
+            model = dataclasses.replace(model, digest=digest)
+            spec = spec.replace(model=model)
+        if model.source.startswith(URL_SCHEMES) and not model.digest:
+            spec = spec.replace(model=dataclasses.replace(model, digest=_digest_of_url(spec.name, model.source)))
+            model = spec.model
+        if model.source == SOURCE_UPLOAD and session is not None:
+            with tempfile.TemporaryDirectory(prefix="meshserve-bundle-") as scratch:
+                bundle = pathlib.Path(scratch, "bundle.tar")
+                with open(bundle, "wb") as out:
+                    pack(folder, out)
+                session.upload(model.digest, bundle)
+        pinned.append(spec)
+    return pinned
+
+
+def _digest_of_url(name: str, source: str) -> str:
+    """Fetch a URL source once, here, to pin its content digest in the revision."""
+    with tempfile.TemporaryDirectory(prefix="meshserve-source-") as scratch:
+        folder = pathlib.Path(scratch, "model")
+        folder.mkdir()
+        try:
+            asyncio.run(fetch_source(source, folder, lambda done, total: None, DEFAULT_MAX_BYTES))
+            return digest_folder(folder)
+        except (SourceError, ArtifactError) as err:
+            raise CtlError(f"deployment/{name}: cannot take the digest of {source}: "
+                           f"{getattr(err, 'message', None) or err}") from None
 
 
 # ---------------------------------------------------------------- verbs
 
 
 def _apply(args: argparse.Namespace, session: Session) -> int:
-    spec_yaml = _read_specs(args.filenames, check_files=not args.files_on_nodes)
+    specs = _pin_models(_read_specs(args.filenames, check_files=not args.files_on_nodes),
+                        None if args.dry_run else session)
+    spec_yaml = specs_to_yaml(specs)
     reply = session.call("Apply", pb.ApplyRequest(spec_yaml=spec_yaml, dry_run=args.dry_run))
     if args.output != "table":
         _write(output.render(reply, args.output))

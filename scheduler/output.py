@@ -27,6 +27,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from meshserve.common.artifacts import short as short_digest
 from meshserve.protos.mesh import control_pb2 as pb
 
 FORMATS = ("table", "json", "yaml")
@@ -147,9 +148,10 @@ def deployments_table(deployments: Sequence[pb.Deployment], now_unix_ms: int) ->
     """With an autoscaled deployment among them, two more columns: its bounds and its last scaling decision."""
     autoscaled = any(d.autoscaling for d in deployments)
     return table(
-        ("NAME", "MODEL", "READY/DESIRED", "REVISION", "AGE")
+        ("NAME", "MODEL", "READY/DESIRED", "REVISION", "DIGEST", "AGE")
         + (("AUTOSCALE(MIN-MAX)", "LAST-SCALING") if autoscaled else ()),
-        ((d.name, d.model, f"{d.ready_replicas}/{d.replicas}", d.revision, age(d.created_unix_ms, now_unix_ms))
+        ((d.name, d.model, f"{d.ready_replicas}/{d.replicas}", d.revision, short_digest(d.model_digest) or "-",
+          age(d.created_unix_ms, now_unix_ms))
          + ((f"{d.min_replicas}-{d.max_replicas}" if d.autoscaling else NONE,
              _shorten(d.last_scaling) if d.last_scaling else NONE) if autoscaled else ())
          for d in deployments),
@@ -295,11 +297,13 @@ def _describe_node(node: pb.Node, now_unix_ms: int) -> list[str]:
 
 
 def _describe_deployment(deployment: pb.Deployment, now_unix_ms: int) -> list[str]:
-    history = ", ".join(str(r) for r in deployment.revision_history) or "<none>"
+    digests = list(deployment.revision_digests) + [""] * len(deployment.revision_history)
+    history = ", ".join(f"{r} ({short_digest(d)})" if d else str(r)
+                        for r, d in zip(deployment.revision_history, digests, strict=False)) or "<none>"
     lines = _fields([
         ("Name", deployment.name), ("Model", deployment.model),
         ("Replicas", f"{deployment.replicas} desired, {deployment.ready_replicas} ready"),
-        ("Revision", deployment.revision), ("History", history),
+        ("Revision", deployment.revision), ("Digest", deployment.model_digest or "<none>"), ("History", history),
         ("Created", _when(deployment.created_unix_ms, now_unix_ms)),
     ])
     lines.append("Spec:")

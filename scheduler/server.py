@@ -44,6 +44,8 @@ from meshserve.protos.mesh import control_pb2_grpc as mesh_grpc
 
 from .admin_service import AdminService
 from .agent_service import AgentService
+from .artifact_service import ArtifactService
+from .artifacts import DEFAULT_ARTIFACT_DIR, DEFAULT_MAX_BUNDLE_BYTES, BlobStore
 from .audit import AuditLog
 from .core import DEFAULT_HEARTBEAT_TIMEOUT_S, DEFAULT_REPORT_INTERVAL_S, SchedulerCore
 from .election import Election
@@ -94,6 +96,9 @@ class SchedulerOptions:
     audit_log: str | None = None
     # HOST:PORT for Prometheus GET /metrics (scheduler/metrics.py); None: no metrics endpoint.
     metrics_listen: str | None = None
+    # Uploaded model bundles by content digest (scheduler/artifacts.py), and the largest accepted.
+    artifact_dir: str = DEFAULT_ARTIFACT_DIR
+    max_artifact_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
 
 
 class SchedulerServer:
@@ -135,7 +140,9 @@ class SchedulerServer:
         self.core.cluster_id = cluster_id
         self.core.observe_reconcile = self.metrics.reconcile_seconds.observe
         mesh_grpc.add_AgentServiceServicer_to_server(AgentService(self.core, self.auth), self.server)
-        mesh_grpc.add_AdminServiceServicer_to_server(AdminService(self.core, self._leader_info), self.server)
+        blobs = BlobStore(self.options.artifact_dir, self.options.max_artifact_bytes)
+        mesh_grpc.add_AdminServiceServicer_to_server(AdminService(self.core, self._leader_info, blobs), self.server)
+        mesh_grpc.add_ArtifactServiceServicer_to_server(ArtifactService(blobs), self.server)
         mesh_grpc.add_RouteServiceServicer_to_server(RouteService(self.core), self.server)
         await self.server.start()
         self._leadership = asyncio.create_task(self._lead_when_elected(store, election, core), name="leadership")

@@ -8,6 +8,12 @@ A spec file is YAML with one object per document (separate documents with
     model:
       repository: ../models       # required; a Triton-style model repository folder (path)
       name: add_sub               # required; the model's folder in that repository
+      source: path                # path (default): repository is a folder on every host;
+                                  # upload: `scheduler ctl apply` uploads repository/name from
+                                  # the operator's machine; http(s)://.../model.tar(.gz): an
+                                  # archive of the model folder; s3://bucket/prefix: its files
+      digest: sha256:...          # the model's content digest (common/artifacts.py); filled by
+                                  # `scheduler ctl apply`, pinned in the revision
     replicas: 2                   # default 1; 0 keeps the deployment with nothing running
     resources:                    # what ONE replica needs
       gpus: 1                     # default 0: CPU only
@@ -86,6 +92,7 @@ from typing import Any
 import yaml
 
 from meshserve.common import sizes
+from meshserve.common.artifacts import ArtifactError, check_digest
 from meshserve.common.errors import InvalidArgument
 
 from .autoscaler import AutoscalingConfig
@@ -112,7 +119,9 @@ _AGENT_ENV = {"CUDA_VISIBLE_DEVICES": "to the GPUs placement picks"}
 
 _TOP_FIELDS = ("kind", "name", "model", "replicas", "resources", "placement", "revision_history",
                "runtime_args", "env", "rollout", "colocate", "steps", "autoscaling")
-_MODEL_FIELDS = ("repository", "name")
+_MODEL_FIELDS = ("repository", "name", "source", "digest")
+SOURCE_PATH, SOURCE_UPLOAD = "path", "upload"
+URL_SCHEMES = ("http://", "https://", "s3://")
 _RESOURCE_FIELDS = ("gpus", "gpu_memory", "cpu", "memory")
 _PLACEMENT_FIELDS = ("strategy", "node_selector")
 
@@ -153,6 +162,21 @@ class FrozenMap(Mapping):
 class ModelRef:
     repository: str
     name: str
+    source: str = SOURCE_PATH     # path | upload | an http(s):// or s3:// URL
+    digest: str = ""              # sha256:<hex> of the model folder's content; "" when not taken
+
+    def to_dict(self) -> dict[str, str]:
+        # source and digest only when set: specs applied before they existed keep their fingerprint.
+        return {"repository": self.repository, "name": self.name,
+                **({"source": self.source} if self.source != SOURCE_PATH else {}),
+                **({"digest": self.digest} if self.digest else {})}
+
+    def artifact(self) -> tuple[str, str]:
+        """(digest, source) an agent fetches the model from; ("", "") for a model at a path on every host.
+        source is "scheduler" for an uploaded bundle, else the http(s):// or s3:// URL."""
+        if self.source == SOURCE_PATH or not self.digest:
+            return "", ""
+        return self.digest, "scheduler" if self.source == SOURCE_UPLOAD else self.source
 
 
 @dataclass(frozen=True)
@@ -214,7 +238,7 @@ class DeploymentSpec:
         return {
             "kind": self.kind,
             "name": self.name,
-            "model": {"repository": self.model.repository, "name": self.model.name},
+            "model": self.model.to_dict(),
             "replicas": self.replicas,
             "resources": _resources_dict(self.resources),
             "placement": {"strategy": self.placement.strategy,
@@ -579,17 +603,42 @@ def _model(top: dict, path: str, base_dir: str | None, check: _Checker) -> Model
     model = check.mapping(top["model"], path, _MODEL_FIELDS, "repository: PATH, name: MODEL")
     if model is None:
         return None
+    source = _source(model.get("source"), f"{path}.source", check)
+    from_url = source is not None and source.startswith(URL_SCHEMES)
     repository = check.string(model.get("repository"), f"{path}.repository",
-                              "the model repository folder, e.g. examples/models")
+                              None if from_url else "the model repository folder, e.g. examples/models")
+    if from_url and repository is None:
+        repository = ""   # the archive or prefix is the model folder itself
     name = check.string(model.get("name"), f"{path}.name", "the model's folder in the repository")
     if name is not None and ("/" in name or name != name.strip() or name in (".", "..")):
         check.add(f"{path}.name", f"{_show(name)} is not a model name (a folder name in the repository)")
         name = None
-    if repository is None or name is None:
+    digest = check.string(model.get("digest"), f"{path}.digest") or ""
+    if digest:
+        try:
+            check_digest(digest)
+        except ArtifactError as err:
+            check.add(f"{path}.digest", err.message)
+            digest = ""
+    if repository is None or name is None or source is None:
         return None
-    if base_dir is not None and not os.path.isabs(repository):
+    if base_dir is not None and repository and not os.path.isabs(repository):
         repository = os.path.normpath(os.path.join(os.path.abspath(base_dir), repository))
-    return ModelRef(repository=repository, name=name)
+    return ModelRef(repository=repository, name=name, source=source, digest=digest)
+
+
+def _source(value: Any, path: str, check: _Checker) -> str | None:
+    if value is None:
+        return SOURCE_PATH
+    hint = f"use {SOURCE_PATH}, {SOURCE_UPLOAD}, an http(s):// archive URL or s3://bucket/prefix"
+    if not isinstance(value, str) or not (value in (SOURCE_PATH, SOURCE_UPLOAD) or value.startswith(URL_SCHEMES)):
+        check.add(path, f"{_show(value)} is not a model source ({hint})")
+        return None
+    if value.startswith(URL_SCHEMES) and (len(value) > 2048 or any(c.isspace() or ord(c) < 32 for c in value)
+                                           or value.split("://", 1)[1] in ("", "/")):
+        check.add(path, f"{_show(value[:100])} is not a usable URL ({hint})")
+        return None
+    return value
 
 
 def _resources(value: Any, path: str, check: _Checker) -> Resources:

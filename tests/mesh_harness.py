@@ -100,7 +100,9 @@ class Mesh:
         process = Process(f"scheduler-{scheduler_id}", [
             "-m", "meshserve.scheduler", "serve", "--listen", listen, "--store", store_url, "--id", scheduler_id,
             "--report-interval", str(REPORT_INTERVAL_S), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S),
-            "--election-ttl", str(ELECTION_TTL_S), "--log-level", "INFO", *extra_args])
+            "--election-ttl", str(ELECTION_TTL_S), "--log-level", "INFO",
+            # one blob folder per mesh, shared by its schedulers (as a shared mount would be)
+            "--artifact-dir", os.path.join(self._files.name, "artifacts"), *extra_args])
         self.processes.append(process)
         process.wait_listening()
         if wait_leading:

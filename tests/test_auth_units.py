@@ -41,7 +41,8 @@ def test_every_rpc_of_every_service_has_a_row():
     from meshserve.protos.inference import grpc_service_pb2
     from meshserve.protos.mesh import control_pb2
 
-    control = set().union(*(_methods(control_pb2, s) for s in ("AdminService", "AgentService", "RouteService")))
+    control = set().union(*(_methods(control_pb2, s) for s in ("AdminService", "AgentService", "RouteService",
+                                                                      "ArtifactService")))
     assert control == set(CONTROL_PLANE)
     data = {method for methods in GROUPS.values() for method in methods if "inference." in method}
     assert data == _methods(grpc_service_pb2, "GRPCInferenceService")
@@ -154,3 +155,12 @@ def test_replicas_never_inherit_the_agents_token():
         return launcher.commands[0][1]
     env = asyncio.run(main())
     assert "MESHSERVE_TOKEN" not in env and "MESHSERVE_TOKEN_FILE" not in env and env["A"] == "b"
+
+
+def test_agents_may_download_model_bundles_and_only_admins_upload_them():
+    table = control_plane_table()
+    assert table.allows("agent", "/mesh.ArtifactService/Download")
+    for role in ("agent", "viewer", "proxy"):
+        assert not table.allows(role, "/mesh.ArtifactService/Upload")
+        assert not table.allows(role, "/mesh.ArtifactService/Stat")
+    assert table.allows("admin", "/mesh.ArtifactService/Upload")

@@ -56,3 +56,12 @@ def test_peers_benchmark_skips_peers_missing_from_the_given_folder_and_measures_
     assert all(str(peers) in why for why in figures["skipped"].values()), figures["skipped"]
     for cell in ("c1", "c16"):
         assert figures["cells"][cell]["meshserve"]["errors"] == 0
+
+
+def test_artifacts_benchmark_quick_run_prints_its_figures_as_json():
+    run = subprocess.run([sys.executable, "-m", "bench.artifacts", "--quick"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["benchmark"] == "artifacts" and figures["uploads"] == 1
+    assert {"apply_to_first_call_s", "miss_start_s", "hit_start_s", "miss_over_hit"} <= set(figures)

@@ -10,6 +10,7 @@ child process. Also here: unit tests of scheduler/output.py's cells.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -27,6 +28,7 @@ import grpc
 import pytest
 import yaml
 
+from meshserve.common.artifacts import digest_folder
 from meshserve.protos.mesh import control_pb2 as pb
 from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
 from meshserve.scheduler import ctl, output
@@ -322,9 +324,9 @@ cpu-1    lost             0          -                        0/0, 0.0/0.0GiB, 0
 """
 
 DEPLOYMENTS_TABLE = """\
-NAME             MODEL            READY/DESIRED   REVISION   AGE
-add-sub          add_sub          2/2             3          45m
-resnet50-torch   resnet50_torch   0/2             1          3d2h
+NAME             MODEL            READY/DESIRED   REVISION   DIGEST   AGE
+add-sub          add_sub          2/2             3          -        45m
+resnet50-torch   resnet50_torch   0/2             1          -        3d2h
 """
 
 REPLICAS_TABLE = """\
@@ -359,8 +361,8 @@ def test_get_one_by_name(admin, capsys):
     code, out, _ = ctl_on(admin, capsys, "get", "deployments", "add-sub")
     assert code == 0
     assert request_of(admin, "Get") == pb.GetRequest(kind="deployments", name="add-sub")
-    assert out == ("NAME      MODEL     READY/DESIRED   REVISION   AGE\n"
-                   "add-sub   add_sub   2/2             3          45m\n")
+    assert out == ("NAME      MODEL     READY/DESIRED   REVISION   DIGEST   AGE\n"
+                   "add-sub   add_sub   2/2             3          -        45m\n")
     code, out, _ = ctl_on(admin, capsys, "get", "node/gpu-2")
     assert code == 0 and out.splitlines()[1].startswith("gpu-2 ")
 
@@ -425,9 +427,9 @@ def test_describe_deployment(admin, capsys):
     assert code == 0
     assert request_of(admin, "Describe") == pb.DescribeRequest(kind="deployment", name="add-sub")
     lines = out.splitlines()
-    assert lines[:5] == ["Name:     add-sub", "Model:    add_sub", "Replicas: 2 desired, 2 ready", "Revision: 3",
-                         "History:  1, 2"]
-    assert lines[5].startswith("Created:  ") and lines[5].endswith(" UTC (45m ago)")
+    assert lines[:6] == ["Name:     add-sub", "Model:    add_sub", "Replicas: 2 desired, 2 ready", "Revision: 3",
+                         "Digest:   <none>", "History:  1, 2"]
+    assert lines[6].startswith("Created:  ") and lines[6].endswith(" UTC (45m ago)")
     assert "Spec:" in lines and "  kind: Deployment" in lines and f"    repository: {MODELS}" in lines
     at = lines.index("Replicas of add-sub:")
     assert lines[at + 1].split() == ["NAME", "DEPLOYMENT", "REVISION", "NODE", "GPU", "ADDRESS", "PID", "STATE",
@@ -600,7 +602,10 @@ def test_apply_one_file_sends_the_canonical_spec(admin, capsys):
     request = request_of(admin, "Apply")
     assert request.dry_run is False
     [sent] = parse_deployments(request.spec_yaml)
-    assert sent == parse_deployments(path.read_text(), base_dir=DEPLOYMENTS)[0]
+    written = parse_deployments(path.read_text(), base_dir=DEPLOYMENTS)[0]
+    # The model folder is on this machine: its content digest is pinned, so a changed model is a new revision.
+    assert sent == written.replace(model=dataclasses.replace(written.model,
+                                                             digest=digest_folder(MODELS / "add_sub")))
     assert sent.model.repository == str(MODELS)         # resolved against the file's folder
 
 

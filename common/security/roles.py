@@ -41,6 +41,10 @@ CONTROL_PLANE: dict[str, frozenset[str]] = {
     "/mesh.RouteService/WatchRoutes": frozenset({"proxy"}),
     # A proxy holding a call for a model scaled to zero asks for a replica.
     "/mesh.RouteService/Wake": frozenset({"proxy"}),
+    # Model bundles: ctl (admin) uploads them, agents fetch them.
+    "/mesh.ArtifactService/Upload": frozenset(),
+    "/mesh.ArtifactService/Stat": frozenset(),
+    "/mesh.ArtifactService/Download": frozenset({"agent"}),
 }
 
 # Data plane endpoint groups: group -> its methods.

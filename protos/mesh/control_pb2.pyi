@@ -136,7 +136,7 @@ class AgentMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., report: _Optional[_Union[UsageReport, _Mapping]] = ..., logs: _Optional[_Union[LogsChunk, _Mapping]] = ...) -> None: ...
 
 class ReplicaAssignment(_message.Message):
-    __slots__ = ("replica_id", "deployment", "revision", "model_repository", "model_name", "gpu_indices", "env", "runtime_args")
+    __slots__ = ("replica_id", "deployment", "revision", "model_repository", "model_name", "gpu_indices", "env", "runtime_args", "artifact_digest", "artifact_source")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,8 @@ class ReplicaAssignment(_message.Message):
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_ARGS_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_SOURCE_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     deployment: str
     revision: int
@@ -160,7 +162,9 @@ class ReplicaAssignment(_message.Message):
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
     env: _containers.ScalarMap[str, str]
     runtime_args: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, replica_id: _Optional[str] = ..., deployment: _Optional[str] = ..., revision: _Optional[int] = ..., model_repository: _Optional[str] = ..., model_name: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., env: _Optional[_Mapping[str, str]] = ..., runtime_args: _Optional[_Iterable[str]] = ...) -> None: ...
+    artifact_digest: str
+    artifact_source: str
+    def __init__(self, replica_id: _Optional[str] = ..., deployment: _Optional[str] = ..., revision: _Optional[int] = ..., model_repository: _Optional[str] = ..., model_name: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., env: _Optional[_Mapping[str, str]] = ..., runtime_args: _Optional[_Iterable[str]] = ..., artifact_digest: _Optional[str] = ..., artifact_source: _Optional[str] = ...) -> None: ...
 
 class Assignments(_message.Message):
     __slots__ = ("version", "replicas")
@@ -272,7 +276,7 @@ class Node(_message.Message):
     def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., state: _Optional[str] = ..., cordoned: _Optional[bool] = ..., draining: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_source: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., resources: _Optional[_Union[HostResources, _Mapping]] = ..., last_seen_unix_ms: _Optional[int] = ..., replicas: _Optional[int] = ..., cpu_allocated: _Optional[float] = ..., memory_allocated_bytes: _Optional[int] = ..., gpu_memory_allocated_bytes: _Optional[int] = ...) -> None: ...
 
 class Deployment(_message.Message):
-    __slots__ = ("name", "spec_yaml", "replicas", "ready_replicas", "revision", "model", "created_unix_ms", "revision_history", "stable_revision", "canary_weight", "autoscaling", "min_replicas", "max_replicas", "last_scaling", "rollout_state", "rollout_started_unix_ms", "revisions")
+    __slots__ = ("name", "spec_yaml", "replicas", "ready_replicas", "revision", "model", "created_unix_ms", "revision_history", "stable_revision", "canary_weight", "model_digest", "revision_digests", "autoscaling", "min_replicas", "max_replicas", "last_scaling", "rollout_state", "rollout_started_unix_ms", "revisions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_YAML_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +287,8 @@ class Deployment(_message.Message):
     REVISION_HISTORY_FIELD_NUMBER: _ClassVar[int]
     STABLE_REVISION_FIELD_NUMBER: _ClassVar[int]
     CANARY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REVISION_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     AUTOSCALING_FIELD_NUMBER: _ClassVar[int]
     MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -300,6 +306,8 @@ class Deployment(_message.Message):
     revision_history: _containers.RepeatedScalarFieldContainer[int]
     stable_revision: int
     canary_weight: int
+    model_digest: str
+    revision_digests: _containers.RepeatedScalarFieldContainer[str]
     autoscaling: bool
     min_replicas: int
     max_replicas: int
@@ -307,7 +315,7 @@ class Deployment(_message.Message):
     rollout_state: str
     rollout_started_unix_ms: int
     revisions: _containers.RepeatedCompositeFieldContainer[RevisionInfo]
-    def __init__(self, name: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., revision: _Optional[int] = ..., model: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., revision_history: _Optional[_Iterable[int]] = ..., stable_revision: _Optional[int] = ..., canary_weight: _Optional[int] = ..., autoscaling: _Optional[bool] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., last_scaling: _Optional[str] = ..., rollout_state: _Optional[str] = ..., rollout_started_unix_ms: _Optional[int] = ..., revisions: _Optional[_Iterable[_Union[RevisionInfo, _Mapping]]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., spec_yaml: _Optional[str] = ..., replicas: _Optional[int] = ..., ready_replicas: _Optional[int] = ..., revision: _Optional[int] = ..., model: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., revision_history: _Optional[_Iterable[int]] = ..., stable_revision: _Optional[int] = ..., canary_weight: _Optional[int] = ..., model_digest: _Optional[str] = ..., revision_digests: _Optional[_Iterable[str]] = ..., autoscaling: _Optional[bool] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., last_scaling: _Optional[str] = ..., rollout_state: _Optional[str] = ..., rollout_started_unix_ms: _Optional[int] = ..., revisions: _Optional[_Iterable[_Union[RevisionInfo, _Mapping]]] = ...) -> None: ...
 
 class RevisionInfo(_message.Message):
     __slots__ = ("revision", "applied_unix_ms", "change")
@@ -484,6 +492,32 @@ class LeaderResponse(_message.Message):
     leader_id: str
     leader_address: str
     def __init__(self, is_leader: _Optional[bool] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ...) -> None: ...
+
+class ArtifactRequest(_message.Message):
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    def __init__(self, digest: _Optional[str] = ...) -> None: ...
+
+class ArtifactInfo(_message.Message):
+    __slots__ = ("digest", "present", "size_bytes")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    present: bool
+    size_bytes: int
+    def __init__(self, digest: _Optional[str] = ..., present: _Optional[bool] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class ArtifactChunk(_message.Message):
+    __slots__ = ("digest", "size_bytes", "data")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    size_bytes: int
+    data: bytes
+    def __init__(self, digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class WakeRequest(_message.Message):
     __slots__ = ("deployment",)

@@ -760,6 +760,185 @@ class AdminService:
             _registered_method=True)
 
 
+class ArtifactServiceStub:
+    """---------------------------------------------------------------- artifacts
+
+    Model bundles uploaded by `scheduler ctl apply` (model.source: upload), kept by the
+    scheduler in its blob directory under their content digest (the store keeps only the
+    digest, in the revision). Upload and Stat are admin calls; Download is the agents'.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Stat = channel.unary_unary(
+                '/mesh.ArtifactService/Stat',
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactInfo.FromString,
+                _registered_method=True)
+        self.Upload = channel.stream_unary(
+                '/mesh.ArtifactService/Upload',
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactChunk.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactInfo.FromString,
+                _registered_method=True)
+        self.Download = channel.unary_stream(
+                '/mesh.ArtifactService/Download',
+                request_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactRequest.SerializeToString,
+                response_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
+
+
+class ArtifactServiceServicer:
+    """---------------------------------------------------------------- artifacts
+
+    Model bundles uploaded by `scheduler ctl apply` (model.source: upload), kept by the
+    scheduler in its blob directory under their content digest (the store keeps only the
+    digest, in the revision). Upload and Stat are admin calls; Download is the agents'.
+    """
+
+    def Stat(self, request, context):
+        """Whether the scheduler holds the bundle of this digest (present), and its size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Upload(self, request_iterator, context):
+        """Stream a bundle (common/artifacts.py: a tar of the model folder): the first chunk names
+        the digest and total size; the scheduler refuses more than its limit (RESOURCE_EXHAUSTED),
+        unpacks it checking every member, and keeps it only if its content has that digest
+        (INVALID_ARGUMENT otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Download(self, request, context):
+        """The bundle of a digest, in chunks (NOT_FOUND when the scheduler does not hold it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ArtifactServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Stat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stat,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactInfo.SerializeToString,
+            ),
+            'Upload': grpc.stream_unary_rpc_method_handler(
+                    servicer.Upload,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactChunk.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactInfo.SerializeToString,
+            ),
+            'Download': grpc.unary_stream_rpc_method_handler(
+                    servicer.Download,
+                    request_deserializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactRequest.FromString,
+                    response_serializer=meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'mesh.ArtifactService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('mesh.ArtifactService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ArtifactService:
+    """---------------------------------------------------------------- artifacts
+
+    Model bundles uploaded by `scheduler ctl apply` (model.source: upload), kept by the
+    scheduler in its blob directory under their content digest (the store keeps only the
+    digest, in the revision). Upload and Stat are admin calls; Download is the agents'.
+    """
+
+    @staticmethod
+    def Stat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.ArtifactService/Stat',
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mesh.ArtifactService/Upload',
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactChunk.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Download(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mesh.ArtifactService/Download',
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactRequest.SerializeToString,
+            meshserve_dot_protos_dot_mesh_dot_control__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class RouteServiceStub:
     """---------------------------------------------------------------- routes
 
