@@ -45,7 +45,7 @@ def test_a_new_apply_after_a_rollback_is_a_new_revision_with_its_own_bytes(tmp_p
             await b.apply(spec("v3"))
             record = b.core.cluster.deployments["doubler"]
             assert record.revision == 3                 # not 2 again: that number meant v2's bytes
-            assert [entry["revision"] for entry in record.history] == [1, 2, 3]
+            assert [entry.revision for entry in record.history] == [1, 2, 3]
             assert DIGESTS["v2"] not in set().union(*assigned_digests(b).values())
             assert assigned_digests(b).get(3) == {DIGESTS["v3"]}
             deployment = b.admin._deployment("doubler")
