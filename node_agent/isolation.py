@@ -10,10 +10,11 @@ with the strategy chosen once at start (``node-agent --isolation``):
   ``MemoryMax`` (and ``MemorySwapMax=0``, so a leak ends in the OOM killer,
   not in swapping the host to a halt) and ``CPUQuota`` (cores x 100 %: a
   replica gets at most the cores it booked, so its latency is the same on a
-  busy host as on an idle one). The kernel OOM-kills a replica past its
-  memory; the scope's ``Result`` (``oom-kill``) or its cgroup's
-  ``memory.events`` ``oom_kill`` counter tells the agent, and the replica's
-  message says ``oom-killed: memory limit 1 GiB``. ``systemd-run`` rather
+  busy host as on an idle one), and the agent unit's device policy (only the
+  NVIDIA devices), which a scope, outside the agent's cgroup, would lose.
+  The kernel OOM-kills a replica past its memory; the scope's ``Result``
+  (``oom-kill``) or its cgroup's ``memory.events`` ``oom_kill`` counter tells
+  the agent, and the replica's message says ``oom-killed: memory limit 1 GiB``. ``systemd-run`` rather
   than a D-Bus library: it is systemd's own maintained client, present
   wherever the manager is, and adds no dependency to the agent.
 - ``rlimit``: the nearest equivalent without systemd. ``RLIMIT_DATA`` (not
@@ -65,6 +66,13 @@ SYSTEMCTL_TIMEOUT_S = 10.0
 # What a process killed by a failed allocation under RLIMIT_DATA leaves in its last output.
 _ALLOCATION_FAILED = ("MemoryError", "Unable to allocate", "Cannot allocate memory", "bad_alloc",
                       "out of memory")
+# A scope leaves the agent's cgroup, and with it the device policy of deploy/systemd/meshserve-node-agent.service:
+# each scope gets the same one again (DevicePolicy=closed still allows /dev/null, zero, random, tty and the like).
+SCOPE_DEVICE_PROPERTIES = (
+    "DevicePolicy=closed",
+    "DeviceAllow=/dev/nvidiactl rw", "DeviceAllow=/dev/nvidia-uvm rw", "DeviceAllow=/dev/nvidia-uvm-tools rw",
+    "DeviceAllow=/dev/nvidia-modeset rw", "DeviceAllow=char-nvidia rw", "DeviceAllow=char-nvidia-caps rw",
+)
 _UNIT_SAFE = re.compile(r"[A-Za-z0-9_.]")
 _UNIT_NAME_MAX = 255
 
@@ -220,7 +228,8 @@ class SystemdIsolation:
     def wrap(self, argv: Sequence[str], limits: ReplicaLimits, replica_id: str) -> list[str]:
         # No --collect: an OOM-killed scope must stay (failed) until exit_reason has read its Result.
         command = [self.systemd_run, *self._manager(), "--scope", "--quiet",
-                   f"--unit={unit_name(replica_id)}", "--description=meshserve replica"]
+                   f"--unit={unit_name(replica_id)}", "--description=meshserve replica",
+                   *(f"--property={prop}" for prop in SCOPE_DEVICE_PROPERTIES)]
         if limits.memory_bytes is not None:
             command += [f"--property=MemoryMax={limits.memory_bytes}", "--property=MemorySwapMax=0"]
         if limits.cpu_cores is not None:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 
 import pytest
+from mesh_harness import deployment_yaml
+from scheduler_brain import brain, run
 
 from meshserve.common.assignment_env import CPU_ENV, MEMORY_ENV
 from meshserve.common.backoff import Backoff
@@ -42,6 +44,22 @@ MEMORY_EVENTS_QUIET = "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\noom_group_kill 0
 
 
 # ---------------------------------------------------------------- limits from the assignment env
+
+
+def test_the_scheduler_sends_the_booked_memory_and_cpu_with_each_assignment(tmp_path):
+    async def main():
+        async with brain(tmp_path) as b:
+            await b.register("node-a")
+            await b.apply(deployment_yaml("lean", replicas=1, cpu="500m")
+                          .replace("  cpu: 500m\n", "  cpu: 500m\n  memory: 1GiB\n"))
+            await b.apply(deployment_yaml("unbooked", replicas=1))
+            envs = {a.deployment: dict(a.env) for a in b.core.assignments_for("node-a").replicas}
+        assert envs["lean"][MEMORY_ENV] == str(GiB) and envs["lean"][CPU_ENV] == "0.5"
+        assert envs["unbooked"][MEMORY_ENV] == "0"                  # nothing booked: the agent sets no limit
+        assert ReplicaLimits.from_env(envs["lean"]) == ReplicaLimits(GiB, 0.5)
+        assert ReplicaLimits.from_env(envs["unbooked"]).memory_bytes is None
+    run(main())
+
 
 
 def test_limits_come_from_the_assignment_env():
@@ -86,6 +104,7 @@ def test_systemd_scope_command_carries_memory_max_and_cpu_quota():
     assert f"--property=MemoryMax={GiB}" in command and "--property=MemorySwapMax=0" in command
     assert "--property=CPUQuota=50%" in command
     assert "--collect" not in command   # an OOM-killed scope must stay until its Result was read
+    assert "--property=DevicePolicy=closed" in command and "--property=DeviceAllow=char-nvidia rw" in command
     assert command[command.index("--") + 1:] == argv
     assert "--property=CPUQuota=200%" in SystemdIsolation().wrap(argv, ReplicaLimits(None, 2), "r")
     assert "--property=CPUQuota=1%" in SystemdIsolation().wrap(argv, ReplicaLimits(None, 0.001), "r")
@@ -94,7 +113,7 @@ def test_systemd_scope_command_carries_memory_max_and_cpu_quota():
 def test_systemd_scope_without_booked_limits_sets_no_property_and_user_manager_when_asked():
     command = SystemdIsolation(user=True).wrap(["x"], ReplicaLimits(), "r")
     assert command[:2] == ["systemd-run", "--user"]
-    assert not [arg for arg in command if arg.startswith("--property")]
+    assert not [arg for arg in command if arg.startswith(("--property=Memory", "--property=CPU"))]
 
 
 def test_systemd_switches_user_itself_and_keeps_the_parent_death_signal_after_the_switch():
