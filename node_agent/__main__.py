@@ -161,7 +161,7 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
                              advertise_host=args.host if args.bind_host else None,
                              stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, policy=policy,
                              tls=args.tls, isolation=isolation)
-    switches_user = getattr(isolation, "switches_user", False)   # systemd-run --uid switches, not the launcher
+    switches_user = getattr(isolation, "switches_user", False)   # inside the scope, not in the launcher
     supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=run_as, switch_user=not switches_user))
     agent = Agent(AgentConfig(node_name=args.name, schedulers=args.scheduler, host=args.host,
                               labels=args.labels, report_interval_s=args.report_interval, tls=args.tls, token=args.token,

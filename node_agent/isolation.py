@@ -203,19 +203,35 @@ class RlimitIsolation:
         return f"exceeded its memory limit: {shown_size(limits.memory_bytes)} (RLIMIT_DATA)"
 
 
+# Exec'd inside a replica's scope when it runs as another user: what the launcher does without a scope
+# (asyncio's user=, group=, extra_groups=[]), in the order that leaves no way back.
+_AS_USER = (
+    "import os, sys\n"
+    "uid, gid = int(sys.argv[1]), int(sys.argv[2])\n"
+    "os.setgroups([])\n"
+    "os.setresgid(gid, gid, gid)\n"
+    "os.setresuid(uid, uid, uid)\n"
+    "os.execvp(sys.argv[3], sys.argv[3:])\n"
+)
+
+
 class SystemdIsolation:
     """A transient scope per replica process, under the system manager (``user=False``) or the agent user's.
 
-    ``uid``/``gid``: the user the replica runs as, switched to by ``systemd-run`` itself after it made the
-    scope (the launcher must then not switch: a non-root ``systemd-run`` cannot reach the system manager).
+    ``uid``/``gid``: the user the replica runs as. A non-root ``systemd-run`` cannot reach the system
+    manager, so the launcher does not switch; a wrapper inside the scope does, as the launcher would (no
+    supplementary groups: ``systemd-run --uid`` would keep root's), then sets the parent-death signal
+    again (a change of user clears it). ``expand_flag``: this ``systemd-run`` knows
+    ``--expand-environment`` (systemd 254+): ``no``, so a ``$`` in a replica's arguments stays a ``$``.
     """
 
     name = "systemd"
 
     def __init__(self, user: bool = False, uid: int | None = None, gid: int | None = None,
-                 systemd_run: str = "systemd-run", systemctl: str = "systemctl"):
+                 systemd_run: str = "systemd-run", systemctl: str = "systemctl", expand_flag: bool = False):
         self.user = user
         self.uid, self.gid = uid, gid
+        self.expand_flag = expand_flag
         self.systemd_run, self.systemctl = systemd_run, systemctl
 
     @property
@@ -228,6 +244,7 @@ class SystemdIsolation:
     def wrap(self, argv: Sequence[str], limits: ReplicaLimits, replica_id: str) -> list[str]:
         # No --collect: an OOM-killed scope must stay (failed) until exit_reason has read its Result.
         command = [self.systemd_run, *self._manager(), "--scope", "--quiet",
+                   *(["--expand-environment=no"] if self.expand_flag else []),
                    f"--unit={unit_name(replica_id)}", "--description=meshserve replica",
                    *(f"--property={prop}" for prop in SCOPE_DEVICE_PROPERTIES)]
         if limits.memory_bytes is not None:
@@ -235,9 +252,8 @@ class SystemdIsolation:
         if limits.cpu_cores is not None:
             command.append(f"--property=CPUQuota={max(1, math.ceil(limits.cpu_cores * 100))}%")
         if self.uid is not None:
-            command += [f"--uid={self.uid}", f"--gid={self.gid if self.gid is not None else self.uid}"]
-            # The switch of user clears the parent-death signal set before it: set it again after.
-            argv = die_with_parent_argv(argv)
+            gid = self.gid if self.gid is not None else self.uid
+            argv = [sys.executable, "-c", _AS_USER, str(self.uid), str(gid), *die_with_parent_argv(argv)]
         return [*command, "--", *argv]
 
     async def exit_reason(self, code: int, limits: ReplicaLimits, replica_id: str, tail: Sequence[str]) -> str | None:
@@ -245,9 +261,10 @@ class SystemdIsolation:
         shown = await self._systemctl("show", "--property=Result,ControlGroup", unit)
         properties = dict(line.partition("=")[::2] for line in shown.splitlines())
         oom = properties.get("Result") == "oom-kill"
-        if not oom and properties.get("ControlGroup"):   # still there: a process of the scope lingers
+        if properties.get("ControlGroup"):   # still there: a process of the scope lingers
             events = await asyncio.to_thread(_read, f"/sys/fs/cgroup{properties['ControlGroup']}/memory.events")
-            oom = oom_kills(events) > 0
+            oom = oom or oom_kills(events) > 0
+            await self._systemctl("stop", "--no-block", unit)   # at most one process tree per replica
         if properties.get("Result", "success") != "success":
             await self._systemctl("reset-failed", unit)   # free the name for the next launch
         if not oom:
@@ -315,7 +332,8 @@ async def choose_isolation(mode: str, *, run_as_uid: int | None = None, run_as_g
     """The strategy for ``--isolation MODE``, with one log line saying which and why.
 
     ``systemd`` that cannot work raises ``IsolationUnavailable``; ``auto`` then falls back to ``rlimit``.
-    A root agent uses the system manager (and ``--uid`` for a replica user); any other the user's manager.
+    A root agent uses the system manager (and switches to the replica user inside the scope); any other
+    agent the user's manager.
     """
     if mode not in MODES:
         raise IsolationUnavailable(f"unknown isolation {mode!r} (one of {', '.join(MODES)})")
@@ -332,8 +350,11 @@ async def choose_isolation(mode: str, *, run_as_uid: int | None = None, run_as_g
         switch = run_as_uid is not None and root and run_as_uid != 0
         log.info("replica isolation: systemd (%s manager): a scope per replica with MemoryMax and CPUQuota",
                  "system" if root else "user")
+        # Scopes an earlier agent left failed (OOM-killed, then the agent died) would block their names.
+        await run_quiet(["systemctl", *([] if root else ["--user"]), "reset-failed", f"{UNIT_PREFIX}*.scope"])
         return SystemdIsolation(user=not root, uid=run_as_uid if switch else None,
-                                gid=run_as_gid if switch else None, systemd_run=systemd_run)
+                                gid=run_as_gid if switch else None, systemd_run=systemd_run,
+                                expand_flag="--expand-environment" in await run_quiet([systemd_run, "--help"]))
     if mode == "systemd":
         raise IsolationUnavailable(f"--isolation systemd: {problem}")
     log.warning("replica isolation: rlimit, not systemd (%s): RLIMIT_DATA from each replica's memory; "

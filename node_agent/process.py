@@ -132,7 +132,7 @@ class SubprocessLauncher:
     the wrapper execs the real command. With ``run_as`` (the host policy's
     user) every child runs as that user and group, with no supplementary
     groups and its own HOME, USER and LOGNAME; with ``switch_user=False``
-    the command itself switches (``systemd-run --uid``, node_agent/isolation.py)
+    the command itself switches (a wrapper inside the replica's systemd scope, node_agent/isolation.py)
     and the launcher only sets those variables.
     """
 

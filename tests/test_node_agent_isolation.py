@@ -116,13 +116,31 @@ def test_systemd_scope_without_booked_limits_sets_no_property_and_user_manager_w
     assert not [arg for arg in command if arg.startswith(("--property=Memory", "--property=CPU"))]
 
 
-def test_systemd_switches_user_itself_and_keeps_the_parent_death_signal_after_the_switch():
+def test_systemd_switches_user_inside_the_scope_then_sets_the_parent_death_signal_again():
     command = SystemdIsolation(uid=1234, gid=99).wrap(["runtime"], ReplicaLimits(GiB), "r")
-    assert "--uid=1234" in command and "--gid=99" in command
+    assert not [arg for arg in command if arg.startswith(("--uid", "--gid"))]   # those keep root's groups
     inner = command[command.index("--") + 1:]
-    assert inner[0] == sys.executable and "prctl" in inner[2] and inner[3] == str(os.getpid())
+    assert inner[0] == sys.executable and "os.setgroups([])" in inner[2] and inner[3:5] == ["1234", "99"]
+    assert inner[5] == sys.executable and "prctl" in inner[7] and inner[8] == str(os.getpid())
     assert inner[-1] == "runtime"
     assert SystemdIsolation(uid=1234).switches_user and not SystemdIsolation().switches_user
+
+
+def test_the_user_switch_wrapper_drops_every_group_for_real():
+    if os.geteuid() != 0:
+        pytest.skip("switching user needs root")
+    nobody = 65534
+    command = SystemdIsolation(uid=nobody, gid=nobody).wrap(["runtime"], ReplicaLimits(), "r")
+    as_user = command[command.index("--") + 1:][:5]     # the switch, then (here) a command nobody may run
+    out = subprocess.run([*as_user, "/bin/sh", "-c", "echo $(id -u) $(id -g) groups: $(id -G)"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.split() == [str(nobody), str(nobody), "groups:", str(nobody)]   # id -G: the gid, nothing more
+
+
+def test_systemd_keeps_dollar_signs_literal_where_systemd_run_would_expand_them():
+    command = SystemdIsolation(expand_flag=True).wrap(["runtime", "--x=$HOME"], ReplicaLimits(), "r")
+    assert "--expand-environment=no" in command[:command.index("--")] and command[-1] == "--x=$HOME"
+    assert "--expand-environment=no" not in SystemdIsolation().wrap(["runtime"], ReplicaLimits(), "r")
 
 
 # ---------------------------------------------------------------- OOM detection
@@ -167,6 +185,12 @@ def test_systemd_exit_reason_from_a_lingering_cgroups_memory_events(tmp_path, mo
                         lambda path: real_read(path.replace("/sys/fs/cgroup", str(tmp_path))))
     reason = asyncio.run(SystemdIsolation(systemctl=systemctl).exit_reason(-9, ReplicaLimits(256 * MiB), "r", []))
     assert reason == "oom-killed: memory limit 256 MiB"
+
+
+def test_a_lingering_scope_is_stopped_after_its_main_process_exits(tmp_path):
+    systemctl, calls = _fake_systemctl(tmp_path, "Result=success\nControlGroup=/system.slice/x.scope\n")
+    assert asyncio.run(SystemdIsolation(systemctl=systemctl).exit_reason(1, ReplicaLimits(GiB), "r", [])) is None
+    assert "stop --no-block meshserve-replica-r.scope" in calls.read_text().splitlines()
 
 
 def test_systemd_exit_without_oom_or_without_systemctl_has_no_reason(tmp_path):
