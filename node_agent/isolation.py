@@ -75,6 +75,9 @@ SCOPE_DEVICE_PROPERTIES = (
 )
 _UNIT_SAFE = re.compile(r"[A-Za-z0-9_.]")
 _UNIT_NAME_MAX = 255
+# Past these a value is nonsense (and would not fit an rlimit or CPUQuota): no limit, logged.
+_MAX_MEMORY_BYTES = 2**60
+_MAX_CPU_CORES = 1 << 16
 
 
 class IsolationUnavailable(RuntimeError):
@@ -96,7 +99,10 @@ class ReplicaLimits:
         if raw_memory is not None:
             try:
                 memory = parse_size(raw_memory) or None
+                if memory is not None and memory > _MAX_MEMORY_BYTES:
+                    raise ValueError("more than any host has")
             except ValueError:
+                memory = None
                 log.warning("replica %s: unreadable %s=%r: no memory limit", replica_id, MEMORY_ENV,
                             raw_memory[:40])
         if raw_cpu is not None:
@@ -104,7 +110,7 @@ class ReplicaLimits:
                 cpu = float(raw_cpu)
             except ValueError:
                 cpu = math.nan
-            if not math.isfinite(cpu) or cpu < 0:
+            if not math.isfinite(cpu) or cpu < 0 or cpu > _MAX_CPU_CORES:
                 log.warning("replica %s: unreadable %s=%r: no CPU limit", replica_id, CPU_ENV, raw_cpu[:40])
                 cpu = None
             cpu = cpu or None
@@ -122,7 +128,7 @@ def shown_size(size: int) -> str:
 def unit_name(replica_id: str) -> str:
     """The scope of a replica: ``meshserve-replica-<id>.scope``, every byte of the id outside
     ``[A-Za-z0-9_.]`` escaped as ``\\xNN`` (systemd's own escape); an over-long name ends in a hash."""
-    escaped = "".join(ch if _UNIT_SAFE.fullmatch(ch) else "".join(f"\\x{b:02x}" for b in ch.encode())
+    escaped = "".join(ch if _UNIT_SAFE.fullmatch(ch) else "".join(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
                       for ch in replica_id)
     name = f"{UNIT_PREFIX}{escaped}"
     if len(name) + len(".scope") > _UNIT_NAME_MAX:

@@ -69,7 +69,8 @@ def test_limits_come_from_the_assignment_env():
     assert ReplicaLimits.from_env({MEMORY_ENV: "0", CPU_ENV: "0"}) == ReplicaLimits(None, None)  # nothing booked
 
 
-@pytest.mark.parametrize("memory, cpu", [("lots", "nan"), ("-5", "inf"), ("1G", "-1"), ("", "1e999"), ("x" * 10_000, "½")])
+@pytest.mark.parametrize("memory, cpu", [("lots", "nan"), ("-5", "inf"), ("1G", "-1"), ("", "1e999"),
+                                         ("x" * 10_000, "½"), ("9" * 30, "1e300")])
 def test_unreadable_limits_are_no_limit_and_do_not_raise(memory, cpu, caplog):
     assert ReplicaLimits.from_env({MEMORY_ENV: memory, CPU_ENV: cpu}, "r1") == ReplicaLimits(None, None)
     assert "no memory limit" in caplog.text and "no CPU limit" in caplog.text
@@ -92,6 +93,7 @@ def test_unit_names_escape_every_unsafe_byte_and_stay_valid():
     assert hostile == "meshserve-replica-..\\x2fx\\x20\\x2d\\x2duid\\x3d0\\x3b\\xc3\\xa9.scope"
     assert all(ch.isalnum() or ch in "\\_.-" for ch in hostile)
     assert unit_name("a/b") != unit_name("a_b") != unit_name("a\\x2fb")
+    assert unit_name("\udc80") == "meshserve-replica-\\xed\\xb2\\x80.scope"   # a lone surrogate: escaped, no error
     long_a, long_b = unit_name("x" * 300 + "a"), unit_name("x" * 300 + "b")
     assert len(long_a) <= 255 and len(long_b) <= 255 and long_a != long_b and long_a.endswith(".scope")
 
