@@ -65,7 +65,7 @@ UNIT_PREFIX = "meshserve-replica-"
 SYSTEMCTL_TIMEOUT_S = 10.0
 # What a process killed by a failed allocation under RLIMIT_DATA leaves in its last output.
 _ALLOCATION_FAILED = ("MemoryError", "Unable to allocate", "Cannot allocate memory", "bad_alloc",
-                      "out of memory")
+                      "out of memory", "Memory allocation")   # the last: OpenBLAS's buffers at import
 # A scope leaves the agent's cgroup, and with it the device policy of deploy/systemd/meshserve-node-agent.service:
 # each scope gets the same one again (DevicePolicy=closed still allows /dev/null, zero, random, tty and the like).
 SCOPE_DEVICE_PROPERTIES = (

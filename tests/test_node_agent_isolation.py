@@ -209,6 +209,8 @@ def test_rlimit_exit_reason_only_when_an_allocation_failed():
     assert asyncio.run(isolation.exit_reason(1, limits, "r", tail)) == \
         "exceeded its memory limit: 256 MiB (RLIMIT_DATA)"
     assert asyncio.run(isolation.exit_reason(1, limits, "r", ["RuntimeError: boom"])) is None
+    openblas = ["OpenBLAS error: Memory allocation still failed after 10 retries, giving up."]
+    assert asyncio.run(isolation.exit_reason(1, limits, "r", openblas)) is not None
     assert asyncio.run(isolation.exit_reason(0, limits, "r", tail)) is None
     assert asyncio.run(isolation.exit_reason(1, ReplicaLimits(), "r", tail)) is None
     assert asyncio.run(NoIsolation().exit_reason(-9, limits, "r", tail)) is None
@@ -289,6 +291,12 @@ def test_real_replica_past_its_rlimit_dies_and_the_reason_says_so():
     assert greedy.message.startswith("exceeded its memory limit: 768 MiB (RLIMIT_DATA); exited with code 1")
     assert "Unable to allocate" in greedy.message                   # the runtime's own words, in the tail
     assert modest.state == "ready" and modest.exit_code == 0        # the same limit leaves room for a modest one
+
+
+def test_a_booking_too_small_for_the_runtime_itself_says_so_instead_of_a_bare_exit():
+    """64 MiB does not hold the runtime's imports (OpenBLAS's buffers): the reason names the limit."""
+    statuses = asyncio.run(_outcome(RlimitIsolation(), _hog("tiny", booked=64 * MiB, hog=0)))
+    assert statuses["tiny"].message.startswith("exceeded its memory limit: 64 MiB (RLIMIT_DATA); exited with code 1")
 
 
 def test_real_replica_past_its_memory_max_is_reported_oom_killed():
