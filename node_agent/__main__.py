@@ -2,7 +2,7 @@
 
     node-agent --scheduler HOST:PORT[,HOST:PORT] --name NAME [--fake-gpus 2x80GiB]
                [--labels k=v,k2=v2] [--host 127.0.0.1] [--report-interval 1.0]
-               [--policy /etc/meshserve/policy.yaml]
+               [--policy /etc/meshserve/policy.yaml] [--isolation auto|systemd|rlimit|none]
 
 Every assignment is checked against this host's execution policy
 (node_agent/policy.py; README "Security"): without --policy no model
@@ -17,6 +17,11 @@ SIGTERM or SIGINT drains every replica (each gets SIGTERM, then SIGKILL
 after --stop-grace), reports their stop, and exits 0. Without --fake-gpus the
 agent reads NVML; on a host with no GPU or driver it runs CPU-only and says
 so (gpu_source "none") — it never fakes GPUs unasked.
+
+Each replica runs under the memory and CPU its deployment booked
+(``--isolation``, node_agent/isolation.py): a systemd scope with MemoryMax and
+CPUQuota where systemd runs, else RLIMIT_DATA; ``--isolation systemd`` on a
+host without a working systemd refuses to start, saying why.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from .agent import Agent, AgentConfig
 from .artifact_cache import ArtifactCache
 from .artifact_fetchers import artifact_fetchers
 from .gpu_probe import parse_fake_spec, select_probe
+from .isolation import MODES, IsolationUnavailable, choose_isolation
 from .membership import MembershipUnreadable
 from .metrics import AgentMetrics
 from .policy import HostPolicy, PolicyError
@@ -144,6 +150,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="this host's execution policy (YAML): repository roots, allowed env and runtime "
                              "flags, run_as user, caps; default: nothing is allowed to run")
     add_logging_arguments(parser)
+    parser.add_argument("--isolation", choices=MODES, default="auto",
+                        help="how each replica is held to its booked memory and CPU: a systemd scope (MemoryMax, "
+                             "CPUQuota), rlimit (RLIMIT_DATA only), none; auto: systemd where systemd-run --scope "
+                             "works, else rlimit (default: %(default)s)")
     add_tls_arguments(parser)
     add_metrics_arguments(parser)
     parser.add_argument("--token-file", metavar="FILE",
@@ -181,6 +191,12 @@ def load_policy(path: str | None) -> HostPolicy:
 
 
 async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
+    run_as = policy.run_as
+    try:
+        isolation = await choose_isolation(args.isolation, run_as_uid=run_as.uid if run_as else None,
+                                           run_as_gid=run_as.gid if run_as else None)
+    except IsolationUnavailable as err:
+        raise SystemExit(f"node-agent: {err}") from None
     probe = await asyncio.to_thread(select_probe, args.fake_gpus, seed=args.name)
     agent_ref: list[Agent] = []
 
@@ -194,8 +210,9 @@ async def run(args: argparse.Namespace, policy: HostPolicy) -> None:
                              stop_grace_s=args.stop_grace, startup_timeout_s=args.startup_timeout, policy=policy,
                              tls=args.tls, metrics=args.metrics_listen is not None,
                              logs=ReplicaLogs(os.path.join(args.state_dir, "replicas")),
-                             max_failed_starts=args.max_failed_starts, artifacts=cache)
-    supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=policy.run_as))
+                             max_failed_starts=args.max_failed_starts, artifacts=cache, isolation=isolation)
+    switches_user = getattr(isolation, "switches_user", False)   # inside the scope, not in the launcher
+    supervisor = Supervisor(options, launcher=SubprocessLauncher(run_as=run_as, switch_user=not switches_user))
     metrics_server = None
     if args.metrics_listen:   # replicas then serve metrics on loopback, re-exported here (node_agent/metrics.py)
         metrics_server = MetricsHttpServer(args.metrics_listen, AgentMetrics(args.name, probe, supervisor).render)

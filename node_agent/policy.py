@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from meshserve.common.assignment_env import CPU_ENV, GPU_MEMORY_ENV
+from meshserve.common.assignment_env import CPU_ENV, GPU_MEMORY_ENV, MEMORY_ENV
 from meshserve.common.errors import MeshError
 from meshserve.common.model_names import plain_model_name
 from meshserve.common.runtime_options import SHARED_MEMORY_MODES, SHARED_MEMORY_NONE
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 # Set by the mesh (the scheduler declares what it booked) or thread-count knobs of numeric libraries:
 # none of them names a file, a command or a module to load.
 BUILTIN_ENV = frozenset({
-    GPU_MEMORY_ENV, CPU_ENV,
+    GPU_MEMORY_ENV, CPU_ENV, MEMORY_ENV,
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
     "TOKENIZERS_PARALLELISM",
 })

@@ -118,6 +118,11 @@ _DIE_WITH_PARENT = (
 )
 
 
+def die_with_parent_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` behind the wrapper that asks for SIGTERM when this process (the agent) dies."""
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
+
+
 class SubprocessLauncher:
     """Real processes, read through pipes.
 
@@ -127,26 +132,31 @@ class SubprocessLauncher:
     the agent's event-loop thread ends: the pid stays the child's own, as
     the wrapper execs the real command. With ``run_as`` (the host policy's
     user) every child runs as that user and group, with no supplementary
-    groups and its own HOME, USER and LOGNAME.
+    groups and its own HOME, USER and LOGNAME; with ``switch_user=False``
+    the command itself switches (a wrapper inside the replica's systemd scope, node_agent/isolation.py)
+    and the launcher only sets those variables.
     """
 
-    def __init__(self, die_with_parent: bool = sys.platform.startswith("linux"), run_as: RunAs | None = None):
+    def __init__(self, die_with_parent: bool = sys.platform.startswith("linux"), run_as: RunAs | None = None,
+                 switch_user: bool = True):
         self.die_with_parent = die_with_parent
         self.run_as = run_as
+        self.switch_user = switch_user
 
     async def launch(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None) -> ChildProcess:
         if self.die_with_parent:
-            argv = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
-        env, run_as = dict(env), self.run_as
-        if run_as is not None:
-            env.update(HOME=run_as.home, USER=run_as.name, LOGNAME=run_as.name)
+            argv = die_with_parent_argv(argv)
+        env = dict(env)
+        if self.run_as is not None:
+            env.update(HOME=self.run_as.home, USER=self.run_as.name, LOGNAME=self.run_as.name)
+        switch = self.run_as if self.switch_user else None   # else the command switches (inside its scope)
         proc = await asyncio.create_subprocess_exec(
             *argv, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             limit=_LINE_LIMIT_BYTES, start_new_session=True,
             # None: subprocess's own defaults (this process's user, group and groups)
-            user=None if run_as is None else run_as.uid, group=None if run_as is None else run_as.gid,
-            extra_groups=None if run_as is None else [],
+            user=None if switch is None else switch.uid, group=None if switch is None else switch.gid,
+            extra_groups=None if switch is None else [],
         )
         return _Subprocess(proc)
 

@@ -66,6 +66,7 @@ from meshserve.common.states import ReplicaState
 from .artifact_cache import ArtifactCache, ArtifactRef, FetchFailed
 from .crash_reason import crash_reason
 from .gpu_probe import GpuLoad
+from .isolation import Isolation, NoIsolation, ReplicaLimits
 from .policy import HostPolicy, Refused
 from .process import ChildProcess, Clock, Launcher, signal_name
 from .replica_load import watch_load
@@ -206,6 +207,8 @@ class ReplicaOptions:
     # Fetches, verifies and shares the models of assignments that carry a digest (artifact_cache.py).
     # None: such an assignment fails with "no artifact cache on this agent".
     artifacts: ArtifactCache | None = None
+    # How each replica's process is limited to its booked memory and CPU (node_agent/isolation.py).
+    isolation: Isolation = field(default_factory=NoIsolation)
 
 
 WaitReady = Callable[[str], Awaitable[None]]
@@ -285,6 +288,7 @@ class Replica:
                 self._repository = options.policy.admit(spec)
             except Refused as refused:
                 self._refusal = str(refused)
+        self._limits = ReplicaLimits.from_env(dict(spec.env), spec.replica_id)   # isolation: booked memory, CPU
         if GPU_MEMORY_ENV in dict(spec.env) and spec.declared_gpu_memory() is None:
             log.warning("replica %s: unreadable %s=%r; counting the default %d bytes per GPU", spec.replica_id,
                         GPU_MEMORY_ENV, dict(spec.env)[GPU_MEMORY_ENV], DEFAULT_GPU_MEMORY_BYTES)
@@ -449,6 +453,8 @@ class Replica:
         env.update((options.tls or TlsConfig()).as_environment())   # the agent's TLS, whatever the spec says
         # gpu_indices decide, whatever the env says: the scheduler placed the replica there.
         env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
+        # isolation: the process runs under its booked memory and CPU (node_agent/isolation.py)
+        argv = options.isolation.wrap(argv, self._limits, spec.replica_id)
         return argv, env
 
     async def _run_process(self) -> None:
@@ -495,7 +501,9 @@ class Replica:
                     break
             code = exited.result()
             await asyncio.wait({reader}, timeout=OUTPUT_DRAIN_S)
-            reason = f"exited with code {code}{signal_name(code)}{self._reason(tail)}"
+            # isolation: "oom-killed: memory limit 1 GiB" first when the limits explain the exit
+            why = await self.options.isolation.exit_reason(code, self._limits, self.spec.replica_id, tail)
+            reason = f"{why + '; ' if why else ''}exited with code {code}{signal_name(code)}{self._reason(tail)}"
             raise _Crash(code, reason + self._tail_text(tail), ready_at)
         finally:
             for task in (reader, stop, ready, load):

@@ -44,7 +44,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from meshserve.common.assignment_env import CPU_ENV, GPU_MEMORY_ENV
+from meshserve.common.assignment_env import CPU_ENV, GPU_MEMORY_ENV, MEMORY_ENV
 from meshserve.common.errors import FailedPrecondition, InvalidArgument
 from meshserve.common.leader import not_leader_message
 from meshserve.protos.mesh import control_pb2 as mesh
@@ -406,13 +406,15 @@ class SchedulerCore:
                 continue  # a split pipeline's leader waits until its remote steps are ready
             models = replica.models or [spec.model.name]
             env = {} if node in self._no_secrets else dict(spec.env)
+            needs = replica_needs(self.cluster, replica)
             assignments.replicas.add(
                 replica_id=replica.id, deployment=replica.deployment, revision=replica.revision,
                 model_repository=spec.model.repository, model_name=models[0], gpu_indices=replica.gpu_indices,
                 env={**env,
                      # what the replica may use on each of its GPUs (the fake GPU probe counts it)
                      GPU_MEMORY_ENV: str(replica.gpu_memory_bytes),
-                     CPU_ENV: f"{replica_needs(self.cluster, replica).cpu:g}"},  # checked by the host policy
+                     CPU_ENV: f"{needs.cpu:g}",             # checked by the host policy, limited by the agent
+                     MEMORY_ENV: str(needs.memory)},        # the agent's memory limit for the replica
                 runtime_args=[*spec.runtime_args, *pipeline_args],
                 artifact_digest=artifact_digest, artifact_source=artifact_source,
             )

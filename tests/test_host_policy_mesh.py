@@ -29,7 +29,7 @@ def _deployment(name: str, repository, extra: str = "") -> str:
 name: {name}
 model: {{repository: "{repository}", name: add_sub}}
 replicas: 1
-resources: {{gpus: 0, cpu: 100m, memory: 64MiB}}
+resources: {{gpus: 0, cpu: 100m, memory: 512MiB}}   # enforced (node-agent --isolation): a runtime needs ~128MiB
 {extra}"""
 
 
