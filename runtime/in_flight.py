@@ -10,6 +10,8 @@ is open) and stops as soon as none is left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 
 
 class InFlight:
@@ -25,10 +27,27 @@ class InFlight:
         self._idle.clear()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.count -= 1
         if self.count == 0:
             self._idle.set()
+
+    @contextlib.contextmanager
+    def call(self, context: object) -> Iterator[None]:
+        """Count one call from now until its RPC is over: after its response has gone out, not when the
+        handler returns (a stop right then would cancel the response on the wire). A handler that raises,
+        or a context without done callbacks (a test calling the servicer), stops counting at its return."""
+        self.__enter__()
+        handed_off = False
+        try:
+            yield
+            add_done_callback = getattr(context, "add_done_callback", None)
+            if add_done_callback is not None:
+                add_done_callback(lambda _context: self.__exit__())
+                handed_off = True
+        finally:
+            if not handed_off:
+                self.__exit__()
 
     async def wait_idle(self, timeout: float) -> bool:
         """True once no call is in progress; False if ``timeout`` seconds pass first."""

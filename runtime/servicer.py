@@ -108,7 +108,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelStatisticsResponse(model_stats=[model.stats.to_proto() for model in models])
 
     async def ModelInfer(self, request, context):
-        with self.in_flight:
+        with self.in_flight.call(context):   # until its response is sent
             if self._tracer is None:
                 return await self._infer(request, None, context)
             trace = RequestTrace(self._tracer, "ModelInfer", request.model_name, request.id,
@@ -211,7 +211,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise
             await responses.put(None)
 
-        with self.in_flight:   # the whole stream: a drain lets it finish
+        with self.in_flight.call(context):   # the whole stream: a drain lets it finish
             reader = asyncio.create_task(read_then_end())
             try:  # context.write, not yield: a write to a client that is gone fails here, and this
                 # finally runs at once (a generator left at its yield would wait for the gc)
