@@ -26,14 +26,13 @@ import collections
 import logging
 from collections.abc import Awaitable, Callable
 
-from .autoscaler import AutoscalerState, AutoscalingConfig, Decision, Observation, decide
+from .autoscaler import AutoscalerState, Decision, Observation, decide
 from .cluster import Cluster
 from .records import PENDING, READY, DeploymentRecord
 
 log = logging.getLogger(__name__)
 
 TICK_S = 2.0
-HISTORY_KEPT = 20   # decisions that changed the count, per deployment, for `describe`
 
 
 class Autoscaling:
@@ -45,8 +44,6 @@ class Autoscaling:
         self._states: dict[str, AutoscalerState] = {}
         self._demand: set[str] = set()
         self._last_tick = float("-inf")
-        self.history: dict[str, collections.deque[str]] = collections.defaultdict(
-            lambda: collections.deque(maxlen=HISTORY_KEPT))
 
     def reset(self) -> None:
         """A new term: windows refill from fresh reports; states come back from the records."""
@@ -60,7 +57,7 @@ class Autoscaling:
         record = self.cluster.deployments.get(deployment)
         if record is None:
             return f"no deployment named {deployment!r}"
-        config = config_of(record)
+        config = record.spec.autoscaling
         if config is None:
             return (f"deployment {deployment!r} has {record.replicas} replica(s) wanted and no autoscaling: "
                     f"scale it up (scheduler ctl scale {deployment} N)")
@@ -77,7 +74,7 @@ class Autoscaling:
         changed = False
         for name in sorted(self.cluster.deployments):
             record = self.cluster.deployments[name]
-            config = config_of(record)
+            config = record.spec.autoscaling
             if config is None:
                 self._windows.pop(name, None)
                 continue
@@ -115,10 +112,5 @@ class Autoscaling:
         text = f"autoscaled {record.replicas} -> {decision.desired}: {decision.reason}"
         await self._commit(record, replicas=decision.desired, autoscaler=state.to_json(), last_scaling=text)
         self.cluster.record_event(f"deployment/{record.name}", text)
-        self.history[record.name].append(text)
         log.info("deployment %s %s", record.name, text)
 
-
-def config_of(record: DeploymentRecord) -> AutoscalingConfig | None:
-    """The deployment's autoscaling config, or None when its count is fixed."""
-    return record.spec.autoscaling

@@ -107,3 +107,36 @@ def test_a_lost_nodes_replica_that_was_not_ready_is_placed_again_at_once(tmp_pat
             assert b.on("node-a") == [] and b.core.cluster.replicas[on_a.id].node == "node-b"
             assert b.routed() == {b.address(on_b.id)}
     run(test())
+
+
+@pytest.mark.parametrize("name, refused", [("", True), ("x" * 254, True), ("absent", False)])
+def test_wake_refuses_a_bad_name_and_answers_an_unknown_deployment_without_acting(tmp_path, name, refused):
+    """A proxy's Wake: a name no deployment can have is INVALID_ARGUMENT; an unknown one is said, nothing moves."""
+    from meshserve.common.errors import InvalidArgument
+    from meshserve.scheduler.route_service import RouteService
+
+    async def test():
+        async with brain(tmp_path) as b:
+            service = RouteService(b.core)
+            if refused:
+                with pytest.raises(InvalidArgument, match="deployment name"):
+                    await service.Wake(mesh.WakeRequest(deployment=name), None)
+            else:
+                answer = await service.Wake(mesh.WakeRequest(deployment=name), None)
+                assert "no deployment named 'absent'" in answer.message
+            assert not b.core.cluster.deployments and not b.replicas()
+    run(test())
+
+
+def test_wake_of_a_deployment_without_autoscaling_says_how_to_scale_it(tmp_path):
+    from meshserve.scheduler.route_service import RouteService
+
+    async def test():
+        async with brain(tmp_path) as b:
+            await b.register("node-a")
+            await b.apply(deployment_yaml("adder", replicas=0))
+            answer = await RouteService(b.core).Wake(mesh.WakeRequest(deployment="adder"), None)
+            assert "no autoscaling" in answer.message and "scheduler ctl scale adder N" in answer.message
+            await b.settle()
+            assert b.core.cluster.deployments["adder"].replicas == 0   # a Wake changes nothing here
+    run(test())
