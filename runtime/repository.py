@@ -155,6 +155,22 @@ class ModelRepository:
                            f"and not served remotely (--remote-model)")
         return self.get(name, version).config
 
+    def dependents(self, name: str) -> list[str]:
+        """The loaded local step models of ensemble ``name`` that no other loaded ensemble uses:
+        what Triton's ``unload_dependents`` unloads with it."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return []
+        steps = self._local_steps(entry)
+        still_used = {step for other in self._entries.values() if other.name != name
+                      for step in self._local_steps(other)}
+        return sorted(step for step in steps - still_used
+                      if step in self._entries and self._entries[step].versions)
+
+    def _local_steps(self, entry: ModelEntry) -> set[str]:
+        return {step.model_name for model in entry.versions.values() if isinstance(model, EnsembleModel)
+                for step in model.config.ensemble_scheduling.step if step.model_name not in self.remote}
+
     async def unload(self, name: str) -> None:
         entry = self._entries.get(name)
         if entry is None or not entry.versions:

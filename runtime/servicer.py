@@ -32,6 +32,7 @@ from .shared_memory import SharedMemoryRegistry
 from .shm_scope import scope_of
 
 SERVER_NAME = "meshserve"
+UNLOAD_DEPENDENTS = "unload_dependents"   # Triton's RepositoryModelUnload parameter
 # What one ModelStreamInfer stream may hold at once. 64 requests in flight let one stream fill
 # a batch of max_batch_size 64 (the examples' largest) or keep a perf_analyzer-style pipeline
 # busy; with the queued responses they bound a stream that is never read to 80 messages, a few
@@ -271,12 +272,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.models.add(name=name, version=version, state=state, reason=reason)
         return response
 
-    def _check_repository_request(self, request) -> None:
+    def _check_repository_request(self, request, accepted: tuple[str, ...] = ()) -> None:
         if request.repository_name:
             raise NotFound(f"unknown repository '{request.repository_name}'; this server has one, unnamed")
-        if request.parameters:
+        refused = sorted(set(request.parameters) - set(accepted))
+        if refused:
             raise InvalidArgument(
-                f"repository parameters ({', '.join(sorted(request.parameters))}) are not supported; "
+                f"repository parameters ({', '.join(refused)}) are not supported; "
                 f"change the files in the repository instead"
             )
 
@@ -290,10 +292,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
-        self._check_repository_request(request)
-        self.model_control.check("unload", plain_model_name(request.model_name))
+        # tritonclient sends `unload_dependents` (a bool) on every unload, true or false.
+        self._check_repository_request(request, accepted=(UNLOAD_DEPENDENTS,))
+        name = plain_model_name(request.model_name)
+        self.model_control.check("unload", name)
+        names = [name]
+        if UNLOAD_DEPENDENTS in request.parameters:
+            parameter = request.parameters[UNLOAD_DEPENDENTS]
+            if parameter.WhichOneof("parameter_choice") != "bool_param":
+                raise InvalidArgument(f"parameter '{UNLOAD_DEPENDENTS}' must be a bool")
+            if parameter.bool_param:
+                names += self.repository.dependents(name)
+        # The dependents go without a check of their own: they were loaded for the ensemble, and load with it.
         try:
-            await self.repository.unload(request.model_name)
+            for each in names:
+                await self.repository.unload(each)
         finally:
             await self._models_changed()
         return pb.RepositoryModelUnloadResponse()

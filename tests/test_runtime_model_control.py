@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from conftest import EXAMPLES, RuntimeProcess
+from conftest import EXAMPLES, REPO_ROOT, RuntimeProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_runtime_helpers import RPC_TIMEOUT_S, assert_status, check_add_sub, infer_request, open_stub, rpc_error
 
@@ -123,3 +123,59 @@ def test_a_stream_request_with_a_path_as_model_name_is_refused(runtime, name):
     with channel:
         assert _stream_error(stub, name).startswith("INVALID_ARGUMENT: invalid model name")
     assert "Traceback" not in "".join(runtime.output)
+
+
+# -- Triton's own client: unload_model always sends unload_dependents ----------
+
+ENSEMBLES = REPO_ROOT / "tests" / "models" / "ensembles"
+STEPS_OF = {"chain": {"double", "add_one"}, "diamond": {"join", "double", "add_one", "square"}}
+
+
+def test_tritonclient_unloads_with_and_without_its_dependents(start_runtime):
+    """tritonclient's ``unload_model`` sets ``unload_dependents`` on every call; before it was accepted every
+    unload from Triton's client failed INVALID_ARGUMENT. True also unloads the ensemble's local steps that no
+    other loaded ensemble uses (Triton's meaning); loading the ensemble brings them back."""
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    runtime = start_runtime("--model-repository", ENSEMBLES, "--model", "chain", "--model", "diamond",
+                            "--model-control", "explicit")
+    every = {"chain", "diamond"} | STEPS_OF["diamond"]
+    client = triton.InferenceServerClient(runtime.address)
+    try:
+        def ready() -> set[str]:
+            return {name for name in every if client.is_model_ready(name)}
+
+        assert ready() == every
+        client.unload_model("chain")
+        assert ready() == every - {"chain"}
+        client.load_model("chain")
+        assert ready() == every
+        client.unload_model("chain", unload_dependents=True)   # diamond still uses double and add_one
+        assert ready() == every - {"chain"}
+        client.unload_model("diamond", unload_dependents=True)
+        assert ready() == set()
+        client.load_model("diamond")
+        assert ready() == {"diamond"} | STEPS_OF["diamond"]
+        with pytest.raises(InferenceServerException, match="not loaded"):
+            client.unload_model("chain", unload_dependents=True)
+    finally:
+        client.close()
+    assert "Traceback" not in "".join(runtime.output)
+
+
+@pytest.mark.parametrize(("parameter", "fragment"), [
+    ("string_param", "'unload_dependents' must be a bool"),
+    ("other", "repository parameters (other) are not supported"),
+])
+def test_an_unload_parameter_other_than_a_bool_unload_dependents_is_refused(runtime, parameter, fragment):
+    request = pb.RepositoryModelUnloadRequest(model_name="add_sub")
+    if parameter == "other":
+        request.parameters["other"].bool_param = True
+    else:
+        request.parameters["unload_dependents"].string_param = "yes"
+    channel, stub = open_stub(runtime.address)
+    with channel:
+        error = rpc_error(stub.RepositoryModelUnload, request)
+        assert_status(error, grpc.StatusCode.INVALID_ARGUMENT, fragment)
+        check_add_sub(stub)
