@@ -19,7 +19,7 @@ from meshserve.common.daemon_logging import add_logging_arguments, configure_fro
 from meshserve.common.env_flags import parse_with_environment
 from meshserve.common.listen import ListenError, exit_on_listen_error
 from meshserve.common.metrics import add_metrics_arguments, metrics_listen_from_args
-from meshserve.common.ready_line import print_ready_line
+from meshserve.common.ready_line import metrics_detail, print_ready_line
 from meshserve.common.sd_notify import Notifier, announce, draining
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
@@ -86,15 +86,15 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
 async def run(options: ProxyOptions, grace_period_s: float) -> None:
     server = ProxyServer(options)
     await server.start()
-    metrics = f" (metrics on http://{server.metrics_address}/metrics)" if server.metrics_address else ""
-    print_ready_line("proxy", server.address, metrics)
-    notifier = Notifier()
-    systemd = asyncio.create_task(announce(notifier, _routes_received(server), lambda: _status(server)),
-                                  name="systemd")
+    # Before the ready line: whoever reads it may SIGTERM at once, and that must stop cleanly.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    print_ready_line("proxy", server.address, metrics_detail(server.metrics_address))
+    notifier = Notifier()
+    systemd = asyncio.create_task(announce(notifier, _routes_received(server), lambda: _status(server)),
+                                  name="systemd")
     await stop.wait()
     systemd.cancel()
     # STOPPING, then STATUS and EXTEND_TIMEOUT_USEC while calls in flight finish (within --grace-period).

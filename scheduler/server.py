@@ -237,15 +237,17 @@ async def _first_of(*waits) -> None:
 async def serve(options: SchedulerOptions) -> None:
     server = SchedulerServer(options)
     await server.start()
+    # Before the ready line: whoever reads it may SIGTERM at once, and that must stop cleanly. During start
+    # the default SIGTERM still ends a scheduler waiting for its store.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     print_ready_line("scheduler", server.address, f" (id {server.scheduler_id}, store {options.store_url})"
                      + metrics_detail(server.metrics_address))
     notifier = Notifier()
     systemd = asyncio.create_task(announce(notifier, server.role_known(), lambda: scheduler_status(server.core)),
                                   name="systemd")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     systemd.cancel()
     async with draining(notifier, lambda: "stopping: ending agent streams and route watches, resigning"):
