@@ -137,6 +137,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._report_now = asyncio.Event()
         self._write_lock = asyncio.Lock()
+        self._shielded_writes: set[asyncio.Future] = set()   # referenced until done (see _write_to)
         self._call: grpc.aio.StreamStreamCall | None = None   # the live stream to the scheduler
         self._changed = asyncio.Event()
         self._probe_error: str | None = None
@@ -267,7 +268,22 @@ class Agent:
             self.supervisor.forget_stopped(stopped)  # each stop has now been reported once
 
     async def _write_to(self, call, message: pb.AgentMessage) -> None:
-        """Write on ``call`` (a log answer belongs to the stream its request came on)."""
+        """Write on ``call`` (a log answer belongs to the stream its request came on).
+
+        Cancelling the caller (a log answer whose reader went away) never cancels the stream: grpc.aio
+        cancels the whole call when a pending write is cancelled, so the write runs shielded to its end.
+        """
+        write = asyncio.ensure_future(self._locked_write(call, message))
+        self._shielded_writes.add(write)
+        write.add_done_callback(self._shielded_write_done)
+        await asyncio.shield(write)
+
+    def _shielded_write_done(self, write: asyncio.Future) -> None:
+        self._shielded_writes.discard(write)
+        if not write.cancelled():
+            write.exception()   # retrieved here: its caller may be gone
+
+    async def _locked_write(self, call, message: pb.AgentMessage) -> None:
         async with self._write_lock:
             await call.write(message)
 
@@ -301,7 +317,8 @@ class Agent:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     if task.get_name() != "stop":
-                        error = task.exception()
+                        # A task that ended cancelled (a read on a call cancelled here) ended the stream too.
+                        error = ConnectionError("the stream was cancelled") if task.cancelled() else task.exception()
                         log.warning("stream to scheduler %s ended: %s", target,
                                     _describe(error) if error else "closed by the scheduler")
                         if error is not None:

@@ -23,6 +23,7 @@ from meshserve.node_agent.gpu_probe import FakeProbe, NoGpuProbe
 from meshserve.node_agent.policy import development_policy_yaml
 from meshserve.node_agent.process import pid_alive
 from meshserve.node_agent.replica import ReplicaOptions
+from meshserve.node_agent.replica_logs import ReplicaLogs
 from meshserve.node_agent.supervisor import Supervisor
 from meshserve.protos.mesh import control_pb2 as pb
 from meshserve.protos.mesh import control_pb2_grpc as pb_grpc
@@ -54,6 +55,8 @@ class Connection:
         self.register = register
         self.inbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
         self.outbox: asyncio.Queue = asyncio.Queue()
+        self.reading = asyncio.Event()   # cleared: the scheduler stops reading (the agent's writes back up)
+        self.reading.set()
 
     def assign(self, version: int, *replicas: pb.ReplicaAssignment) -> None:
         self.outbox.put_nowait(pb.SchedulerMessage(assignments=pb.Assignments(version=version, replicas=replicas)))
@@ -71,6 +74,8 @@ class Connection:
         async with asyncio.timeout(timeout):
             while True:
                 message = await self.inbox.get()
+                if message.HasField("logs"):
+                    continue                     # answers to LogsRequests come between reports
                 assert message.HasField("report"), f"only the first message may be a Register: {message}"
                 if predicate(message.report):
                     return message.report
@@ -106,7 +111,11 @@ class FakeScheduler(pb_grpc.AgentServiceServicer):
         connection = Connection(first.register)
 
         async def pump():
-            async for message in request_iterator:
+            while True:
+                await connection.reading.wait()
+                message = await anext(request_iterator, None)
+                if message is None:
+                    return
                 connection.inbox.put_nowait(message)
 
         reader = asyncio.create_task(pump())
@@ -353,6 +362,65 @@ def test_a_failing_gpu_probe_reads_as_no_gpus_and_never_stops_the_agent():
                 await connection.report()
                 probe.failing = False
                 await connection.report(lambda report: len(report.gpus) == 1)
+            finally:
+                agent.stop()
+                await running
+
+    asyncio.run(main())
+
+
+def test_a_log_answer_cancelled_mid_write_leaves_the_agents_stream_up(tmp_path):
+    """A cancel for a log request whose chunk is being written stops that answer, not the stream.
+
+    grpc.aio cancels a whole call when a write on it is cancelled: the scheduler
+    here stops reading so a big tail's write is pending when the cancel comes.
+    """
+    logs = ReplicaLogs(tmp_path / "logs")
+    logs.directory.mkdir()
+    line = "x" * 1000 + "\n"
+    logs.path("chatty").write_text(line * 8000)          # 8 MB of output: far more than a stream's window
+
+    async def main():
+        async with FakeScheduler(report_interval_ms=100) as scheduler:
+            supervisor = Supervisor(ReplicaOptions(logs=logs))
+            agent = Agent(AgentConfig(node_name="n", schedulers=[scheduler.address]), NoGpuProbe(), supervisor)
+            running = asyncio.create_task(agent.run())
+            try:
+                connection = await scheduler.next_connection()
+                await connection.report()
+                connection.reading.clear()
+                connection.outbox.put_nowait(pb.SchedulerMessage(logs=pb.LogsRequest(
+                    request_id=1, replica_id="chatty", tail_lines=8000, max_bytes=16 << 20)))
+                await asyncio.sleep(1.0)                 # the agent is now blocked writing chunks
+                connection.outbox.put_nowait(pb.SchedulerMessage(logs=pb.LogsRequest(request_id=1, cancel=True)))
+                await asyncio.sleep(0.5)
+                connection.reading.set()
+                for _ in range(3):                       # reports go on, on the same stream
+                    await connection.report()
+                assert not running.done(), running
+                assert agent.sessions == 1 and scheduler.connections.empty()
+            finally:
+                agent.stop()
+                await running
+
+    asyncio.run(main())
+
+
+def test_a_stream_cancelled_inside_the_agent_is_reconnected_not_fatal():
+    """However the agent's own call ends cancelled, the agent reconnects; it never exits on it."""
+    async def main():
+        async with FakeScheduler(report_interval_ms=100) as scheduler:
+            supervisor = Supervisor()
+            agent = Agent(AgentConfig(node_name="n", schedulers=[scheduler.address]), NoGpuProbe(), supervisor)
+            running = asyncio.create_task(agent.run())
+            try:
+                first = await scheduler.next_connection()
+                await first.report()
+                agent._call.cancel()                     # a read on it now raises CancelledError
+                second = await scheduler.next_connection()
+                await second.report()
+                assert not running.done(), running
+                await agent.wait_connected(STEP_TIMEOUT_S, sessions=2)
             finally:
                 agent.stop()
                 await running
