@@ -135,7 +135,7 @@ class Framework:
               rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Weighted mean score per row of ``rows``, and each weighted plugin's own scores."""
         weights = self.weights[request.strategy]
-        total = np.zeros(rows.size)
+        total: np.ndarray | None = None
         scores: dict[str, np.ndarray] = {}
         weight_sum = 0.0
         for plugin in self.scorers:
@@ -146,10 +146,14 @@ class Framework:
             if score is None:
                 continue
             scores[plugin.name] = score
-            total += weight * score
+            if total is None:
+                total = weight * score
+            else:
+                total += weight * score
             weight_sum += weight
-        if weight_sum:
-            total /= weight_sum
+        if total is None:
+            return np.zeros(rows.size), scores
+        total /= weight_sum
         return total, scores
 
     def decision(self, snapshot: Snapshot, request: ReplicaRequest, rows: np.ndarray, total: np.ndarray,

@@ -96,13 +96,17 @@ class GpuMemory(Filter, Scorer):
         k, need = request.gpus, request.gpu_memory
         if k == 0:
             return None
-        cap = np.maximum(snapshot.gpu_cap[rows], 1) * k
+        cap = snapshot.gpu_cap[rows]                        # a copy: made the divisor in place
+        np.maximum(cap, 1, out=cap)
+        if k > 1:
+            cap *= k
         rank = snapshot.avail_rank
         if request.strategy == "spread":      # the k largest
-            chosen = rank[0][rows] if k == 1 else rank[:k].sum(axis=0)[rows]
+            chosen = rank[0, rows] if k == 1 else rank[:k, rows].sum(axis=0)
             return _unit((chosen - k * need) / cap)
-        # pack: the k least sufficient, ranks enough-k .. enough-1 (enough >= k on feasible rows)
-        enough = np.count_nonzero(rank >= need, axis=0)[rows]
+        # pack: the k least sufficient, ranks enough-k .. enough-1 (enough >= k on feasible rows);
+        # a sum of booleans along the axis is quicker than count_nonzero's
+        enough = (rank >= need).sum(axis=0)[rows]
         if k == 1:
             chosen = rank[enough - 1, rows]
         else:
@@ -110,7 +114,8 @@ class GpuMemory(Filter, Scorer):
             np.cumsum(np.maximum(rank[:, rows], 0), axis=0, out=prefix[1:])
             line = np.arange(rows.size)
             chosen = prefix[enough, line] - prefix[enough - k, line]
-        return _unit(1.0 - (chosen - k * need) / cap)
+        score = (chosen - k * need) / cap
+        return _unit(np.subtract(1.0, score, out=score))
 
     def note(self, snapshot: Snapshot, request: ReplicaRequest, row: int, slots: tuple[int, ...]) -> str | None:
         if not slots:

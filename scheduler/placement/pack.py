@@ -17,9 +17,9 @@ class Pack(Scorer):
     name = "pack"
 
     def score(self, snapshot: Snapshot, request: ReplicaRequest, rows: np.ndarray) -> np.ndarray | None:
-        total = snapshot.gpu_total_sum[rows]
+        total = snapshot.gpu_total_sum[rows]                # copies: worked on in place
         used = total - snapshot.gpu_avail_sum[rows]
-        score: np.ndarray = used / np.maximum(total, 1)
+        score: np.ndarray = used / np.maximum(total, 1, out=total)
         np.minimum(np.maximum(score, 0.0, out=score), 1.0, out=score)   # clamped in place
         return score
 
