@@ -9,7 +9,9 @@ prints and parses it so the two sides cannot drift.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import signal
 
 _PATTERN = re.compile(r"^meshserve (?P<component>[\w-]+)\b.*? listening on (?P<address>\S+:\d+)")
 
@@ -19,9 +21,19 @@ def ready_line(component: str, address: str, detail: str = "") -> str:
     return f"meshserve {component} listening on {address}{detail}"
 
 
-def print_ready_line(component: str, address: str, detail: str = "") -> None:
-    """Print the ready line, flushed: the parent is waiting for it."""
+def print_ready_line_until_signalled(component: str, address: str, detail: str = "") -> asyncio.Event:
+    """Print the ready line (flushed: the parent is waiting for it); the event is set on SIGTERM or SIGINT.
+
+    The handlers are installed before the line is printed: whoever reads it may
+    signal at once, and that signal must reach the daemon's drain. Call it from
+    the running event loop.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     print(ready_line(component, address, detail), flush=True)
+    return stop
 
 
 def parse_ready_line(line: str, component: str | None = None) -> str | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 from google.protobuf import text_format
 
@@ -19,7 +18,7 @@ from meshserve.common.daemon_logging import add_logging_arguments, configure_fro
 from meshserve.common.env_flags import parse_with_environment
 from meshserve.common.listen import ListenError, exit_on_listen_error
 from meshserve.common.metrics import add_metrics_arguments, metrics_listen_from_args
-from meshserve.common.ready_line import metrics_detail, print_ready_line
+from meshserve.common.ready_line import metrics_detail, print_ready_line_until_signalled
 from meshserve.common.sd_notify import Notifier, announce, draining
 from meshserve.common.security.auth import add_auth_arguments, authenticator_from_args, data_plane_table_from_args
 from meshserve.common.security.tls import add_tls_arguments, tls_from_args
@@ -86,12 +85,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, ProxyOptions]:
 async def run(options: ProxyOptions, grace_period_s: float) -> None:
     server = ProxyServer(options)
     await server.start()
-    # Before the ready line: whoever reads it may SIGTERM at once, and that must stop cleanly.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    print_ready_line("proxy", server.address, metrics_detail(server.metrics_address))
+    stop = print_ready_line_until_signalled("proxy", server.address, metrics_detail(server.metrics_address))
     notifier = Notifier()
     systemd = asyncio.create_task(announce(notifier, _routes_received(server), lambda: _status(server)),
                                   name="systemd")

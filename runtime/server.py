@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass, replace
 
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,7 +29,7 @@ from meshserve.common import limits
 from meshserve.common.listen import grpc_server
 from meshserve.common.metrics import render
 from meshserve.common.metrics_http import MetricsHttpServer
-from meshserve.common.ready_line import metrics_detail, print_ready_line
+from meshserve.common.ready_line import metrics_detail, print_ready_line_until_signalled
 from meshserve.common.security.auth import Authenticator, AuthInterceptor
 from meshserve.common.security.roles import RoleTable, data_plane_table
 from meshserve.common.security.tls import TlsConfig, add_port
@@ -179,12 +178,7 @@ class RuntimeServer:
 async def run(options: ServerOptions) -> None:
     server = RuntimeServer(options)
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    # Only now: a supervisor may send SIGTERM the moment it reads this line, and it must drain.
-    print_ready_line("runtime", server.address, metrics_detail(server.metrics_address))
+    stop = print_ready_line_until_signalled("runtime", server.address, metrics_detail(server.metrics_address))
     await stop.wait()
     await server.drain()
     log.info("stopped")

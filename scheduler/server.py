@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ from meshserve.common.leader import leader_hint
 from meshserve.common.listen import grpc_server
 from meshserve.common.metrics import render
 from meshserve.common.metrics_http import MetricsHttpServer
-from meshserve.common.ready_line import metrics_detail, print_ready_line
+from meshserve.common.ready_line import metrics_detail, print_ready_line_until_signalled
 from meshserve.common.sd_notify import Notifier, announce, draining
 from meshserve.common.security.auth import Authenticator, AuthInterceptor
 from meshserve.common.security.roles import control_plane_table
@@ -237,14 +236,10 @@ async def _first_of(*waits) -> None:
 async def serve(options: SchedulerOptions) -> None:
     server = SchedulerServer(options)
     await server.start()
-    # Before the ready line: whoever reads it may SIGTERM at once, and that must stop cleanly. During start
-    # the default SIGTERM still ends a scheduler waiting for its store.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    print_ready_line("scheduler", server.address, f" (id {server.scheduler_id}, store {options.store_url})"
-                     + metrics_detail(server.metrics_address))
+    # During start the default SIGTERM still ends a scheduler waiting for its store.
+    stop = print_ready_line_until_signalled(
+        "scheduler", server.address,
+        f" (id {server.scheduler_id}, store {options.store_url})" + metrics_detail(server.metrics_address))
     notifier = Notifier()
     systemd = asyncio.create_task(announce(notifier, server.role_known(), lambda: scheduler_status(server.core)),
                                   name="systemd")
