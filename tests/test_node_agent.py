@@ -391,7 +391,12 @@ def test_a_log_answer_cancelled_mid_write_leaves_the_agents_stream_up(tmp_path):
                 connection.reading.clear()
                 connection.outbox.put_nowait(pb.SchedulerMessage(logs=pb.LogsRequest(
                     request_id=1, replica_id="chatty", tail_lines=8000, max_bytes=16 << 20)))
-                await asyncio.sleep(1.0)                 # the agent is now blocked writing chunks
+                for _ in range(int(STEP_TIMEOUT_S / 0.05)):  # the tail outgrows the window: a write stays pending
+                    if agent._write_lock.locked():
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)
+                assert agent._write_lock.locked(), "the agent should be blocked writing a chunk"
                 connection.outbox.put_nowait(pb.SchedulerMessage(logs=pb.LogsRequest(request_id=1, cancel=True)))
                 await asyncio.sleep(0.5)
                 connection.reading.set()

@@ -398,8 +398,9 @@ def test_open_store_urls(tmp_path, etcd_endpoint):  # noqa: F811 -- the fixture 
 async def put_once_reconnected(store: EtcdStore, key: str, value: bytes, deadline_s: float = 10.0) -> int:
     """Put ``key`` as a caller would after an outage: a StoreError while the channel reconnects is retried.
 
-    Each refusal here is "failed to connect" (nothing was written), so a retry
-    cannot write twice.
+    A refusal while reconnecting wrote nothing; were one a write applied and
+    then timed out, its retry would show as a repeated event, which the watch
+    assertion of the caller catches.
     """
     deadline = time.monotonic() + deadline_s
     while True:
